@@ -1,0 +1,487 @@
+//! The reader's side: find the TOC, decode it within limits, validate it into a [`LayerIndex`],
+//! and decode chunks with digest verification.
+//!
+//! Everything a TOC says is checked before it is used: names are safe, kinds known, chunk
+//! ranges lie inside the data region and do not overlap, chunks cover each file exactly, hard
+//! links point to earlier entries, digests are well formed, and sizes are bounded. A chunk's
+//! bytes are returned only after they hash to the chunk's digest.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+
+use base64::Engine as _;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::footer::{SKIPPABLE_HEADER_LEN, TAIL_LEN, TocPosition};
+use crate::path;
+use crate::tarstream::{EntryKind, Timestamp};
+use crate::toc::{ArborExtension, CHUNK_TYPE_ZEROS, Toc, TocEntry, types};
+use crate::writer::MAX_CHUNK_SIZE;
+
+/// Bounds on what a reader accepts before allocating.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_toc_compressed: u64,
+    pub max_toc_uncompressed: u64,
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_toc_compressed: 64 << 20,
+            max_toc_uncompressed: 512 << 20,
+            max_entries: 4_000_000,
+        }
+    }
+}
+
+/// Where a layer's TOC is, and the digest it must have, per the descriptor's annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TocLocator {
+    pub position: TocPosition,
+    pub digest: Option<Digest>,
+}
+
+/// Reads the TOC location from layer annotations: Arbor's keys first, then the current and
+/// the older containers/storage keys. `Ok(None)` when the layer has none of them.
+pub fn locate_toc<'a, I>(annotations: I) -> Result<Option<TocLocator>>
+where
+    I: IntoIterator<Item = (&'a String, &'a String)> + Clone,
+{
+    let get = |key: &str| {
+        annotations
+            .clone()
+            .into_iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v.clone())
+    };
+    let pairs = [
+        (crate::ANN_ARBOR_TOC_POSITION, crate::ANN_ARBOR_TOC_DIGEST),
+        (
+            crate::ANN_ZSTD_CHUNKED_POSITION,
+            crate::ANN_ZSTD_CHUNKED_CHECKSUM,
+        ),
+        (
+            crate::ANN_ZSTD_CHUNKED_POSITION_OLD,
+            crate::ANN_ZSTD_CHUNKED_CHECKSUM_OLD,
+        ),
+    ];
+    for (pos_key, digest_key) in pairs {
+        if let Some(pos) = get(pos_key) {
+            let position = TocPosition::parse_annotation(pos_key, &pos)?;
+            let digest = match get(digest_key) {
+                Some(d) => Some(Digest::parse(&d).map_err(|_| Error::Annotation {
+                    key: digest_key.to_string(),
+                    value: d.clone(),
+                    reason: "not a sha256 digest",
+                })?),
+                None => None,
+            };
+            return Ok(Some(TocLocator { position, digest }));
+        }
+    }
+    Ok(None)
+}
+
+/// Decompresses and parses the TOC bytes found at `position`, checking their digest first.
+pub fn decode_toc(
+    compressed: &[u8],
+    position: &TocPosition,
+    digest: Option<&Digest>,
+    limits: &Limits,
+) -> Result<Toc> {
+    if position.length > limits.max_toc_compressed {
+        return Err(Error::TocTooLarge {
+            what: "compressed TOC",
+            size: position.length,
+            limit: limits.max_toc_compressed,
+        });
+    }
+    if position.uncompressed_length > limits.max_toc_uncompressed {
+        return Err(Error::TocTooLarge {
+            what: "uncompressed TOC",
+            size: position.uncompressed_length,
+            limit: limits.max_toc_uncompressed,
+        });
+    }
+    if compressed.len() as u64 != position.length {
+        return Err(Error::toc(format!(
+            "expected {} TOC bytes, got {}",
+            position.length,
+            compressed.len()
+        )));
+    }
+    if let Some(d) = digest {
+        d.verify(|| "TOC".to_string(), compressed)?;
+    }
+    let mut json = Vec::with_capacity(position.uncompressed_length.min(64 << 20) as usize);
+    zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(|e| Error::toc(format!("TOC is not zstd: {e}")))?
+        .take(position.uncompressed_length + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| Error::toc(format!("TOC does not decompress: {e}")))?;
+    if json.len() as u64 != position.uncompressed_length {
+        return Err(Error::toc(format!(
+            "TOC decompresses to {} bytes, the footer says {}",
+            json.len(),
+            position.uncompressed_length
+        )));
+    }
+    let toc: Toc =
+        serde_json::from_slice(&json).map_err(|e| Error::toc(format!("TOC JSON: {e}")))?;
+    if toc.entries.len() > limits.max_entries {
+        return Err(Error::TocTooLarge {
+            what: "entry count",
+            size: toc.entries.len() as u64,
+            limit: limits.max_entries as u64,
+        });
+    }
+    Ok(toc)
+}
+
+/// One piece of a regular file, stored as its own zstd frame(s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset of the chunk in the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub size: u64,
+    /// Range of the compressed frame(s) in the blob.
+    pub blob_offset: u64,
+    pub blob_end: u64,
+    /// sha256 of the chunk's content; `None` only for zero chunks written without one.
+    pub digest: Option<Digest>,
+    /// All zeros: a reader may produce it without fetching.
+    pub zeros: bool,
+}
+
+/// A validated TOC entry (chunk entries folded into their file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: Timestamp,
+    pub size: u64,
+    pub link_name: String,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// sha256 of the whole content (regular files with content).
+    pub digest: Option<Digest>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// A validated table of contents of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerIndex {
+    /// Entries in TOC order; a name may repeat (the later entry wins, as in tar).
+    pub entries: Vec<IndexEntry>,
+    /// End of the region holding entry data (where the TOC's skippable frame starts).
+    pub data_end: u64,
+    pub arbor: Option<ArborExtension>,
+}
+
+fn parse_time(s: &str) -> Result<Timestamp> {
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| Error::toc(format!("bad modtime {s:?}: {e}")))?;
+    Ok(Timestamp {
+        secs: t.unix_timestamp(),
+        nanos: t.nanosecond(),
+    })
+}
+
+fn non_negative(v: i64, what: &str, name: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::toc(format!("negative {what} for {name:?}")))
+}
+
+fn parse_kind(kind: &str, name: &str) -> Result<EntryKind> {
+    Ok(match kind {
+        types::REG => EntryKind::Regular,
+        types::DIR => EntryKind::Dir,
+        types::SYMLINK => EntryKind::Symlink,
+        types::HARDLINK => EntryKind::HardLink,
+        types::CHAR => EntryKind::Char,
+        types::BLOCK => EntryKind::Block,
+        types::FIFO => EntryKind::Fifo,
+        other => return Err(Error::toc(format!("unknown entry type {other:?} for {name:?}"))),
+    })
+}
+
+fn chunk_of(e: &TocEntry, name: &str, file_offset: u64, data_end: u64) -> Result<Chunk> {
+    let blob_offset = non_negative(e.offset, "offset", name)?;
+    let blob_end = non_negative(e.end_offset, "endOffset", name)?;
+    let size = non_negative(e.chunk_size, "chunkSize", name)?;
+    if size == 0 || size > MAX_CHUNK_SIZE {
+        return Err(Error::toc(format!("chunk of {name:?} has size {size}")));
+    }
+    if blob_offset >= blob_end || blob_end > data_end {
+        return Err(Error::toc(format!(
+            "chunk of {name:?} at {blob_offset}..{blob_end} lies outside the data region 0..{data_end}"
+        )));
+    }
+    if blob_end - blob_offset > MAX_CHUNK_SIZE + (1 << 20) {
+        return Err(Error::toc(format!("chunk frame of {name:?} is too large")));
+    }
+    let zeros = match e.chunk_type.as_str() {
+        "" => false,
+        CHUNK_TYPE_ZEROS => true,
+        other => return Err(Error::toc(format!("unknown chunkType {other:?} for {name:?}"))),
+    };
+    let digest = if e.chunk_digest.is_empty() {
+        None
+    } else {
+        Some(Digest::parse(&e.chunk_digest)?)
+    };
+    if digest.is_none() && !zeros {
+        return Err(Error::toc(format!("chunk of {name:?} has no digest")));
+    }
+    Ok(Chunk {
+        file_offset,
+        size,
+        blob_offset,
+        blob_end,
+        digest,
+        zeros,
+    })
+}
+
+impl LayerIndex {
+    /// Validates a decoded TOC whose data region ends at `data_end` (see module docs).
+    pub fn from_toc(toc: Toc, data_end: u64) -> Result<LayerIndex> {
+        if toc.version != 1 {
+            return Err(Error::toc(format!("unsupported TOC version {}", toc.version)));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut entries: Vec<IndexEntry> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut iter = toc.entries.into_iter().peekable();
+        while let Some(e) = iter.next() {
+            if e.kind == types::CHUNK {
+                return Err(Error::toc(format!(
+                    "chunk entry for {:?} does not follow its file",
+                    e.name
+                )));
+            }
+            let name = path::normalize(&e.name)?;
+            let kind = parse_kind(&e.kind, &name)?;
+            let size = non_negative(e.size, "size", &name)?;
+            let mode = non_negative(e.mode, "mode", &name)? as u32 & 0o7777;
+            let mut link_name = e.link_name.clone();
+            if kind == EntryKind::HardLink {
+                link_name = path::normalize(&link_name)?;
+                if !seen.contains(&link_name) {
+                    return Err(Error::toc(format!(
+                        "hard link {name:?} points to {link_name:?}, which is not earlier in the TOC"
+                    )));
+                }
+            }
+            let mut xattrs = BTreeMap::new();
+            for (k, v) in &e.xattrs {
+                let value = b64
+                    .decode(v)
+                    .map_err(|_| Error::toc(format!("xattr {k:?} of {name:?} is not base64")))?;
+                xattrs.insert(k.clone(), value);
+            }
+            let digest = if e.digest.is_empty() {
+                None
+            } else {
+                Some(Digest::parse(&e.digest)?)
+            };
+            let mut chunks = Vec::new();
+            if kind == EntryKind::Regular && size > 0 {
+                if digest.is_none() {
+                    return Err(Error::toc(format!("file {name:?} has no digest")));
+                }
+                let mut first = e.clone();
+                if first.chunk_size == 0 {
+                    first.chunk_size = e.size;
+                }
+                if first.chunk_digest.is_empty() && first.chunk_size == e.size {
+                    first.chunk_digest = e.digest.clone();
+                }
+                let c = chunk_of(&first, &name, 0, data_end)?;
+                let mut covered = c.size;
+                chunks.push(c);
+                while iter.peek().is_some_and(|n| n.kind == types::CHUNK) {
+                    let Some(ce) = iter.next() else { break };
+                    if path::normalize(&ce.name)? != name {
+                        return Err(Error::toc(format!(
+                            "chunk entry for {:?} follows {name:?}",
+                            ce.name
+                        )));
+                    }
+                    let off = non_negative(ce.chunk_offset, "chunkOffset", &name)?;
+                    if off != covered {
+                        return Err(Error::toc(format!(
+                            "chunks of {name:?} leave a gap or overlap at {covered} (next starts at {off})"
+                        )));
+                    }
+                    let c = chunk_of(&ce, &name, off, data_end)?;
+                    covered += c.size;
+                    chunks.push(c);
+                }
+                if covered != size {
+                    return Err(Error::toc(format!(
+                        "chunks of {name:?} cover {covered} bytes, the file has {size}"
+                    )));
+                }
+                ranges.extend(chunks.iter().map(|c| (c.blob_offset, c.blob_end)));
+            }
+            let mtime = match &e.mod_time {
+                Some(t) => parse_time(t)?,
+                None => Timestamp::default(),
+            };
+            seen.insert(name.clone());
+            entries.push(IndexEntry {
+                name,
+                kind,
+                mode,
+                uid: non_negative(e.uid, "uid", &e.name)?,
+                gid: non_negative(e.gid, "gid", &e.name)?,
+                mtime,
+                size: if kind == EntryKind::Regular { size } else { 0 },
+                link_name,
+                dev_major: non_negative(e.dev_major, "devMajor", &e.name)? as u32,
+                dev_minor: non_negative(e.dev_minor, "devMinor", &e.name)? as u32,
+                xattrs,
+                digest,
+                chunks,
+            });
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(Error::toc(format!(
+                    "chunk frames overlap: {}..{} and {}..{}",
+                    w[0].0, w[0].1, w[1].0, w[1].1
+                )));
+            }
+        }
+        if let Some(a) = &toc.arbor {
+            validate_arbor(a, data_end)?;
+        }
+        Ok(LayerIndex {
+            entries,
+            data_end,
+            arbor: toc.arbor,
+        })
+    }
+
+    /// Reads and validates the TOC of a whole blob available as a seekable reader of `size`
+    /// bytes, located by `locator` (from annotations) or else by the footer.
+    pub fn read_from<R: Read + Seek>(
+        blob: &mut R,
+        size: u64,
+        locator: Option<&TocLocator>,
+        limits: &Limits,
+    ) -> Result<(LayerIndex, TocPosition)> {
+        let (position, digest) = match locator {
+            Some(l) => (l.position, l.digest.clone()),
+            None => {
+                let tail_len = (TAIL_LEN as u64).min(size);
+                let mut tail = vec![0u8; tail_len as usize];
+                blob.seek(SeekFrom::Start(size - tail_len))?;
+                blob.read_exact(&mut tail)?;
+                (TocPosition::decode_footer(&tail, size)?, None)
+            }
+        };
+        position.check_within(size)?;
+        if position.length > limits.max_toc_compressed {
+            return Err(Error::TocTooLarge {
+                what: "compressed TOC",
+                size: position.length,
+                limit: limits.max_toc_compressed,
+            });
+        }
+        let mut compressed = vec![0u8; position.length as usize];
+        blob.seek(SeekFrom::Start(position.offset))?;
+        blob.read_exact(&mut compressed)?;
+        let toc = decode_toc(&compressed, &position, digest.as_ref(), limits)?;
+        let data_end = position.offset.saturating_sub(SKIPPABLE_HEADER_LEN);
+        Ok((LayerIndex::from_toc(toc, data_end)?, position))
+    }
+}
+
+fn validate_arbor(a: &ArborExtension, data_end: u64) -> Result<()> {
+    if !(4096..=MAX_CHUNK_SIZE).contains(&a.block_size) {
+        return Err(Error::toc(format!("block size {} out of range", a.block_size)));
+    }
+    if a.data_length != data_end {
+        return Err(Error::toc(format!(
+            "block table covers {} bytes, the data region has {data_end}",
+            a.data_length
+        )));
+    }
+    if a.blocks.len() as u64 != a.data_length.div_ceil(a.block_size) {
+        return Err(Error::toc(format!(
+            "block table has {} digests for {} bytes of {}-byte blocks",
+            a.blocks.len(),
+            a.data_length,
+            a.block_size
+        )));
+    }
+    if a.prefetch_end > data_end {
+        return Err(Error::toc("prefetch section ends past the data region"));
+    }
+    for p in &a.prefetch {
+        path::normalize(p)?;
+    }
+    Ok(())
+}
+
+/// Decompresses one chunk from its frame bytes (`blob[chunk.blob_offset..chunk.blob_end]`) and
+/// returns its content only if it has the expected length and digest.
+pub fn decode_chunk(name: &str, chunk: &Chunk, frame: &[u8]) -> Result<Vec<u8>> {
+    let err = |reason: String| Error::Chunk {
+        name: name.to_string(),
+        offset: chunk.blob_offset,
+        reason,
+    };
+    if frame.len() as u64 != chunk.blob_end - chunk.blob_offset {
+        return Err(err(format!(
+            "got {} frame bytes, expected {}",
+            frame.len(),
+            chunk.blob_end - chunk.blob_offset
+        )));
+    }
+    let mut out = Vec::with_capacity(chunk.size as usize);
+    zstd::stream::read::Decoder::with_buffer(frame)
+        .map_err(|e| err(e.to_string()))?
+        .take(chunk.size + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| err(format!("does not decompress: {e}")))?;
+    if out.len() as u64 != chunk.size {
+        return Err(err(format!(
+            "decompresses to {} bytes, the TOC says {}",
+            out.len(),
+            chunk.size
+        )));
+    }
+    verify_chunk(name, chunk, &out)?;
+    Ok(out)
+}
+
+/// Checks decompressed chunk content against the chunk's digest (or, for zero chunks without
+/// one, that it is all zeros).
+pub fn verify_chunk(name: &str, chunk: &Chunk, data: &[u8]) -> Result<()> {
+    match &chunk.digest {
+        Some(d) => d.verify(
+            || format!("chunk of {name:?} at file offset {}", chunk.file_offset),
+            data,
+        ),
+        None if data.iter().all(|&b| b == 0) => Ok(()),
+        None => Err(Error::Chunk {
+            name: name.to_string(),
+            offset: chunk.blob_offset,
+            reason: "zero chunk holds non-zero bytes".into(),
+        }),
+    }
+}
