@@ -300,16 +300,7 @@ impl LayerIndex {
                 if digest.is_none() {
                     return Err(Error::toc(format!("file {name:?} has no digest")));
                 }
-                let mut first = e.clone();
-                if first.chunk_size == 0 {
-                    first.chunk_size = e.size;
-                }
-                if first.chunk_digest.is_empty() && first.chunk_size == e.size {
-                    first.chunk_digest = e.digest.clone();
-                }
-                let c = chunk_of(&first, &name, 0, data_end)?;
-                let mut covered = c.size;
-                chunks.push(c);
+                let mut parts = vec![e.clone()];
                 while iter.peek().is_some_and(|n| n.kind == types::CHUNK) {
                     let Some(ce) = iter.next() else { break };
                     if path::normalize(&ce.name)? != name {
@@ -318,21 +309,9 @@ impl LayerIndex {
                             ce.name
                         )));
                     }
-                    let off = non_negative(ce.chunk_offset, "chunkOffset", &name)?;
-                    if off != covered {
-                        return Err(Error::toc(format!(
-                            "chunks of {name:?} leave a gap or overlap at {covered} (next starts at {off})"
-                        )));
-                    }
-                    let c = chunk_of(&ce, &name, off, data_end)?;
-                    covered += c.size;
-                    chunks.push(c);
+                    parts.push(ce);
                 }
-                if covered != size {
-                    return Err(Error::toc(format!(
-                        "chunks of {name:?} cover {covered} bytes, the file has {size}"
-                    )));
-                }
+                chunks = file_chunks(&name, &e, &mut parts, data_end)?;
                 ranges.extend(chunks.iter().map(|c| (c.blob_offset, c.blob_end)));
             }
             let mtime = match &e.mod_time {
@@ -408,6 +387,69 @@ impl LayerIndex {
         let data_end = position.offset.saturating_sub(SKIPPABLE_HEADER_LEN);
         Ok((LayerIndex::from_toc(toc, data_end)?, position))
     }
+}
+
+/// Builds a file's chunk list from its `reg` entry and the `chunk` entries after it.
+///
+/// Writers differ in how they mark where a chunk's frames end. Arbor gives every chunk its own
+/// `endOffset`; containers/storage 1.4x (skopeo 1.9) gives chunks only an `offset` and the
+/// `reg` entry the end of the whole file. A chunk therefore ends at its own `endOffset` if
+/// that is set and does not pass the next chunk's start, else where the next chunk starts,
+/// and the last chunk ends at its own `endOffset` or else the file's.
+fn file_chunks(
+    name: &str,
+    reg: &TocEntry,
+    parts: &mut [TocEntry],
+    data_end: u64,
+) -> Result<Vec<Chunk>> {
+    let size = non_negative(reg.size, "size", name)?;
+    let n = parts.len();
+    if parts[0].chunk_size == 0 {
+        if n > 1 {
+            return Err(Error::toc(format!("first chunk of {name:?} has no size")));
+        }
+        parts[0].chunk_size = reg.size;
+    }
+    if parts[0].chunk_digest.is_empty() && parts[0].chunk_size == reg.size {
+        parts[0].chunk_digest = reg.digest.clone();
+    }
+    let starts: Vec<i64> = parts.iter().map(|p| p.offset).collect();
+    let mut chunks = Vec::with_capacity(n);
+    let mut covered = 0u64;
+    for (j, part) in parts.iter_mut().enumerate() {
+        let own_end = part.end_offset;
+        part.end_offset = if j + 1 < n {
+            let next = starts[j + 1];
+            if own_end > part.offset && own_end <= next {
+                own_end
+            } else {
+                next
+            }
+        } else if own_end > part.offset {
+            own_end
+        } else {
+            reg.end_offset
+        };
+        let off = if j == 0 {
+            0
+        } else {
+            non_negative(part.chunk_offset, "chunkOffset", name)?
+        };
+        if off != covered {
+            return Err(Error::toc(format!(
+                "chunks of {name:?} leave a gap or overlap at {covered} (next starts at {off})"
+            )));
+        }
+        let c = chunk_of(part, name, off, data_end)?;
+        covered += c.size;
+        chunks.push(c);
+    }
+    if covered != size {
+        return Err(Error::toc(format!(
+            "chunks of {name:?} cover {covered} bytes, the file has {size}"
+        )));
+    }
+    Ok(chunks)
 }
 
 fn validate_arbor(a: &ArborExtension, data_end: u64) -> Result<()> {

@@ -140,8 +140,8 @@ fn lying_tocs_are_refused() {
     let find = |t: &mut Toc, name: &str| t.entries.iter().position(|e| e.name == name).unwrap();
 
     let mut t = base.clone();
-    let i = find(&mut t, "dir/b");
-    t.entries[i].end_offset = blob.len() as i64 * 2;
+    let last = t.entries.iter().rposition(|e| e.name == "dir/b").unwrap();
+    t.entries[last].end_offset = blob.len() as i64 * 2;
     assert_toc_err(&with_toc(&blob, &pos, &t), "outside the data region");
 
     let mut t = base.clone();

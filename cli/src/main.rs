@@ -1,0 +1,308 @@
+//! `arbor`: converts, inspects and checks Arbor images. A thin shell over `arbor-convert`.
+
+mod bars;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arbor_convert::convert::{ConvertOptions, convert_image};
+use arbor_convert::progress::{NoProgress, Progress};
+use arbor_format::writer::WriterOptions;
+use arbor_oci::auth::CredentialStore;
+use arbor_oci::registry::{ClientOptions, RegistryClient};
+use arbor_oci::{ImageLocation, Store};
+use clap::{Args, Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Images are named as registry references (127.0.0.1:5000/fn/app:v1, docker://python:3.11)
+or OCI layout directories (oci:/path/to/layout:tag).
+
+Examples:
+  arbor convert --plain-http 127.0.0.1:5000/fn/app:v1 127.0.0.1:5000/fn/app:v1-arbor
+  arbor convert --prefetch-list startup.txt oci:./app:v1 oci:./app:v1-arbor
+  arbor inspect --plain-http 127.0.0.1:5000/fn/app:v1-arbor
+  arbor check --plain-http 127.0.0.1:5000/fn/app:v1 127.0.0.1:5000/fn/app:v1-arbor
+
+Credentials come from ~/.docker/config.json ($DOCKER_CONFIG, or --authfile), including
+credential helpers. Set RUST_LOG=debug for detailed logs on stderr.";
+
+#[derive(Parser)]
+#[command(name = "arbor", version, about = "Convert, inspect and check lazily-pullable Arbor images",
+          long_about = "Arbor starts container-image functions in seconds by pulling only the chunks \
+                        they read. `arbor convert` rewrites an image's layers into Arbor's format \
+                        (zstd:chunked, readable by any OCI runtime); `inspect` and `check` look at \
+                        the result.",
+          after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct RegistryArgs {
+    /// Talk plain HTTP to registries (for local registries without TLS).
+    #[arg(long, global = true)]
+    plain_http: bool,
+    /// Docker-format credentials file to use instead of ~/.docker/config.json.
+    #[arg(long, global = true, value_name = "FILE", env = "REGISTRY_AUTH_FILE")]
+    authfile: Option<PathBuf>,
+    /// Retries of a failed registry request before giving up.
+    #[arg(long, global = true, default_value_t = 4)]
+    retries: u32,
+    /// Print a machine-readable JSON report on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Only these platforms of a multi-platform image (os/arch[/variant]); repeatable.
+    #[arg(long = "platform", global = true, value_name = "OS/ARCH")]
+    platforms: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image to Arbor's lazy format and store it at TARGET.
+    ///
+    /// Every layer is rewritten as a zstd:chunked tar+zstd layer with a TOC, per-chunk sha256
+    /// digests, a block digest table and (with --prefetch-list) the start-up files first.
+    /// Configs get new diff_ids; everything else is kept. The same input always gives the
+    /// same digests; converting an already converted image changes nothing and says so.
+    Convert {
+        /// The image to convert.
+        source: String,
+        /// Where to store the converted image (may equal SOURCE only if it is already converted).
+        target: String,
+        /// Split file contents into independently compressed chunks of this size
+        /// (e.g. 512KiB, 1MiB).
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        chunk_size: u64,
+        /// Block size of the block digest table used to verify peer transfers.
+        #[arg(long, default_value = "512KiB", value_parser = parse_size)]
+        block_size: u64,
+        /// zstd compression level (1-22).
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// File listing paths a function reads at start-up, one per line, in order; those
+        /// files are placed first in each layer and recorded for prefetching.
+        #[arg(long, value_name = "FILE")]
+        prefetch_list: Option<PathBuf>,
+        /// Layers converted at the same time.
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
+        /// Compression threads per layer (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Directory for converted layers waiting for upload (default: $TMPDIR).
+        #[arg(long, value_name = "DIR")]
+        tmp_dir: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Show an image's platforms, layers, formats, sizes and TOC summaries.
+    Inspect {
+        image: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Verify that TARGET holds the same files as SOURCE, layer by layer.
+    ///
+    /// Compares every entry's type, mode, owner, mtime, size, content digest, link target,
+    /// device numbers and xattrs, reading TARGET both as a plain tar stream and through its
+    /// TOC (verifying every chunk digest), and checks both configs' diff_ids. Exits 1 and
+    /// names every difference if there is any.
+    Check {
+        source: String,
+        target: String,
+        /// Directory for target layers while they are checked (default: $TMPDIR).
+        #[arg(long, value_name = "DIR")]
+        tmp_dir: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// Parses `123`, `64KiB`, `1MiB`, `1M`, `2GiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn client(r: &RegistryArgs) -> Result<RegistryClient> {
+    let creds = match &r.authfile {
+        Some(p) => CredentialStore::from_file(p)?,
+        None => CredentialStore::load_default()?,
+    };
+    Ok(RegistryClient::new(
+        ClientOptions {
+            plain_http: r.plain_http,
+            retries: r.retries,
+            ..Default::default()
+        },
+        creds,
+    )?)
+}
+
+fn read_prefetch_list(path: &PathBuf) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prefetch list {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        arbor_format::path::normalize_image_path(line)
+            .with_context(|| format!("{}:{}: bad path", path.display(), i + 1))?;
+        out.push(line.to_string());
+    }
+    Ok(out)
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Convert {
+            source,
+            target,
+            chunk_size,
+            block_size,
+            level,
+            prefetch_list,
+            jobs,
+            threads,
+            tmp_dir,
+            registry,
+        } => {
+            let client = client(&registry)?;
+            let src_loc = ImageLocation::parse(&source)?;
+            let dst_loc = ImageLocation::parse(&target)?;
+            let src = Store::open(&src_loc, &client, false)?;
+            let dst = Store::open(&dst_loc, &client, true)?;
+            let mut writer = WriterOptions {
+                chunk_size,
+                block_size,
+                level,
+                ..Default::default()
+            };
+            if let Some(t) = threads {
+                writer.threads = t.max(1);
+            }
+            if let Some(p) = &prefetch_list {
+                writer.prefetch = read_prefetch_list(p)?;
+            }
+            let opts = ConvertOptions {
+                writer,
+                platforms: registry.platforms.clone(),
+                jobs,
+                tmp_dir,
+            };
+            let progress: Arc<dyn Progress> = if registry.json {
+                Arc::new(NoProgress)
+            } else {
+                Arc::new(bars::Bars::new())
+            };
+            let same = src_loc == dst_loc;
+            let mut report = convert_image(&src, &dst, same, &opts, progress)
+                .await
+                .with_context(|| format!("converting {source}"))?;
+            if same && !report.already_converted {
+                // Converted in place: the tag now names the converted image.
+                tracing::info!("converted in place");
+            }
+            report.source = source;
+            report.target = target;
+            if registry.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                output::print_convert(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { image, registry } => {
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let report = arbor_convert::inspect::inspect_image(&store, &registry.platforms)
+                .await
+                .with_context(|| format!("inspecting {image}"))?;
+            if registry.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                output::print_inspect(&image, &report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            source,
+            target,
+            tmp_dir,
+            registry,
+        } => {
+            let client = client(&registry)?;
+            let src = Store::open(&ImageLocation::parse(&source)?, &client, false)?;
+            let dst = Store::open(&ImageLocation::parse(&target)?, &client, false)?;
+            let report =
+                arbor_convert::check::check_images(&src, &dst, &registry.platforms, tmp_dir)
+                    .await
+                    .with_context(|| format!("checking {target} against {source}"))?;
+            if registry.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                output::print_check(&report);
+            }
+            if report.differences.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1XB").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}

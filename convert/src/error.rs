@@ -1,0 +1,54 @@
+//! Errors of conversion, inspection and checking.
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Oci(#[from] arbor_oci::Error),
+    #[error(transparent)]
+    Format(#[from] arbor_format::Error),
+    #[error("layer {digest}: {source}")]
+    Layer {
+        digest: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid image: {0}")]
+    Image(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    pub(crate) fn layer(digest: &str, e: impl Into<Error>) -> Error {
+        Error::Layer {
+            digest: digest.to_string(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// Unwraps I/O errors that carry a library error (as blob readers produce).
+    pub(crate) fn from_io(e: std::io::Error) -> Error {
+        if e.get_ref().is_some_and(|r| r.is::<arbor_oci::Error>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(oci) = inner.downcast::<arbor_oci::Error>() {
+                    return Error::Oci(*oci);
+                }
+            }
+            return Error::Image("blob read failed".into());
+        }
+        if e.get_ref().is_some_and(|r| r.is::<arbor_format::Error>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(f) = inner.downcast::<arbor_format::Error>() {
+                    return Error::Format(*f);
+                }
+            }
+            return Error::Image("layer read failed".into());
+        }
+        Error::Io(e)
+    }
+}
