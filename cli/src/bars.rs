@@ -36,7 +36,9 @@ fn short(d: &str) -> &str {
 
 impl Progress for Bars {
     fn event(&self, e: Event) {
-        let Ok(mut bars) = self.bars.lock() else { return };
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
         match e {
             Event::LayerStarted { digest, size } => {
                 let bar = self.multi.add(ProgressBar::new(size));

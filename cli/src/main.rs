@@ -135,7 +135,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn client(r: &RegistryArgs) -> Result<RegistryClient> {
@@ -200,6 +201,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = &prefetch_list {
                 writer.prefetch = read_prefetch_list(p)?;
             }
+            writer.validate()?;
             let opts = ConvertOptions {
                 writer,
                 platforms: registry.platforms.clone(),

@@ -15,7 +15,10 @@ fn short(d: &str) -> &str {
 
 pub fn print_convert(r: &ConvertReport) {
     if r.already_converted {
-        println!("{} is already in Arbor's format: nothing converted.", r.source);
+        println!(
+            "{} is already in Arbor's format: nothing converted.",
+            r.source
+        );
     }
     for img in &r.images {
         if let Some(p) = &img.platform {

@@ -59,7 +59,8 @@ impl CheckReport {
         if self.differences.len() < MAX_DIFFERENCES {
             self.differences.push(msg);
         } else if self.differences.len() == MAX_DIFFERENCES {
-            self.differences.push("... further differences omitted".into());
+            self.differences
+                .push("... further differences omitted".into());
         }
     }
 }
@@ -149,9 +150,10 @@ async fn check_image(
         };
         download(dst, b, tmp.reopen()?).await?;
         let target_file = tmp.reopen()?;
-        let (target_stream, target_diff) = tokio::task::spawn_blocking(move || model_of_tar(target_file))
-            .await
-            .map_err(|e| Error::Io(io::Error::other(e)))??;
+        let (target_stream, target_diff) =
+            tokio::task::spawn_blocking(move || model_of_tar(target_file))
+                .await
+                .map_err(|e| Error::Io(io::Error::other(e)))??;
         if db.get(i) != Some(&target_diff) {
             report.differ(format!(
                 "{what}: target diff_id {:?} does not match its content ({target_diff})",
@@ -168,17 +170,19 @@ async fn check_image(
                 .map_err(|e| Error::Io(io::Error::other(e)))?;
             match toc {
                 Ok(m) => compare(&what, "target (through its TOC)", &source, &m, report),
-                Err(e) if locate_toc(&b.annotations).ok().flatten().is_some() => {
-                    report.differ(format!("{what}: target TOC unreadable: {e}"))
-                }
-                Err(e) => report
-                    .notes
-                    .push(format!("{what}: target layer has no readable TOC ({e})")),
+                Err(e) if locate_toc(&b.annotations).ok().flatten().is_some() => report.differ(
+                    format!("{what}: target TOC unreadable: {}", crate::error::chain(&e)),
+                ),
+                Err(e) => report.notes.push(format!(
+                    "{what}: target layer has no readable TOC ({})",
+                    crate::error::chain(&e)
+                )),
             }
         } else {
-            report
-                .notes
-                .push(format!("{what}: target layer is {}, not chunked", b.media_type));
+            report.notes.push(format!(
+                "{what}: target layer is {}, not chunked",
+                b.media_type
+            ));
         }
     }
     Ok(())
@@ -320,7 +324,17 @@ fn compare(what: &str, side: &str, a: &Model, b: &Model, report: &mut CheckRepor
         field!(link);
         field!(dev);
         if ma.xattrs != mb.xattrs {
-            fields.push(format!("xattrs differ in {side}"));
+            let show = |x: &BTreeMap<String, Vec<u8>>| {
+                x.iter()
+                    .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v).escape_debug()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            fields.push(format!(
+                "xattrs {{{}}} in source, {{{}}} in {side}",
+                show(&ma.xattrs),
+                show(&mb.xattrs)
+            ));
         }
         report.differ(format!("{what}: {name}: {}", fields.join("; ")));
     }

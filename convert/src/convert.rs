@@ -12,7 +12,7 @@ use arbor_oci::manifest::{self, Descriptor, Index, Manifest};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tracing::{info, info_span, Instrument};
+use tracing::{Instrument, info, info_span};
 
 use crate::error::{Error, Result};
 use crate::image::{self, HashingReader, PlatformImage};
@@ -118,10 +118,23 @@ pub async fn convert_image(
     let mut images = Vec::new();
     let mut converted = Vec::new();
     for img in &resolved.images {
-        let tag = if resolved.index.is_none() { dst.tag() } else { None };
-        let (desc, report) = convert_one(src, dst, img, tag, same_location && already, opts, &progress, &mut cache)
-            .instrument(info_span!("convert_image", manifest = %img.digest))
-            .await?;
+        let tag = if resolved.index.is_none() {
+            dst.tag()
+        } else {
+            None
+        };
+        let (desc, report) = convert_one(
+            src,
+            dst,
+            img,
+            tag,
+            same_location && already,
+            opts,
+            &progress,
+            &mut cache,
+        )
+        .instrument(info_span!("convert_image", manifest = %img.digest))
+        .await?;
         converted.push(desc);
         images.push(report);
     }
@@ -129,10 +142,17 @@ pub async fn convert_image(
         None => (converted[0].digest.clone(), converted[0].media_type.clone()),
         Some(index) if already => {
             if !same_location {
-                dst.push_manifest(resolved.root_bytes.clone(), &resolved.root_media_type, dst.tag())
-                    .await?;
+                dst.push_manifest(
+                    resolved.root_bytes.clone(),
+                    &resolved.root_media_type,
+                    dst.tag(),
+                )
+                .await?;
             }
-            (resolved.root_digest.clone(), resolved.root_media_type.clone())
+            (
+                resolved.root_digest.clone(),
+                resolved.root_media_type.clone(),
+            )
         }
         Some(index) => {
             let manifests = resolved
@@ -155,7 +175,9 @@ pub async fn convert_image(
                 extra: index.extra.clone(),
             };
             let body = Bytes::from(manifest::to_bytes(&new_index));
-            let d = dst.push_manifest(body, manifest::OCI_INDEX, dst.tag()).await?;
+            let d = dst
+                .push_manifest(body, manifest::OCI_INDEX, dst.tag())
+                .await?;
             (d, manifest::OCI_INDEX.to_string())
         }
     };
@@ -227,7 +249,10 @@ async fn convert_one(
     let mut reports = Vec::new();
     for r in results {
         let (d, diff, rep) = r?;
-        cache.insert(rep.source_digest.clone(), (d.clone(), diff.clone(), rep.clone()));
+        cache.insert(
+            rep.source_digest.clone(),
+            (d.clone(), diff.clone(), rep.clone()),
+        );
         layers.push(d);
         new_diff_ids.push(diff);
         reports.push(rep);
@@ -248,7 +273,8 @@ async fn convert_one(
         // Keep the original documents byte for byte: the image is already converted.
         if !skip_push {
             dst.copy_blob_from(src, &m.config).await?;
-            dst.push_manifest(img.bytes.clone(), &img.media_type, tag).await?;
+            dst.push_manifest(img.bytes.clone(), &img.media_type, tag)
+                .await?;
         }
         Descriptor {
             media_type: img.media_type.clone(),
@@ -349,7 +375,10 @@ async fn convert_layer(
             target_size: layer.size,
             diff_id: expected_diff_id.to_string(),
             uncompressed_size: 0,
-            toc_digest: layer.annotations.get(arbor_format::ANN_ARBOR_TOC_DIGEST).cloned(),
+            toc_digest: layer
+                .annotations
+                .get(arbor_format::ANN_ARBOR_TOC_DIGEST)
+                .cloned(),
             entries: 0,
             regular_files: 0,
             prefetch: Vec::new(),
@@ -379,20 +408,29 @@ async fn convert_layer(
     let (summary, source_diff_id): (LayerSummary, String) =
         tokio::task::spawn_blocking(move || -> Result<_> {
             let mut counting = counting;
-            let tar = image::tar_stream(&mut counting)?;
-            let mut hashing = HashingReader::new(tar);
-            let out = BufWriter::with_capacity(1 << 20, file);
-            let (summary, out) = arbor_format::writer::convert_layer(&mut hashing, out, &wopts)
-                .map_err(|e| match e {
-                    arbor_format::Error::Io(io) => Error::from_io(io),
-                    other => Error::Format(other),
-                })?;
-            let mut file = out.into_inner().map_err(|e| e.into_error())?;
-            file.flush()?;
-            // Read what follows the end-of-archive marker so the blob's digest is checked.
-            let (diff, _) = hashing.finish().map_err(Error::from_io)?;
-            io::copy(&mut counting, &mut io::sink()).map_err(Error::from_io)?;
-            Ok((summary, diff))
+            let converted = (|| -> Result<_> {
+                let tar = image::tar_stream(&mut counting)?;
+                let mut hashing = HashingReader::new(tar);
+                let out = BufWriter::with_capacity(1 << 20, file);
+                let (summary, out) = arbor_format::writer::convert_layer(&mut hashing, out, &wopts)
+                    .map_err(|e| match e {
+                        arbor_format::Error::Io(io) => Error::from_io(io),
+                        other => Error::Format(other),
+                    })?;
+                let mut file = out.into_inner().map_err(|e| e.into_error())?;
+                file.flush()?;
+                // Read what follows the end-of-archive marker so the blob's digest is checked.
+                let (diff, _) = hashing.finish().map_err(Error::from_io)?;
+                Ok((summary, diff))
+            })();
+            // Read the source to its end either way: a blob that does not match its digest
+            // is the real cause of whatever went wrong reading it.
+            let drained = io::copy(&mut counting, &mut io::sink()).map_err(Error::from_io);
+            match (converted, drained) {
+                (Ok(r), Ok(_)) => Ok(r),
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(_)) => Err(e),
+            }
         })
         .await
         .map_err(|e| Error::Io(io::Error::other(e)))??;
@@ -403,7 +441,8 @@ async fn convert_layer(
     }
     let digest = summary.blob_digest.to_string();
     if !skip_push {
-        dst.push_blob_file(&digest, summary.blob_size, tmp.path()).await?;
+        dst.push_blob_file(&digest, summary.blob_size, tmp.path())
+            .await?;
     }
     drop(tmp);
     let mut annotations = layer.annotations.clone();

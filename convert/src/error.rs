@@ -9,13 +9,13 @@ pub enum Error {
     Oci(#[from] arbor_oci::Error),
     #[error(transparent)]
     Format(#[from] arbor_format::Error),
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
         digest: String,
         #[source]
         source: Box<Error>,
     },
-    #[error("I/O error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("invalid image: {0}")]
     Image(String),
@@ -51,4 +51,20 @@ impl Error {
         }
         Error::Io(e)
     }
+}
+
+/// An error with its whole chain of causes, `: `-separated (for reports that keep errors as
+/// text).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
 }

@@ -3,8 +3,8 @@
 
 use std::io::{BufRead, BufReader, Read};
 
-use arbor_oci::manifest::{Descriptor, Index, Manifest, ManifestKind, Platform, parse_manifest};
 use arbor_oci::Store;
+use arbor_oci::manifest::{Descriptor, Index, Manifest, ManifestKind, Platform, parse_manifest};
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
@@ -125,12 +125,18 @@ pub fn tar_stream<'a, R: Read + 'a>(blob: R) -> Result<Box<dyn Read + 'a>> {
 /// Reads the image config (a JSON object) of a manifest.
 pub async fn read_config(store: &Store, m: &Manifest) -> Result<serde_json::Value> {
     let b = store
-        .blob_bytes(&m.config.digest, arbor_oci::manifest::MAX_CONFIG_OR_MANIFEST)
+        .blob_bytes(
+            &m.config.digest,
+            arbor_oci::manifest::MAX_CONFIG_OR_MANIFEST,
+        )
         .await?;
     let v: serde_json::Value = serde_json::from_slice(&b)
         .map_err(|e| Error::Image(format!("config {}: {e}", m.config.digest)))?;
     if !v.is_object() {
-        return Err(Error::Image(format!("config {} is not an object", m.config.digest)));
+        return Err(Error::Image(format!(
+            "config {} is not an object",
+            m.config.digest
+        )));
     }
     Ok(v)
 }
@@ -154,7 +160,8 @@ pub fn diff_ids(config: &serde_json::Value) -> Result<Vec<String>> {
 pub fn is_arbor_layer(d: &Descriptor) -> bool {
     d.media_type == arbor_format::MEDIA_TYPE_LAYER_ZSTD
         && d.annotations.contains_key(arbor_format::ANN_ARBOR_VERSION)
-        && d.annotations.contains_key(arbor_format::ANN_ARBOR_TOC_DIGEST)
+        && d.annotations
+            .contains_key(arbor_format::ANN_ARBOR_TOC_DIGEST)
 }
 
 /// A reader that hashes and counts what passes through it.

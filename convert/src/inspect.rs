@@ -89,7 +89,10 @@ pub async fn inspect_image(store: &Store, platforms: &[String]) -> Result<Inspec
             media_type: img.media_type.clone(),
             os: s("os"),
             architecture: s("architecture"),
-            entrypoint: config.pointer("/config/Entrypoint").cloned().unwrap_or_default(),
+            entrypoint: config
+                .pointer("/config/Entrypoint")
+                .cloned()
+                .unwrap_or_default(),
             cmd: config.pointer("/config/Cmd").cloned().unwrap_or_default(),
             layers,
         });
@@ -170,7 +173,7 @@ async fn inspect_layer(store: &Store, l: &Descriptor) -> LayerInfo {
             .into();
             info.toc = Some(summarize(&index, &pos));
         }
-        Err(e) if claims_toc => info.toc_error = Some(e.to_string()),
+        Err(e) if claims_toc => info.toc_error = Some(crate::error::chain(&e)),
         Err(_) => {}
     }
     info

@@ -8,7 +8,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What went wrong reading or writing a layer. Messages name the entry or offset at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("I/O error: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("malformed tar stream at byte {offset}: {reason}")]
     Tar { offset: u64, reason: String },

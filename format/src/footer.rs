@@ -151,7 +151,10 @@ impl TocPosition {
             ));
         };
         if pos.toc_type != TOC_TYPE_CHUNKED {
-            return Err(Error::Footer(format!("unsupported TOC type {}", pos.toc_type)));
+            return Err(Error::Footer(format!(
+                "unsupported TOC type {}",
+                pos.toc_type
+            )));
         }
         let limit = blob_size.saturating_sub(footer_total + SKIPPABLE_HEADER_LEN);
         pos.check_within(limit)?;

@@ -210,7 +210,11 @@ fn parse_kind(kind: &str, name: &str) -> Result<EntryKind> {
         types::CHAR => EntryKind::Char,
         types::BLOCK => EntryKind::Block,
         types::FIFO => EntryKind::Fifo,
-        other => return Err(Error::toc(format!("unknown entry type {other:?} for {name:?}"))),
+        other => {
+            return Err(Error::toc(format!(
+                "unknown entry type {other:?} for {name:?}"
+            )));
+        }
     })
 }
 
@@ -232,7 +236,11 @@ fn chunk_of(e: &TocEntry, name: &str, file_offset: u64, data_end: u64) -> Result
     let zeros = match e.chunk_type.as_str() {
         "" => false,
         CHUNK_TYPE_ZEROS => true,
-        other => return Err(Error::toc(format!("unknown chunkType {other:?} for {name:?}"))),
+        other => {
+            return Err(Error::toc(format!(
+                "unknown chunkType {other:?} for {name:?}"
+            )));
+        }
     };
     let digest = if e.chunk_digest.is_empty() {
         None
@@ -256,7 +264,10 @@ impl LayerIndex {
     /// Validates a decoded TOC whose data region ends at `data_end` (see module docs).
     pub fn from_toc(toc: Toc, data_end: u64) -> Result<LayerIndex> {
         if toc.version != 1 {
-            return Err(Error::toc(format!("unsupported TOC version {}", toc.version)));
+            return Err(Error::toc(format!(
+                "unsupported TOC version {}",
+                toc.version
+            )));
         }
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut entries: Vec<IndexEntry> = Vec::new();
@@ -454,7 +465,10 @@ fn file_chunks(
 
 fn validate_arbor(a: &ArborExtension, data_end: u64) -> Result<()> {
     if !(4096..=MAX_CHUNK_SIZE).contains(&a.block_size) {
-        return Err(Error::toc(format!("block size {} out of range", a.block_size)));
+        return Err(Error::toc(format!(
+            "block size {} out of range",
+            a.block_size
+        )));
     }
     if a.data_length != data_end {
         return Err(Error::toc(format!(

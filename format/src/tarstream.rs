@@ -257,7 +257,11 @@ impl<R: Read> TarReader<R> {
                     let data = self.read_extension(size as u64, &mut raw)?;
                     ext.link = Some(cstr(&data));
                 }
-                _ => return self.finish_entry(&block, typeflag, ext, raw, start).map(Some),
+                _ => {
+                    return self
+                        .finish_entry(&block, typeflag, ext, raw, start)
+                        .map(Some);
+                }
             }
         }
     }
@@ -327,8 +331,12 @@ impl<R: Read> TarReader<R> {
             }
         }
         let mode = (num(&block[100..108])? as u64 & 0o7777) as u32;
-        let uid = ext.uid.map_or_else(|| num(&block[108..116]).map(|v| v as u64), Ok)?;
-        let gid = ext.gid.map_or_else(|| num(&block[116..124]).map(|v| v as u64), Ok)?;
+        let uid = ext
+            .uid
+            .map_or_else(|| num(&block[108..116]).map(|v| v as u64), Ok)?;
+        let gid = ext
+            .gid
+            .map_or_else(|| num(&block[116..124]).map(|v| v as u64), Ok)?;
         let mtime = match ext.mtime {
             Some(t) => t,
             None => Timestamp {
@@ -337,10 +345,7 @@ impl<R: Read> TarReader<R> {
             },
         };
         let (dev_major, dev_minor) = if matches!(kind, EntryKind::Char | EntryKind::Block) {
-            (
-                num(&block[329..337])? as u32,
-                num(&block[337..345])? as u32,
-            )
+            (num(&block[329..337])? as u32, num(&block[337..345])? as u32)
         } else {
             (0, 0)
         };
@@ -403,7 +408,11 @@ fn parse_numeric(field: &[u8]) -> std::result::Result<i64, String> {
         let negative = first & 0x40 != 0;
         let mut v: i128 = if negative { -1 } else { 0 };
         for (i, &b) in field.iter().enumerate() {
-            let b = if i == 0 { (b & 0x7f) | ((b & 0x40) << 1) } else { b };
+            let b = if i == 0 {
+                (b & 0x7f) | ((b & 0x40) << 1)
+            } else {
+                b
+            };
             v = (v << 8) | b as i128;
         }
         return i64::try_from(v).map_err(|_| "base-256 number out of range".to_string());

@@ -34,7 +34,11 @@ fn is_zero_i64(v: &i64) -> bool {
 pub struct Toc {
     pub version: i64,
     pub entries: Vec<TocEntry>,
-    #[serde(rename = "tarSplitDigest", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "tarSplitDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub tar_split_digest: String,
     /// Arbor's additions; absent in layers written by other tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,7 +63,11 @@ pub struct TocEntry {
     pub gid: i64,
     #[serde(rename = "userName", default, skip_serializing_if = "String::is_empty")]
     pub user_name: String,
-    #[serde(rename = "groupName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "groupName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub group_name: String,
     /// RFC 3339 with nanoseconds, as Go's `time.Time` marshals.
     #[serde(rename = "modtime", default, skip_serializing_if = "Option::is_none")]
@@ -84,9 +92,17 @@ pub struct TocEntry {
     pub chunk_size: i64,
     #[serde(rename = "chunkOffset", default, skip_serializing_if = "is_zero_i64")]
     pub chunk_offset: i64,
-    #[serde(rename = "chunkDigest", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_digest: String,
-    #[serde(rename = "chunkType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_type: String,
 }
 

@@ -72,7 +72,8 @@ impl Default for WriterOptions {
 }
 
 impl WriterOptions {
-    fn validate(&self) -> Result<()> {
+    /// Errors unless every setting is in range.
+    pub fn validate(&self) -> Result<()> {
         let ok = |v: u64| (4096..=MAX_CHUNK_SIZE).contains(&v);
         if !ok(self.chunk_size) {
             return Err(Error::Options(format!(
@@ -87,7 +88,10 @@ impl WriterOptions {
             )));
         }
         if !(1..=22).contains(&self.level) {
-            return Err(Error::Options(format!("zstd level {} is not in 1..=22", self.level)));
+            return Err(Error::Options(format!(
+                "zstd level {} is not in 1..=22",
+                self.level
+            )));
         }
         Ok(())
     }
@@ -130,7 +134,10 @@ impl LayerSummary {
                 crate::ANN_ARBOR_BLOB_SIZE.to_string(),
                 self.blob_size.to_string(),
             ),
-            (crate::ANN_ARBOR_DIFF_ID.to_string(), self.diff_id.to_string()),
+            (
+                crate::ANN_ARBOR_DIFF_ID.to_string(),
+                self.diff_id.to_string(),
+            ),
         ])
     }
 }
@@ -716,7 +723,8 @@ fn finish<W: Write>(
         ..Default::default()
     };
     sink.out.write_all(&skippable_frame(&compressed))?;
-    sink.out.write_all(&skippable_frame(&position.encode_footer()))?;
+    sink.out
+        .write_all(&skippable_frame(&position.encode_footer()))?;
     sink.out.flush()?;
     let (out, blob_digest, blob_size) = sink.out.finish();
     Ok((

@@ -31,8 +31,13 @@ fn sample_blob() -> (Vec<u8>, TocPosition) {
 }
 
 fn read(blob: &[u8]) -> arbor_format::Result<LayerIndex> {
-    LayerIndex::read_from(&mut Cursor::new(blob), blob.len() as u64, None, &Limits::default())
-        .map(|(i, _)| i)
+    LayerIndex::read_from(
+        &mut Cursor::new(blob),
+        blob.len() as u64,
+        None,
+        &Limits::default(),
+    )
+    .map(|(i, _)| i)
 }
 
 fn toc_of(blob: &[u8], pos: &TocPosition) -> Toc {
@@ -89,7 +94,10 @@ fn corrupt_footer_is_refused() {
     let mut bad = blob.clone();
     bad[n - 64 + 23] = 0x7f; // uncompressed length absurd
     let e = read(&bad).unwrap_err();
-    assert!(matches!(e, Error::TocTooLarge { .. } | Error::Toc(_)), "{e}");
+    assert!(
+        matches!(e, Error::TocTooLarge { .. } | Error::Toc(_)),
+        "{e}"
+    );
 }
 
 #[test]
@@ -120,8 +128,13 @@ fn absurd_toc_size_is_refused_before_allocation() {
         digest: None,
     };
     assert!(
-        LayerIndex::read_from(&mut Cursor::new(&blob), blob.len() as u64, Some(&loc), &Limits::default())
-            .is_err()
+        LayerIndex::read_from(
+            &mut Cursor::new(&blob),
+            blob.len() as u64,
+            Some(&loc),
+            &Limits::default()
+        )
+        .is_err()
     );
     let limits = Limits {
         max_toc_uncompressed: 10,
@@ -204,8 +217,12 @@ fn wrong_chunk_digest_never_yields_bytes() {
     let index = read(&bad).unwrap();
     let e = index.entries.iter().find(|e| e.name == "a").unwrap();
     let c = &e.chunks[0];
-    let err = decode_chunk(&e.name, c, &bad[c.blob_offset as usize..c.blob_end as usize])
-        .unwrap_err();
+    let err = decode_chunk(
+        &e.name,
+        c,
+        &bad[c.blob_offset as usize..c.blob_end as usize],
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
 
     // Corrupted frame bytes: an error, never different content.
@@ -233,8 +250,12 @@ fn hostile_tar_streams_are_refused() {
         out
     }
     for name in [&b"../evil"[..], b"/etc/passwd", b"a/../../b"] {
-        let e = convert_layer(&tar_with_name(name)[..], Vec::new(), &WriterOptions::default())
-            .unwrap_err();
+        let e = convert_layer(
+            &tar_with_name(name)[..],
+            Vec::new(),
+            &WriterOptions::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::UnsafePath { .. }), "{e}");
     }
     // Bad checksum.
@@ -257,8 +278,12 @@ fn hostile_tar_streams_are_refused() {
     h.set_entry_type(tar::EntryType::Link);
     h.set_size(0);
     b.append_link(&mut h, "link", "target").unwrap();
-    let e = convert_layer(&b.into_inner().unwrap()[..], Vec::new(), &WriterOptions::default())
-        .unwrap_err();
+    let e = convert_layer(
+        &b.into_inner().unwrap()[..],
+        Vec::new(),
+        &WriterOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("not earlier"), "{e}");
     // Every prefix of a valid tar either converts or errors; none panics.
     for cut in (0..full.len()).step_by(97) {

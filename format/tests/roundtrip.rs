@@ -228,16 +228,25 @@ fn check_roundtrip(specs: &[Spec], gnu: bool, opts: &WriterOptions) -> Converted
     assert_eq!(model_of_tar(&plain), source);
 
     // (b) The TOC, found by footer and by annotations, gives the same entries.
-    let (index, pos) =
-        LayerIndex::read_from(&mut Cursor::new(&c.blob), s.blob_size, None, &Limits::default())
-            .unwrap();
+    let (index, pos) = LayerIndex::read_from(
+        &mut Cursor::new(&c.blob),
+        s.blob_size,
+        None,
+        &Limits::default(),
+    )
+    .unwrap();
     assert_eq!(pos, s.toc_position);
     assert_eq!(model_of_index(&c.blob, &index), source);
     let ann = s.annotations();
     let loc = locate_toc(&ann).unwrap().unwrap();
     assert_eq!(loc.digest.as_ref(), Some(&s.toc_digest));
-    LayerIndex::read_from(&mut Cursor::new(&c.blob), s.blob_size, Some(&loc), &Limits::default())
-        .unwrap();
+    LayerIndex::read_from(
+        &mut Cursor::new(&c.blob),
+        s.blob_size,
+        Some(&loc),
+        &Limits::default(),
+    )
+    .unwrap();
 
     // The block table hashes the data region.
     let arbor = index.arbor.as_ref().unwrap();
@@ -251,7 +260,9 @@ fn check_roundtrip(specs: &[Spec], gnu: bool, opts: &WriterOptions) -> Converted
 }
 
 fn corpus() -> Vec<Spec> {
-    let big: Vec<u8> = (0..3_500_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3_500_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let mut sparse = vec![0u8; 5 << 20];
     sparse[3 << 20..(3 << 20) + 100].fill(7);
     let long_dir = "d".repeat(120);
@@ -292,8 +303,20 @@ fn corpus_roundtrips_pax_and_gnu() {
 #[test]
 fn output_is_deterministic_across_thread_counts() {
     let tar_bytes = build_tar(&corpus(), false);
-    let one = convert(&tar_bytes, &WriterOptions { threads: 1, ..Default::default() });
-    let four = convert(&tar_bytes, &WriterOptions { threads: 4, ..Default::default() });
+    let one = convert(
+        &tar_bytes,
+        &WriterOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    );
+    let four = convert(
+        &tar_bytes,
+        &WriterOptions {
+            threads: 4,
+            ..Default::default()
+        },
+    );
     assert_eq!(one.blob, four.blob);
 }
 
@@ -304,16 +327,28 @@ fn zero_chunks_are_marked_and_big_files_split() {
         ..Default::default()
     };
     let c = check_roundtrip(&corpus(), false, &opts);
-    let (index, _) =
-        LayerIndex::read_from(&mut Cursor::new(&c.blob), c.blob.len() as u64, None, &Limits::default())
-            .unwrap();
-    let sparse = index.entries.iter().find(|e| e.name == "bin/sparse").unwrap();
+    let (index, _) = LayerIndex::read_from(
+        &mut Cursor::new(&c.blob),
+        c.blob.len() as u64,
+        None,
+        &Limits::default(),
+    )
+    .unwrap();
+    let sparse = index
+        .entries
+        .iter()
+        .find(|e| e.name == "bin/sparse")
+        .unwrap();
     assert_eq!(sparse.chunks.len(), 5);
     assert_eq!(sparse.chunks.iter().filter(|c| c.zeros).count(), 4);
     let big = index.entries.iter().find(|e| e.name == "bin/big").unwrap();
     assert_eq!(big.chunks.len(), 4);
     // Each frame holds exactly its chunk: compressed frames never overlap and follow file order.
-    assert!(big.chunks.windows(2).all(|w| w[0].blob_end <= w[1].blob_offset));
+    assert!(
+        big.chunks
+            .windows(2)
+            .all(|w| w[0].blob_end <= w[1].blob_offset)
+    );
 }
 
 #[test]
@@ -331,9 +366,13 @@ fn prefetch_entries_come_first_in_list_order() {
     let s = &c.summary;
     assert_eq!(s.prefetch_found, ["etc/hosts", "bin/big", "bin/big-link"]);
     assert_eq!(s.prefetch_missing, ["no/such/file"]);
-    let (index, _) =
-        LayerIndex::read_from(&mut Cursor::new(&c.blob), s.blob_size, None, &Limits::default())
-            .unwrap();
+    let (index, _) = LayerIndex::read_from(
+        &mut Cursor::new(&c.blob),
+        s.blob_size,
+        None,
+        &Limits::default(),
+    )
+    .unwrap();
     let arbor = index.arbor.clone().unwrap();
     assert_eq!(arbor.prefetch, s.prefetch_found);
     assert!(arbor.prefetch_end > 0);
@@ -375,7 +414,18 @@ fn toc_names_use_zstd_chunked_fields() {
         .iter()
         .find(|e| e["name"] == "bin/big")
         .unwrap();
-    for key in ["type", "name", "mode", "size", "modtime", "digest", "offset", "endOffset", "chunkSize", "chunkDigest"] {
+    for key in [
+        "type",
+        "name",
+        "mode",
+        "size",
+        "modtime",
+        "digest",
+        "offset",
+        "endOffset",
+        "chunkSize",
+        "chunkDigest",
+    ] {
         assert!(big.get(key).is_some(), "missing {key}: {big}");
     }
     assert_eq!(big["type"], toc::types::REG);
@@ -384,12 +434,15 @@ fn toc_names_use_zstd_chunked_fields() {
 
 fn arb_specs() -> impl Strategy<Value = Vec<Spec>> {
     let name = "[a-c]{1,3}(/[a-c]{1,3}){0,2}";
-    let file = (name, prop::collection::vec(any::<u8>(), 0..20_000))
-        .prop_map(|(n, d)| Spec::File(n, d));
+    let file =
+        (name, prop::collection::vec(any::<u8>(), 0..20_000)).prop_map(|(n, d)| Spec::File(n, d));
     let zeros = (name, 0usize..40_000).prop_map(|(n, l)| Spec::File(n, vec![0; l]));
     let dir = name.prop_map(Spec::Dir);
     let link = (name, "[ -~]{1,200}").prop_map(|(n, t)| Spec::Symlink(n, t));
-    prop::collection::vec(prop_oneof![4 => file, 1 => zeros, 1 => dir, 1 => link], 0..30)
+    prop::collection::vec(
+        prop_oneof![4 => file, 1 => zeros, 1 => dir, 1 => link],
+        0..30,
+    )
 }
 
 proptest! {
@@ -419,7 +472,8 @@ fn reads_chunk_ends_the_containers_storage_1_4x_way() {
     let c = convert(&build_tar(&corpus(), false), &WriterOptions::default());
     let pos = c.summary.toc_position;
     let compressed = &c.blob[pos.offset as usize..(pos.offset + pos.length) as usize];
-    let mut t: toc::Toc = serde_json::from_slice(&zstd::stream::decode_all(compressed).unwrap()).unwrap();
+    let mut t: toc::Toc =
+        serde_json::from_slice(&zstd::stream::decode_all(compressed).unwrap()).unwrap();
     let mut file_end: std::collections::HashMap<String, i64> = Default::default();
     for e in &t.entries {
         if e.end_offset > 0 {
@@ -436,10 +490,17 @@ fn reads_chunk_ends_the_containers_storage_1_4x_way() {
     t.arbor = None;
     let data_end = pos.offset - arbor_format::footer::SKIPPABLE_HEADER_LEN;
     let index = LayerIndex::from_toc(t, data_end).unwrap();
-    let original =
-        LayerIndex::read_from(&mut Cursor::new(&c.blob), c.blob.len() as u64, None, &Limits::default())
-            .unwrap()
-            .0;
+    let original = LayerIndex::read_from(
+        &mut Cursor::new(&c.blob),
+        c.blob.len() as u64,
+        None,
+        &Limits::default(),
+    )
+    .unwrap()
+    .0;
     assert_eq!(index.entries, original.entries);
-    assert_eq!(model_of_index(&c.blob, &index), model_of_tar(&build_tar(&corpus(), false)));
+    assert_eq!(
+        model_of_index(&c.blob, &index),
+        model_of_tar(&build_tar(&corpus(), false))
+    );
 }

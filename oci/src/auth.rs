@@ -179,7 +179,9 @@ fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(Error::Credentials(format!("bad credential helper name {helper:?}")));
+        return Err(Error::Credentials(format!(
+            "bad credential helper name {helper:?}"
+        )));
     }
     let program = format!("docker-credential-{helper}");
     let mut child = Command::new(&program)
@@ -202,7 +204,10 @@ fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
         if msg.contains("credentials not found") {
             return Ok(None);
         }
-        return Err(Error::Credentials(format!("{program} get failed: {}", msg.trim())));
+        return Err(Error::Credentials(format!(
+            "{program} get failed: {}",
+            msg.trim()
+        )));
     }
     #[derive(Deserialize)]
     struct HelperOut {
@@ -302,7 +307,10 @@ mod tests {
         .unwrap();
         let s = CredentialStore::from_file(&p).unwrap();
         let c = s.lookup("127.0.0.1:5000").unwrap().unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cret"));
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("alice", "s3cret")
+        );
         assert!(s.lookup("docker.io").unwrap().is_some());
         assert!(s.lookup("other:1").unwrap().is_none());
         assert!(!format!("{c:?}").contains("s3cret"));

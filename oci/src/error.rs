@@ -8,7 +8,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("invalid image reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Http {
         url: String,
         #[source]
@@ -36,7 +36,7 @@ pub enum Error {
     Malformed { what: String, reason: String },
     #[error("credentials: {0}")]
     Credentials(String),
-    #[error("I/O error on {path}: {source}")]
+    #[error("{path}")]
     Io {
         path: String,
         #[source]
@@ -56,7 +56,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Http { source, .. } => {
-                source.is_timeout() || source.is_connect() || source.is_request() || source.is_body()
+                source.is_timeout()
+                    || source.is_connect()
+                    || source.is_request()
+                    || source.is_body()
             }
             Error::Status { status, .. } => *status == 429 || *status >= 500,
             Error::BadResponse { .. } | Error::DigestMismatch { .. } => true,

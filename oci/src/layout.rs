@@ -56,12 +56,16 @@ impl OciLayout {
 
     /// Opens a layout, creating an empty one if the directory has none.
     pub fn create(dir: &Path) -> Result<OciLayout> {
-        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(|e| Error::io(dir.display(), e))?;
+        std::fs::create_dir_all(dir.join("blobs/sha256"))
+            .map_err(|e| Error::io(dir.display(), e))?;
         let l = OciLayout {
             dir: dir.to_path_buf(),
         };
         if !dir.join("oci-layout").exists() {
-            l.write_atomic(&dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+            l.write_atomic(
+                &dir.join("oci-layout"),
+                br#"{"imageLayoutVersion":"1.0.0"}"#,
+            )?;
         }
         if !dir.join("index.json").exists() {
             let index = Index {
@@ -89,8 +93,11 @@ impl OciLayout {
         let parent = path.parent().unwrap_or(&self.dir);
         let mut tmp =
             tempfile::NamedTempFile::new_in(parent).map_err(|e| Error::io(parent.display(), e))?;
-        tmp.write_all(data).map_err(|e| Error::io(path.display(), e))?;
-        tmp.as_file().sync_all().map_err(|e| Error::io(path.display(), e))?;
+        tmp.write_all(data)
+            .map_err(|e| Error::io(path.display(), e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| Error::io(path.display(), e))?;
         tmp.persist(path)
             .map_err(|e| Error::io(path.display(), e.error))?;
         Ok(())
@@ -130,7 +137,9 @@ impl OciLayout {
     /// Reads a whole blob (at most `max` bytes), verifying its digest.
     pub fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>> {
         let p = self.blob_path(digest)?;
-        let len = std::fs::metadata(&p).map_err(|e| Error::io(p.display(), e))?.len();
+        let len = std::fs::metadata(&p)
+            .map_err(|e| Error::io(p.display(), e))?
+            .len();
         if len > max {
             return Err(Error::Malformed {
                 what: digest.to_string(),
@@ -159,7 +168,8 @@ impl OciLayout {
         let tmp =
             tempfile::NamedTempFile::new_in(parent).map_err(|e| Error::io(parent.display(), e))?;
         std::fs::copy(src, tmp.path()).map_err(|e| Error::io(src.display(), e))?;
-        tmp.persist(&dst).map_err(|e| Error::io(dst.display(), e.error))?;
+        tmp.persist(&dst)
+            .map_err(|e| Error::io(dst.display(), e.error))?;
         Ok(())
     }
 
@@ -181,7 +191,10 @@ impl OciLayout {
             .retain(|d| d.annotations.get(ANN_REF_NAME).map(String::as_str) != Some(tag));
         desc.annotations.insert(ANN_REF_NAME.into(), tag.into());
         index.manifests.push(desc);
-        self.write_atomic(&self.dir.join("index.json"), &crate::manifest::to_bytes(&index))
+        self.write_atomic(
+            &self.dir.join("index.json"),
+            &crate::manifest::to_bytes(&index),
+        )
     }
 }
 
@@ -193,12 +206,20 @@ mod tests {
     fn hostile_digests_never_become_paths() {
         let d = tempfile::tempdir().unwrap();
         let l = OciLayout::create(d.path()).unwrap();
-        for bad in ["sha256:../../etc/passwd", "sha256:", "md5:abc", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "sha256:../../etc/passwd",
+            "sha256:",
+            "md5:abc",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(l.blob_path(bad).is_err(), "{bad}");
         }
         let digest = l.write_blob(b"hello").unwrap();
         assert_eq!(l.read_blob(&digest, 100).unwrap(), b"hello");
         std::fs::write(l.blob_path(&digest).unwrap(), b"jello").unwrap();
-        assert!(matches!(l.read_blob(&digest, 100), Err(Error::DigestMismatch { .. })));
+        assert!(matches!(
+            l.read_blob(&digest, 100),
+            Err(Error::DigestMismatch { .. })
+        ));
     }
 }

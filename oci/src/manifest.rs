@@ -21,7 +21,12 @@ pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const MAX_CONFIG_OR_MANIFEST: u64 = 8 << 20;
 
 /// Media types accepted when fetching a manifest.
-pub const ACCEPT_MANIFESTS: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
+pub const ACCEPT_MANIFESTS: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];
 
 /// A content descriptor.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

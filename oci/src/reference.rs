@@ -37,7 +37,9 @@ impl Reference {
             Some((r, d)) => {
                 if !d.starts_with("sha256:")
                     || d.len() != 71
-                    || !d[7..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                    || !d[7..]
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
                 {
                     return Err(bad("digest must be sha256:<64 lowercase hex>"));
                 }
@@ -145,7 +147,10 @@ impl fmt::Display for Reference {
 pub enum ImageLocation {
     Registry(Reference),
     /// `oci:DIR[:TAG]`; without a tag the layout must hold exactly one image.
-    Layout { dir: PathBuf, tag: Option<String> },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
 }
 
 impl ImageLocation {

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{
-    ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, LOCATION,
-    RANGE, WWW_AUTHENTICATE,
+    ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use sha2::{Digest as _, Sha256};
@@ -178,7 +178,8 @@ impl RegistryClient {
                         });
                     }
                     self.forget_auth(&key);
-                    self.authenticate(r, access, &key, url, resp.headers()).await?;
+                    self.authenticate(r, access, &key, url, resp.headers())
+                        .await?;
                     continue;
                 }
                 Ok(resp) if is_transient_status(resp.status()) => {
@@ -277,7 +278,10 @@ impl RegistryClient {
             if let Some(s) = ch.params.get("service") {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", ch.params.get("scope").map_or(scope, String::as_str));
+            q.append_pair(
+                "scope",
+                ch.params.get("scope").map_or(scope, String::as_str),
+            );
         }
         let mut req = self.inner.http.get(token_url.clone());
         if let Some(c) = &creds {
@@ -312,7 +316,10 @@ impl RegistryClient {
             reason: "token response without a token".into(),
         })?;
         debug!("obtained registry token");
-        Ok((token, Duration::from_secs(t.expires_in.unwrap_or(60).max(60))))
+        Ok((
+            token,
+            Duration::from_secs(t.expires_in.unwrap_or(60).max(60)),
+        ))
     }
 
     /// Fetches a manifest by tag or digest; returns bytes, media type and verified digest.
@@ -321,7 +328,9 @@ impl RegistryClient {
         let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
         let accept = ACCEPT_MANIFESTS.join(", ");
         let resp = self
-            .send(r, Access::Pull, &url, |c| c.get(&url).header(ACCEPT, &accept))
+            .send(r, Access::Pull, &url, |c| {
+                c.get(&url).header(ACCEPT, &accept)
+            })
             .await?;
         let resp = check_status(resp, &url, &[StatusCode::OK]).await?;
         let media_type = header_str(resp.headers(), CONTENT_TYPE)
@@ -347,7 +356,12 @@ impl RegistryClient {
     }
 
     /// The size of a blob, or `None` if the repository does not have it.
-    pub async fn blob_size(&self, r: &Reference, digest: &str, access: Access) -> Result<Option<u64>> {
+    pub async fn blob_size(
+        &self,
+        r: &Reference,
+        digest: &str,
+        access: Access,
+    ) -> Result<Option<u64>> {
         let url = format!("{}/blobs/{digest}", self.base(r));
         let resp = self.send(r, access, &url, |c| c.head(&url)).await?;
         match resp.status() {
@@ -434,7 +448,9 @@ impl RegistryClient {
         if start != offset || last != end {
             return Err(Error::BadResponse {
                 what: url.to_string(),
-                reason: format!("asked for bytes {offset}-{end}, Content-Range says {start}-{last}"),
+                reason: format!(
+                    "asked for bytes {offset}-{end}, Content-Range says {start}-{last}"
+                ),
             });
         }
         let body = read_limited(resp, len as usize, url).await?;
@@ -448,7 +464,12 @@ impl RegistryClient {
     }
 
     /// Asks the registry to link a blob from another repository (no upload). True if done.
-    pub async fn mount_blob(&self, target: &Reference, from: &Reference, digest: &str) -> Result<bool> {
+    pub async fn mount_blob(
+        &self,
+        target: &Reference,
+        from: &Reference,
+        digest: &str,
+    ) -> Result<bool> {
         if target.registry != from.registry {
             return Ok(false);
         }
@@ -457,13 +478,21 @@ impl RegistryClient {
             self.base(target),
             from.repository
         );
-        let resp = self.send(target, Access::Push, &url, |c| c.post(&url)).await?;
+        let resp = self
+            .send(target, Access::Push, &url, |c| c.post(&url))
+            .await?;
         Ok(resp.status() == StatusCode::CREATED)
     }
 
     /// Uploads a blob from a file unless the repository has it already (monolithic upload).
     #[instrument(skip(self, path), fields(reference = %r))]
-    pub async fn push_blob_file(&self, r: &Reference, digest: &str, size: u64, path: &Path) -> Result<()> {
+    pub async fn push_blob_file(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        path: &Path,
+    ) -> Result<()> {
         if self.blob_size(r, digest, Access::Push).await?.is_some() {
             debug!(digest, "blob already present");
             return Ok(());
@@ -533,12 +562,19 @@ impl RegistryClient {
         tokio::fs::write(&path, &data)
             .await
             .map_err(|e| Error::io(path.display(), e))?;
-        self.push_blob_file(r, digest, data.len() as u64, &path).await
+        self.push_blob_file(r, digest, data.len() as u64, &path)
+            .await
     }
 
     /// Uploads a manifest under `reference` (a tag or its digest).
     #[instrument(skip(self, body), fields(repo = %r.repository))]
-    pub async fn push_manifest(&self, r: &Reference, reference: &str, body: Bytes, media_type: &str) -> Result<()> {
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        body: Bytes,
+        media_type: &str,
+    ) -> Result<()> {
         let url = format!("{}/manifests/{reference}", self.base(r));
         let resp = self
             .send(r, Access::Push, &url, |c| {
@@ -561,7 +597,9 @@ fn truncate(s: &str) -> String {
 }
 
 fn header_str(h: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 async fn status_error(resp: Response, url: &str) -> Error {
@@ -601,8 +639,12 @@ fn parse_content_range(h: &HeaderMap, url: &str) -> Result<(u64, u64, Option<u64
     let (a, b) = range
         .split_once('-')
         .ok_or_else(|| bad(format!("bad Content-Range {v:?}")))?;
-    let start = a.parse().map_err(|_| bad(format!("bad Content-Range {v:?}")))?;
-    let end = b.parse().map_err(|_| bad(format!("bad Content-Range {v:?}")))?;
+    let start = a
+        .parse()
+        .map_err(|_| bad(format!("bad Content-Range {v:?}")))?;
+    let end = b
+        .parse()
+        .map_err(|_| bad(format!("bad Content-Range {v:?}")))?;
     if end < start {
         return Err(bad(format!("bad Content-Range {v:?}")));
     }

@@ -118,7 +118,8 @@ impl Store {
                     f.seek(SeekFrom::Start(offset))
                         .map_err(|e| Error::io(p.display(), e))?;
                     let mut buf = vec![0u8; len as usize];
-                    f.read_exact(&mut buf).map_err(|e| Error::io(p.display(), e))?;
+                    f.read_exact(&mut buf)
+                        .map_err(|e| Error::io(p.display(), e))?;
                     Ok(Bytes::from(buf))
                 })
                 .await
@@ -146,7 +147,11 @@ impl Store {
                 tokio::spawn(async move {
                     pump(client, reference, d, first, tx).await;
                 });
-                Ok(BlobReader::new(Source::Channel(rx, Bytes::new()), digest, size))
+                Ok(BlobReader::new(
+                    Source::Channel(rx, Bytes::new()),
+                    digest,
+                    size,
+                ))
             }
         }
     }
@@ -222,7 +227,12 @@ impl Store {
     }
 
     /// Stores a manifest (by digest) and, with `tag`, names it. Returns its digest.
-    pub async fn push_manifest(&self, body: Bytes, media_type: &str, tag: Option<&str>) -> Result<String> {
+    pub async fn push_manifest(
+        &self,
+        body: Bytes,
+        media_type: &str,
+        tag: Option<&str>,
+    ) -> Result<String> {
         let digest = sha256_digest(&body);
         match self {
             Store::Registry { client, reference } => {
@@ -230,7 +240,9 @@ impl Store {
                     .push_manifest(reference, &digest, body.clone(), media_type)
                     .await?;
                 if let Some(t) = tag {
-                    client.push_manifest(reference, t, body.clone(), media_type).await?;
+                    client
+                        .push_manifest(reference, t, body.clone(), media_type)
+                        .await?;
                 }
             }
             Store::Layout { layout, .. } => {
@@ -331,6 +343,8 @@ pub struct BlobReader {
     digest: String,
     size: Option<u64>,
     verified: bool,
+    /// Set once a read failed: later reads fail the same way instead of ending early.
+    failed: Option<String>,
 }
 
 impl BlobReader {
@@ -342,6 +356,7 @@ impl BlobReader {
             digest: digest.to_string(),
             size,
             verified: false,
+            failed: None,
         }
     }
 
@@ -375,7 +390,16 @@ impl Read for BlobReader {
         if self.verified || buf.is_empty() {
             return Ok(0);
         }
-        let n = self.raw_read(buf)?;
+        if let Some(f) = &self.failed {
+            return Err(io::Error::other(f.clone()));
+        }
+        let n = match self.raw_read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.failed = Some(format!("reading blob {}: {e}", self.digest));
+                return Err(e);
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         if let Some(size) = self.size
@@ -387,7 +411,10 @@ impl Read for BlobReader {
             )));
         }
         if n == 0 {
-            let actual = format!("sha256:{}", hex::encode(std::mem::take(&mut self.hasher).finalize()));
+            let actual = format!(
+                "sha256:{}",
+                hex::encode(std::mem::take(&mut self.hasher).finalize())
+            );
             if actual != self.digest {
                 return Err(io::Error::other(Error::DigestMismatch {
                     what: "blob".into(),
