@@ -1,0 +1,206 @@
+//! A private `docker-registry` (distribution 2.8) instance on 127.0.0.1.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util;
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `docker-registry` process serving plain HTTP on `127.0.0.1:<free port>`, with filesystem
+/// storage in a temp dir and blob/manifest deletion enabled. Dropping it stops the process and
+/// removes the storage.
+pub struct Registry {
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+    storage: PathBuf,
+    log: PathBuf,
+    addr: String,
+    creds: Option<(String, String)>,
+}
+
+impl Registry {
+    /// Starts a registry without authentication and waits until `GET /v2/` answers.
+    pub fn start() -> Result<Registry> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry requiring htpasswd basic auth for `user`/`password` (bcrypt file made
+    /// with `htpasswd -Bbn`).
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Result<Registry> {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> Result<Registry> {
+        let bin = util::require_tool(REGISTRY_BIN, "docker-registry")?;
+        let dir = util::temp_dir("arbor-registry-")?;
+        let base = dir.path().to_path_buf();
+        let storage = base.join("storage");
+        std::fs::create_dir_all(&storage)?;
+        let log = base.join("registry.log");
+
+        let auth_yaml = match auth {
+            None => String::new(),
+            Some((user, password)) => {
+                let htpasswd = util::require_tool("htpasswd", "apache2-utils")?;
+                let line = util::run_checked(
+                    Command::new(htpasswd).args(["-Bbn", user, password]),
+                    Duration::from_secs(30),
+                )?;
+                let path = base.join("htpasswd");
+                std::fs::write(&path, format!("{}\n", line.trim()))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: arbor-testkit\n    path: \"{}\"\n",
+                    path.display()
+                )
+            }
+        };
+
+        let mut reg = Registry {
+            child: None,
+            dir: Some(dir),
+            storage,
+            log,
+            addr: String::new(),
+            creds: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+        };
+
+        // The free port may be taken by someone else before the registry binds it: retry.
+        let mut last_err = None;
+        for _attempt in 0..5 {
+            let port = util::free_port()?;
+            reg.addr = format!("127.0.0.1:{port}");
+            let config = base.join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                     storage:\n  filesystem:\n    rootdirectory: \"{storage}\"\n  delete:\n    enabled: true\n  \
+                     maintenance:\n    uploadpurging:\n      enabled: false\n\
+                     http:\n  addr: {addr}\n  secret: arbor-testkit-not-a-secret\n\
+                     {auth_yaml}",
+                    storage = reg.storage.display(),
+                    addr = reg.addr,
+                ),
+            )?;
+            let logf = File::create(&reg.log)?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone()?)
+                .stderr(logf);
+            // distribution lets REGISTRY_* variables override the config file: keep them out.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("REGISTRY_") {
+                    cmd.env_remove(k);
+                }
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("spawning {}", bin.display()))?;
+            reg.child = Some(child);
+            match reg.wait_ready() {
+                Ok(()) => return Ok(reg),
+                Err(e) => {
+                    let tail = util::log_tail(&reg.log, 30);
+                    if let Some(mut c) = reg.child.take() {
+                        util::terminate(&mut c, Duration::from_secs(2));
+                    }
+                    if tail.contains("address already in use") {
+                        last_err = Some(e);
+                        continue;
+                    }
+                    bail!(
+                        "docker-registry did not come up on {}: {e:#}; log tail ({}):\n{tail}",
+                        reg.addr,
+                        reg.log.display()
+                    );
+                }
+            }
+        }
+        Err(last_err
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+            .context("docker-registry: could not bind a free port in 5 attempts"))
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let addr = self.addr.clone();
+        let mut last = String::from("no answer");
+        let ok = util::wait_until(READY_TIMEOUT, || {
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("docker-registry exited early ({st})");
+            }
+            match util::http_get(&addr, "/v2/", None) {
+                // 401 is the healthy answer of a registry with auth enabled.
+                Ok((200, _)) | Ok((401, _)) => Ok(true),
+                Ok((code, body)) => {
+                    last = format!("HTTP {code}: {body:.200}");
+                    Ok(false)
+                }
+                Err(e) => {
+                    last = format!("{e:#}");
+                    Ok(false)
+                }
+            }
+        })?;
+        if !ok {
+            bail!("GET http://{addr}/v2/ not ready after {READY_TIMEOUT:?} (last: {last})");
+        }
+        Ok(())
+    }
+
+    /// "127.0.0.1:PORT".
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// "http://127.0.0.1:PORT".
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ADDR/<repo_and_tag>`, e.g. `reference("app:v1")` = "127.0.0.1:PORT/app:v1".
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{}", self.addr, repo_and_tag)
+    }
+
+    /// The filesystem storage root (contains `docker/registry/v2/...`).
+    pub fn storage_dir(&self) -> &Path {
+        &self.storage
+    }
+
+    /// The registry's log file (stdout and stderr, including the access log).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The basic-auth credentials the registry was started with.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// Pid of the registry process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            util::terminate(&mut c, Duration::from_secs(5));
+        }
+        if let Some(d) = self.dir.take() {
+            util::dispose_dir(d, "registry");
+        }
+    }
+}
