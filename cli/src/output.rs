@@ -97,14 +97,16 @@ pub fn print_inspect(name: &str, r: &InspectReport) {
                     t.chunks,
                     t.zero_chunks
                 );
-                if let (Some(p), Some(end)) = (&t.prefetch, t.prefetch_end) {
+                if let Some(blocks) = t.blocks {
                     println!(
-                        "    prefetch {} files in the first {}; block table {} x {} KiB",
-                        p.len(),
-                        mb(end),
-                        t.blocks.unwrap_or(0),
+                        "    block table {blocks} x {} KiB",
                         t.block_size.unwrap_or(0) / 1024
                     );
+                }
+                if let (Some(p), Some(end)) = (&t.prefetch, t.prefetch_end)
+                    && !p.is_empty()
+                {
+                    println!("    prefetch {} files in the first {}:", p.len(), mb(end));
                     for f in p.iter().take(10) {
                         println!("      {f}");
                     }
