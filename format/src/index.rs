@@ -201,6 +201,17 @@ fn non_negative(v: i64, what: &str, name: &str) -> Result<u64> {
     u64::try_from(v).map_err(|_| Error::toc(format!("negative {what} for {name:?}")))
 }
 
+/// A uid, gid or device number: 32 bits on Linux.
+fn id32(v: i64, what: &str, name: &str) -> Result<u64> {
+    if (0..=i64::from(u32::MAX)).contains(&v) {
+        Ok(v as u64)
+    } else {
+        Err(Error::toc(format!(
+            "{what} {v} of {name:?} is out of range"
+        )))
+    }
+}
+
 fn parse_kind(kind: &str, name: &str) -> Result<EntryKind> {
     Ok(match kind {
         types::REG => EntryKind::Regular,
@@ -334,13 +345,13 @@ impl LayerIndex {
                 name,
                 kind,
                 mode,
-                uid: non_negative(e.uid, "uid", &e.name)?,
-                gid: non_negative(e.gid, "gid", &e.name)?,
+                uid: id32(e.uid, "uid", &e.name)?,
+                gid: id32(e.gid, "gid", &e.name)?,
                 mtime,
                 size: if kind == EntryKind::Regular { size } else { 0 },
                 link_name,
-                dev_major: non_negative(e.dev_major, "devMajor", &e.name)? as u32,
-                dev_minor: non_negative(e.dev_minor, "devMinor", &e.name)? as u32,
+                dev_major: id32(e.dev_major, "devMajor", &e.name)? as u32,
+                dev_minor: id32(e.dev_minor, "devMinor", &e.name)? as u32,
                 xattrs,
                 digest,
                 chunks,

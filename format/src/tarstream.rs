@@ -331,12 +331,20 @@ impl<R: Read> TarReader<R> {
             }
         }
         let mode = (num(&block[100..108])? as u64 & 0o7777) as u32;
-        let uid = ext
-            .uid
-            .map_or_else(|| num(&block[108..116]).map(|v| v as u64), Ok)?;
-        let gid = ext
-            .gid
-            .map_or_else(|| num(&block[116..124]).map(|v| v as u64), Ok)?;
+        // Linux ids and device numbers are 32-bit; anything else cannot be represented.
+        let id = |pax: Option<u64>, field: &[u8], what: &str| -> Result<u64> {
+            let v = match pax {
+                Some(v) => i128::from(v),
+                None => i128::from(num(field)?),
+            };
+            if (0..=i128::from(u32::MAX)).contains(&v) {
+                Ok(v as u64)
+            } else {
+                Err(self.err(format!("{what} {v} of {raw_name:?} is out of range")))
+            }
+        };
+        let uid = id(ext.uid, &block[108..116], "uid")?;
+        let gid = id(ext.gid, &block[116..124], "gid")?;
         let mtime = match ext.mtime {
             Some(t) => t,
             None => Timestamp {
@@ -345,7 +353,10 @@ impl<R: Read> TarReader<R> {
             },
         };
         let (dev_major, dev_minor) = if matches!(kind, EntryKind::Char | EntryKind::Block) {
-            (num(&block[329..337])? as u32, num(&block[337..345])? as u32)
+            (
+                id(None, &block[329..337], "device major")? as u32,
+                id(None, &block[337..345], "device minor")? as u32,
+            )
         } else {
             (0, 0)
         };
@@ -497,14 +508,15 @@ fn parse_pax_time(s: &str) -> std::result::Result<Timestamp, String> {
     }
     if neg {
         // -1.5 means 1.5 s before the epoch: secs -2, nanos 5e8.
+        let neg_secs = secs.checked_neg().ok_or_else(bad)?;
         if nanos > 0 {
             Ok(Timestamp {
-                secs: -secs - 1,
+                secs: neg_secs.checked_sub(1).ok_or_else(bad)?,
                 nanos: 1_000_000_000 - nanos,
             })
         } else {
             Ok(Timestamp {
-                secs: -secs,
+                secs: neg_secs,
                 nanos: 0,
             })
         }
@@ -547,6 +559,9 @@ mod tests {
             }
         );
         assert!(parse_pax_time("1.x").is_err());
+        // Found by fuzzing: negating i64::MIN overflowed.
+        assert!(parse_pax_time("--9223372036854775808").is_err());
+        assert!(parse_pax_time("-9223372036854775808.5").is_err());
     }
 
     #[test]

@@ -291,3 +291,31 @@ fn hostile_tar_streams_are_refused() {
         let _ = convert_layer(&full[..cut], Vec::new(), &WriterOptions::default());
     }
 }
+
+/// Regressions found by `fuzz/fuzz_targets/tar.rs`.
+#[test]
+fn fuzz_regressions_out_of_range_numbers() {
+    fn pax_tar(record: &str) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o644);
+        let (k, v) = record.split_once('=').unwrap();
+        b.append_pax_extensions([(k, v.as_bytes())]).unwrap();
+        b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+    for record in [
+        "mtime=--9223372036854775808",
+        "uid=18446744073709551615",
+        "gid=4294967296",
+    ] {
+        let e = convert_layer(&pax_tar(record)[..], Vec::new(), &WriterOptions::default())
+            .expect_err(record);
+        assert!(matches!(e, Error::Tar { .. }), "{record}: {e}");
+    }
+    // Whatever the writer accepts, its own reader accepts.
+    let ok = pax_tar("uid=4294967295");
+    let (_, blob) = convert_layer(&ok[..], Vec::new(), &WriterOptions::default()).unwrap();
+    read(&blob).unwrap();
+}
