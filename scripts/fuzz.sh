@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Fuzzes arbor-format with cargo-fuzz (libFuzzer): the `toc` target (whole layer blobs: footer,
+# TOC, chunk decoding) and the `tar` target (tar parsing and conversion).
+#
+# Usage: scripts/fuzz.sh [SECONDS]     (default 60 per target)
+#
+# Installs cargo-fuzz if it is missing, regenerates the seed corpora under fuzz/corpus/ (valid
+# tars and the layers made of them), builds the targets with the nightly toolchain, then runs
+# each target for SECONDS. Prints one summary line per target and exits non-zero if any target
+# found a crash, panic, timeout or out-of-memory (inputs are saved under fuzz/artifacts/TARGET/;
+# full logs under fuzz/target/fuzz-logs/).
+#
+# Environment:
+#   FUZZ_TARGETS="toc tar"   targets to run
+#   FUZZ_TIMEOUT=30          libFuzzer -timeout: seconds one input may take before it counts as a hang
+#   FUZZ_ARGS=""             extra libFuzzer flags (e.g. "-jobs=2" or "-dict=...")
+set -uo pipefail
+
+log() { printf '[fuzz] %s\n' "$*"; }
+die() { printf '[fuzz] error: %s\n' "$*" >&2; exit 2; }
+
+SECONDS_PER_TARGET="${1:-60}"
+[[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ && "$SECONDS_PER_TARGET" -gt 0 ]] \
+  || die "SECONDS must be a positive integer, got '$SECONDS_PER_TARGET'"
+read -r -a TARGETS <<<"${FUZZ_TARGETS:-toc tar}"
+read -r -a EXTRA <<<"${FUZZ_ARGS:-}"
+TIMEOUT="${FUZZ_TIMEOUT:-30}"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+FUZZ_DIR="$ROOT/fuzz"
+LOG_DIR="$FUZZ_DIR/target/fuzz-logs"
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found"
+rustup run nightly rustc --version >/dev/null 2>&1 \
+  || die "the nightly toolchain is required (rustup toolchain install nightly)"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked || die "cargo install cargo-fuzz failed"
+fi
+log "$(cargo fuzz --version)"
+
+log "generating seed corpora"
+cargo run -q --manifest-path "$FUZZ_DIR/Cargo.toml" --bin seeds -- "$FUZZ_DIR/corpus" \
+  || die "seed generation failed"
+
+log "building targets: ${TARGETS[*]}"
+for t in "${TARGETS[@]}"; do
+  cargo +nightly fuzz build --fuzz-dir "$FUZZ_DIR" "$t" || die "building fuzz target $t failed"
+done
+
+mkdir -p "$LOG_DIR"
+failed=()
+summaries=()
+for t in "${TARGETS[@]}"; do
+  corpus="$FUZZ_DIR/corpus/$t"
+  mkdir -p "$corpus"
+  logfile="$LOG_DIR/$t.log"
+  log "running $t for ${SECONDS_PER_TARGET}s (log: ${logfile#"$ROOT"/})"
+  cargo +nightly fuzz run --fuzz-dir "$FUZZ_DIR" "$t" "$corpus" -- \
+    -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -timeout="$TIMEOUT" \
+    -print_final_stats=1 "${EXTRA[@]}" >"$logfile" 2>&1
+  rc=$?
+
+  # libFuzzer's final stats: "stat::number_of_executed_units: N"; older: "Done N runs in S second(s)".
+  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$logfile" | tail -n1 | grep -oE '[0-9]+$')"
+  [[ -n "$execs" ]] || execs="$(grep -oE 'Done [0-9]+ runs' "$logfile" | tail -n1 | grep -oE '[0-9]+')"
+  secs="$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$logfile" | tail -n1 | grep -oE '[0-9]+ second' | grep -oE '[0-9]+')"
+  rss="$(grep -oE 'stat::peak_rss_mb: *[0-9]+' "$logfile" | tail -n1 | grep -oE '[0-9]+$')"
+  cov="$(grep -E '^#[0-9]+' "$logfile" | tail -n1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' || true)"
+  line="$t: ${execs:-?} execs in ${secs:-?}s, ${cov:-no coverage line}, peak rss ${rss:-?} MB"
+  if [[ $rc -ne 0 ]]; then
+    artifact="$(grep -oE 'Test unit written to [^ ]+' "$logfile" | tail -n1 | sed 's/Test unit written to //')"
+    line="$line, FAILED (exit $rc${artifact:+, input ${artifact#"$ROOT"/}})"
+    failed+=("$t")
+    log "$t failed; end of its log:"
+    tail -n 60 "$logfile" >&2
+  else
+    line="$line, ok"
+  fi
+  summaries+=("$line")
+done
+
+echo
+for s in "${summaries[@]}"; do
+  echo "[fuzz] summary: $s"
+done
+if ((${#failed[@]} > 0)); then
+  log "failing targets: ${failed[*]}"
+  exit 1
+fi
