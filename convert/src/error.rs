@@ -53,18 +53,4 @@ impl Error {
     }
 }
 
-/// An error with its whole chain of causes, `: `-separated (for reports that keep errors as
-/// text).
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}
+pub use arbor_oci::error::chain;

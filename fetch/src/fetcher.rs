@@ -1,0 +1,495 @@
+//! The fetcher: file reads → chunks → caches or sources, with single flight and verification.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arbor_format::index::{Chunk, LayerIndex, decode_chunk};
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+use tracing::{debug, warn};
+
+use crate::cache::{ChunkCache, Lookup};
+use crate::memcache::MemCache;
+use crate::metrics::Metrics;
+use crate::source::BlobSource;
+
+/// Why a read failed (the FUSE layer answers EIO).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("no source could serve {digest} bytes {start}..{end}: {errors}")]
+    Sources {
+        digest: String,
+        start: u64,
+        end: u64,
+        errors: String,
+    },
+    #[error(
+        "chunk of {name:?} at blob offset {offset} failed verification after a refetch: {reason}"
+    )]
+    Verification {
+        name: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("fetching {digest} bytes {start}..{end} timed out after {secs} s")]
+    Timeout {
+        digest: String,
+        start: u64,
+        end: u64,
+        secs: u64,
+    },
+    #[error("no such file entry {0}")]
+    NoEntry(usize),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Fetcher settings.
+#[derive(Debug, Clone)]
+pub struct FetcherOptions {
+    /// Fetch unit: windows of the blob are aligned to this size (bytes of the compressed blob).
+    pub fetch_unit: u64,
+    /// Bytes of verified chunks kept in memory.
+    pub memory_budget: u64,
+    /// Longest a source request may take before the read fails.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for FetcherOptions {
+    fn default() -> Self {
+        FetcherOptions {
+            fetch_unit: 512 << 10,
+            memory_budget: 256 << 20,
+            fetch_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// (entry index, chunk index) within a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkRef {
+    pub entry: u32,
+    pub chunk: u32,
+}
+
+/// One lazily readable layer blob: its validated TOC and where to fetch it from.
+///
+/// The blob's chunks are partitioned once into *fetch windows*: runs of consecutive chunk
+/// frames (in blob order) of about `fetch_unit` bytes, never splitting a chunk. A window is
+/// the unit of fetching, of single flight and of prefetch, so every chunk is fetched with
+/// exactly one window and small files are fetched many at a time.
+pub struct LayerHandle {
+    /// Digest of the compressed blob.
+    pub digest: String,
+    pub size: u64,
+    pub index: Arc<LayerIndex>,
+    sources: Vec<Arc<dyn BlobSource>>,
+    /// Fetch windows: blob range and the chunks they hold, in blob order.
+    windows: Vec<Window>,
+    /// Window of each chunk: `chunk_window[entry][chunk]` (u32::MAX for zero chunks).
+    chunk_window: Vec<Vec<u32>>,
+}
+
+/// A run of chunk frames fetched with one request.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub start: u64,
+    pub end: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl LayerHandle {
+    pub fn new(
+        digest: &str,
+        size: u64,
+        index: Arc<LayerIndex>,
+        sources: Vec<Arc<dyn BlobSource>>,
+        fetch_unit: u64,
+    ) -> LayerHandle {
+        let mut by_offset = Vec::new();
+        let mut chunk_window: Vec<Vec<u32>> = Vec::with_capacity(index.entries.len());
+        for (ei, e) in index.entries.iter().enumerate() {
+            chunk_window.push(vec![u32::MAX; e.chunks.len()]);
+            for (ci, c) in e.chunks.iter().enumerate() {
+                if !c.zeros {
+                    let r = ChunkRef {
+                        entry: ei as u32,
+                        chunk: ci as u32,
+                    };
+                    by_offset.push((c.blob_offset, c.blob_end, r));
+                }
+            }
+        }
+        by_offset.sort_unstable_by_key(|(o, _, _)| *o);
+        let mut windows: Vec<Window> = Vec::new();
+        for (off, end, r) in by_offset {
+            match windows.last_mut() {
+                Some(w) if end - w.start <= fetch_unit.max(4096) && off >= w.end => {
+                    w.end = end;
+                    w.chunks.push(r);
+                }
+                _ => windows.push(Window {
+                    start: off,
+                    end,
+                    chunks: vec![r],
+                }),
+            }
+            chunk_window[r.entry as usize][r.chunk as usize] = (windows.len() - 1) as u32;
+        }
+        LayerHandle {
+            digest: digest.to_string(),
+            size,
+            index,
+            sources,
+            windows,
+            chunk_window,
+        }
+    }
+
+    pub fn chunk(&self, r: ChunkRef) -> Option<(&str, &Chunk)> {
+        let e = self.index.entries.get(r.entry as usize)?;
+        Some((e.name.as_str(), e.chunks.get(r.chunk as usize)?))
+    }
+
+    /// The fetch windows, in blob order.
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    fn window_of(&self, r: ChunkRef) -> Option<usize> {
+        let w = *self
+            .chunk_window
+            .get(r.entry as usize)?
+            .get(r.chunk as usize)?;
+        (w != u32::MAX).then_some(w as usize)
+    }
+}
+
+type WindowResult = Arc<Result<Vec<(ChunkRef, Bytes)>, FetchError>>;
+type WindowKey = (String, usize);
+
+/// Serves chunks of layers; shared by every mount of a process.
+pub struct Fetcher {
+    cache: Arc<ChunkCache>,
+    mem: MemCache,
+    metrics: Arc<Metrics>,
+    opts: FetcherOptions,
+    inflight: Mutex<HashMap<WindowKey, Arc<OnceCell<WindowResult>>>>,
+    pending_writes: Arc<AtomicUsize>,
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, FetchError>> {
+    let h = tokio::task::spawn_blocking(f);
+    async move { h.await.map_err(|e| FetchError::Internal(e.to_string())) }
+}
+
+impl Fetcher {
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        metrics: Arc<Metrics>,
+        opts: FetcherOptions,
+    ) -> Arc<Fetcher> {
+        Arc::new(Fetcher {
+            mem: MemCache::new(opts.memory_budget),
+            cache,
+            metrics,
+            opts,
+            inflight: Mutex::new(HashMap::new()),
+            pending_writes: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    pub fn options(&self) -> &FetcherOptions {
+        &self.opts
+    }
+
+    /// Bytes `[offset, offset + len)` of file entry `entry` (clamped to the file's end).
+    pub async fn read_file(
+        &self,
+        layer: &Arc<LayerHandle>,
+        entry: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FetchError> {
+        let e = layer
+            .index
+            .entries
+            .get(entry)
+            .ok_or(FetchError::NoEntry(entry))?;
+        let end = offset.saturating_add(len).min(e.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let first = e
+            .chunks
+            .partition_point(|c| c.file_offset + c.size <= offset);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
+            if c.file_offset >= end {
+                break;
+            }
+            let data = self
+                .chunk(
+                    layer,
+                    ChunkRef {
+                        entry: entry as u32,
+                        chunk: ci as u32,
+                    },
+                )
+                .await?;
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
+            out.extend_from_slice(&data[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// One verified chunk.
+    pub async fn chunk(&self, layer: &Arc<LayerHandle>, r: ChunkRef) -> Result<Bytes, FetchError> {
+        let (name, c) = layer
+            .chunk(r)
+            .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;
+        let Some(digest) = c.digest.clone() else {
+            // A zero chunk written without a digest: its content is known.
+            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
+            return Ok(Bytes::from(vec![0u8; c.size as usize]));
+        };
+        let key = *digest.as_bytes();
+        if let Some(b) = self.mem.get(&key) {
+            self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        if c.zeros {
+            // Zeros need no fetch; verify against the digest all the same.
+            let data = vec![0u8; c.size as usize];
+            let (n, cc) = (name.to_string(), c.clone());
+            let data =
+                blocking(move || arbor_format::index::verify_chunk(&n, &cc, &data).map(|_| data))
+                    .await?
+                    .map_err(|e| FetchError::Verification {
+                        name: name.to_string(),
+                        offset: c.blob_offset,
+                        reason: e.to_string(),
+                    })?;
+            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
+            let b = Bytes::from(data);
+            self.mem.put(key, b.clone());
+            return Ok(b);
+        }
+        if self.cache.contains(&digest) {
+            let (cache, d, size) = (Arc::clone(&self.cache), digest.clone(), c.size);
+            match blocking(move || cache.get(&d, size)).await? {
+                Lookup::Hit(data) => {
+                    self.metrics.chunk_disk_hits.fetch_add(1, Ordering::Relaxed);
+                    let b = Bytes::from(data);
+                    self.mem.put(key, b.clone());
+                    return Ok(b);
+                }
+                Lookup::Corrupt => {
+                    self.metrics.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                Lookup::Miss => {}
+            }
+        }
+        let w = layer
+            .window_of(r)
+            .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
+        let window = self.window(layer, w).await;
+        match window.as_ref() {
+            Ok(chunks) => {
+                if let Some((_, b)) = chunks.iter().find(|(cr, _)| *cr == r) {
+                    self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
+                    self.mem.put(key, b.clone());
+                    return Ok(b.clone());
+                }
+                // The window came, but this chunk did not verify: fetch it alone once more.
+                self.refetch(layer, r).await
+            }
+            Err(e) => {
+                self.metrics.read_errors.fetch_add(1, Ordering::Relaxed);
+                Err(e.clone())
+            }
+        }
+    }
+
+    async fn refetch(&self, layer: &Arc<LayerHandle>, r: ChunkRef) -> Result<Bytes, FetchError> {
+        let (name, c) = layer
+            .chunk(r)
+            .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;
+        let (name, c) = (name.to_string(), c.clone());
+        warn!(layer = %layer.digest, file = %name, offset = c.blob_offset, "chunk failed verification, refetching it");
+        let frame = self.read_sources(layer, c.blob_offset, c.blob_end).await?;
+        let (n, cc) = (name.clone(), c.clone());
+        let decoded = blocking(move || decode_chunk(&n, &cc, &frame)).await?;
+        match decoded {
+            Ok(data) => {
+                let b = Bytes::from(data);
+                if let Some(d) = &c.digest {
+                    self.mem.put(*d.as_bytes(), b.clone());
+                    self.store(vec![(d.clone(), b.clone())]);
+                }
+                self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
+                Ok(b)
+            }
+            Err(e) => {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.read_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(layer = %layer.digest, file = %name, error = %e, "chunk failed verification twice");
+                Err(FetchError::Verification {
+                    name,
+                    offset: c.blob_offset,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Fetches window `w` of the layer once however many callers ask at the same time,
+    /// decodes and verifies each of its chunks, and stores the good ones in the cache. A chunk
+    /// that does not verify is left out of the result (the caller refetches it alone).
+    pub async fn window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
+        let key = (layer.digest.clone(), w);
+        let cell = {
+            let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(m.entry(key.clone()).or_default())
+        };
+        let result = cell
+            .get_or_init(|| async { Arc::new(self.fetch_window(layer, w).await) })
+            .await
+            .clone();
+        let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            m.remove(&key);
+        }
+        result
+    }
+
+    async fn fetch_window(
+        &self,
+        layer: &Arc<LayerHandle>,
+        w: usize,
+    ) -> Result<Vec<(ChunkRef, Bytes)>, FetchError> {
+        let window = layer
+            .windows
+            .get(w)
+            .ok_or_else(|| FetchError::Internal(format!("no window {w}")))?;
+        let start = window.start;
+        let data = self.read_sources(layer, start, window.end).await?;
+        let refs: Vec<(ChunkRef, String, Chunk)> = window
+            .chunks
+            .iter()
+            .filter_map(|&r| layer.chunk(r).map(|(n, c)| (r, n.to_string(), c.clone())))
+            .collect();
+        let metrics = Arc::clone(&self.metrics);
+        let digest = layer.digest.clone();
+        let decoded = blocking(move || {
+            let mut out = Vec::with_capacity(refs.len());
+            for (r, name, c) in refs {
+                let frame = &data[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                match decode_chunk(&name, &c, frame) {
+                    Ok(v) => out.push((r, c.digest.clone(), Bytes::from(v))),
+                    Err(e) => {
+                        metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(layer = %digest, file = %name, error = %e, "chunk did not verify");
+                    }
+                }
+            }
+            out
+        })
+        .await?;
+        self.store(
+            decoded
+                .iter()
+                .filter_map(|(_, d, b)| d.clone().map(|d| (d, b.clone())))
+                .collect(),
+        );
+        Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
+    }
+
+    /// Reads `[start, end)` from the first source that serves it.
+    async fn read_sources(
+        &self,
+        layer: &LayerHandle,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, FetchError> {
+        let mut errors = Vec::new();
+        for s in &layer.sources {
+            let t = Instant::now();
+            let r = tokio::time::timeout(
+                self.opts.fetch_timeout,
+                s.read_range(&layer.digest, start, end - start),
+            )
+            .await;
+            match r {
+                Ok(Ok(b)) => {
+                    self.metrics
+                        .source(s.kind(), b.len() as u64, true, t.elapsed());
+                    self.metrics.layer_fetched(&layer.digest, b.len() as u64);
+                    debug!(layer = %layer.digest, start, end, source = s.kind(), "fetched");
+                    return Ok(b);
+                }
+                Ok(Err(e)) => {
+                    self.metrics.source(s.kind(), 0, false, t.elapsed());
+                    errors.push(e.to_string());
+                }
+                Err(_) => {
+                    self.metrics.source(s.kind(), 0, false, t.elapsed());
+                    errors.push(format!(
+                        "{}: timed out after {} s",
+                        s.kind(),
+                        self.opts.fetch_timeout.as_secs()
+                    ));
+                }
+            }
+        }
+        warn!(layer = %layer.digest, start, end, errors = %errors.join("; "), "fetch failed");
+        Err(FetchError::Sources {
+            digest: layer.digest.clone(),
+            start,
+            end,
+            errors: errors.join("; "),
+        })
+    }
+
+    /// Writes verified chunks to the disk cache in the background.
+    fn store(&self, chunks: Vec<(arbor_format::Digest, Bytes)>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let cache = Arc::clone(&self.cache);
+        let metrics = Arc::clone(&self.metrics);
+        let pending = Arc::clone(&self.pending_writes);
+        pending.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            for (d, b) in chunks {
+                if let Err(e) = cache.put(&d, &b) {
+                    warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
+                }
+            }
+            let (n, bytes) = cache.usage();
+            metrics.cache_chunks.store(n as u64, Ordering::Relaxed);
+            metrics.cache_bytes.store(bytes, Ordering::Relaxed);
+            pending.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Waits until every background cache write has finished.
+    pub async fn flush(&self) {
+        while self.pending_writes.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Chunks on demand: where the bytes of a lazily mounted layer come from.
+//!
+//! A read of file bytes becomes a read of chunks ([`arbor_format::index::Chunk`]); the
+//! [`fetcher::Fetcher`] serves each chunk from, in order:
+//! 1. the in-memory cache of recently used chunks ([`memcache`]),
+//! 2. the node-wide on-disk chunk cache ([`cache`]), content-addressed by chunk digest,
+//! 3. a [`source::BlobSource`] (the registry today; a parent in a function tree later),
+//!    fetching a block-aligned window of the blob with one Range request, at most one request
+//!    in flight per window however many readers wait (single flight).
+//!
+//! Every chunk is verified against its sha256 before it is returned or stored, wherever it
+//! came from. [`prefetch`] walks a layer's prefetch section, then the rest, in the
+//! background. [`metrics`] counts all of it and renders Prometheus text.
+
+pub mod cache;
+pub mod fetcher;
+pub mod memcache;
+pub mod metrics;
+pub mod prefetch;
+pub mod source;
+
+pub use cache::ChunkCache;
+pub use fetcher::{Fetcher, FetcherOptions, LayerHandle};
+pub use metrics::Metrics;
+pub use source::{BlobSource, SourceError};

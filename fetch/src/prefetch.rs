@@ -1,0 +1,96 @@
+//! Background prefetch: the layer's prefetch section first, at full speed, then (optionally,
+//! rate-limited) the rest, so a workload that reads most of the image is not slower than a
+//! full pull. Prefetch goes through the same windows as demand reads, so a read that needs a
+//! window being prefetched waits for that fetch instead of starting another.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use crate::fetcher::{Fetcher, LayerHandle};
+
+/// What to prefetch and how fast.
+#[derive(Debug, Clone)]
+pub struct PrefetchOptions {
+    /// After the prefetch section, fetch the rest of the layer too.
+    pub rest: bool,
+    /// Bytes per second for the rest (0: unlimited). The prefetch section is never limited.
+    pub rest_rate: u64,
+    /// Windows fetched at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for PrefetchOptions {
+    fn default() -> Self {
+        PrefetchOptions {
+            rest: true,
+            rest_rate: 0,
+            concurrency: 4,
+        }
+    }
+}
+
+/// Prefetches `layer` until done (spawn it; abort the task to stop early).
+pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts: PrefetchOptions) {
+    let started = Instant::now();
+    let prefetch_end = layer.index.arbor.as_ref().map_or(0, |a| a.prefetch_end);
+    // Windows holding at least one chunk the cache lacks, split at the prefetch section's end.
+    let (front, rest): (Vec<usize>, Vec<usize>) = layer
+        .windows()
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| {
+            w.chunks.iter().any(|&r| {
+                layer
+                    .chunk(r)
+                    .and_then(|(_, c)| c.digest.as_ref())
+                    .is_some_and(|d| !fetcher.cache().contains(d))
+            })
+        })
+        .map(|(i, _)| i)
+        .partition(|&i| layer.windows()[i].start < prefetch_end);
+    let mut fetched = 0u64;
+    for (phase, list, rate) in [
+        ("prefetch section", front, 0u64),
+        ("rest", rest, opts.rest_rate),
+    ] {
+        if phase == "rest" && !opts.rest {
+            break;
+        }
+        let phase_start = Instant::now();
+        let mut phase_bytes = 0u64;
+        for batch in list.chunks(opts.concurrency.max(1)) {
+            let mut set = tokio::task::JoinSet::new();
+            for &w in batch {
+                let (f, l) = (Arc::clone(&fetcher), Arc::clone(&layer));
+                set.spawn(async move {
+                    let r = f.window(&l, w).await;
+                    let n = l.windows()[w].end - l.windows()[w].start;
+                    (n, r.is_ok())
+                });
+            }
+            while let Some(Ok((n, ok))) = set.join_next().await {
+                if ok {
+                    phase_bytes += n;
+                    fetcher
+                        .metrics()
+                        .prefetch_bytes
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            if rate > 0 {
+                let due = Duration::from_secs_f64(phase_bytes as f64 / rate as f64);
+                let spent = phase_start.elapsed();
+                if due > spent {
+                    tokio::time::sleep(due - spent).await;
+                }
+            }
+        }
+        debug!(layer = %layer.digest, phase, bytes = phase_bytes, "prefetch phase done");
+        fetched += phase_bytes;
+    }
+    fetcher.flush().await;
+    info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
+}

@@ -1,0 +1,246 @@
+//! The FUSE request handlers of one layer.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arbor_fetch::{Fetcher, LayerHandle};
+use fuser::{
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tracing::{debug, warn};
+
+use crate::tree::Tree;
+
+/// The filesystem of one layer.
+pub struct LayerFs {
+    tree: Tree,
+    layer: Arc<LayerHandle>,
+    fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
+    /// How long the kernel may cache entries and attributes: the layer never changes.
+    ttl: Duration,
+}
+
+impl LayerFs {
+    pub fn new(
+        layer: Arc<LayerHandle>,
+        fetcher: Arc<Fetcher>,
+        rt: tokio::runtime::Handle,
+    ) -> LayerFs {
+        LayerFs {
+            tree: Tree::build(&layer.index),
+            layer,
+            fetcher,
+            rt,
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_READ;
+        if let Err(unsupported) = config.add_capabilities(wanted) {
+            debug!(?unsupported, "kernel lacks some FUSE capabilities");
+            let _ = config.add_capabilities(wanted - unsupported);
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.tree.lookup(parent.0, name) {
+            Some(ino) => match self.tree.get(ino) {
+                Some(n) => reply.entry(&self.ttl, &n.attr(ino), Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.get(ino.0) {
+            Some(n) => reply.attr(&self.ttl, &n.attr(ino.0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.get(ino.0).and_then(|n| n.link.as_ref()) {
+            Some(l) => reply.data(l.as_bytes()),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.get(ino.0) {
+            Some(n) if n.kind == FileType::RegularFile => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(node) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(entry) = node.entry else {
+            return reply.data(&[]);
+        };
+        if offset >= node.size {
+            return reply.data(&[]);
+        }
+        let (fetcher, layer) = (Arc::clone(&self.fetcher), Arc::clone(&self.layer));
+        self.rt.spawn(async move {
+            match fetcher.read_file(&layer, entry, offset, size as u64).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    fetcher
+                        .metrics()
+                        .read_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(layer = %layer.digest, entry, offset, error = %e, "read failed: EIO");
+                    reply.error(Errno::EIO)
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.get(ino.0) {
+            Some(n) if n.kind == FileType::Directory => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), n.parent)];
+        let all = dots
+            .into_iter()
+            .chain(n.children.iter().map(|(name, i)| (name.as_os_str(), *i)));
+        for (i, (name, child)) in all.enumerate().skip(offset as usize) {
+            let kind = self
+                .tree
+                .get(child)
+                .map_or(FileType::RegularFile, |c| c.kind);
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), n.parent)];
+        let all = dots
+            .into_iter()
+            .chain(n.children.iter().map(|(name, i)| (name.as_os_str(), *i)));
+        for (i, (name, child)) in all.enumerate().skip(offset as usize) {
+            let Some(c) = self.tree.get(child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                name,
+                &self.ttl,
+                &c.attr(child),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.tree.total_size.div_ceil(4096);
+        let files = self.tree.nodes.len() as u64;
+        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match n.xattrs.iter().find(|(k, _)| k == name) {
+            Some((_, v)) => xattr_reply(reply, v, size),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for (k, _) in &n.xattrs {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        xattr_reply(reply, &list, size);
+    }
+}
