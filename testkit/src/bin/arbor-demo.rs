@@ -19,7 +19,10 @@ fn arbor_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("arbor");
     if !bin.exists() {
-        bail!("{} not found: build it with `cargo build --release -p arbor-cli`", bin.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p arbor-cli`",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -28,7 +31,10 @@ fn arbor(args: &[&str]) -> Result<String> {
     let out = Command::new(arbor_bin()?).args(args).output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("arbor {args:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "arbor {args:?} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(text)
 }
@@ -64,7 +70,10 @@ fn main() -> Result<()> {
     let mut data = vec![Entry::dir("app"), Entry::dir("app/data")];
     for i in 0..2000u64 {
         let len = 200 + (i * 7919 % 20_000) as usize;
-        data.push(Entry::file(format!("app/data/{i:04}.bin"), pseudo_random_bytes(i, len)));
+        data.push(Entry::file(
+            format!("app/data/{i:04}.bin"),
+            pseudo_random_bytes(i, len),
+        ));
     }
     spec.layers.push(LayerSource::Tar(layer_tar(&data)));
     let work = tempfile::tempdir()?;
@@ -91,7 +100,10 @@ fn main() -> Result<()> {
     for (name, reference) in [("original", &src), ("converted", &dst)] {
         let t = Instant::now();
         let out = ctd.pull_and_run(reference, &["/bin/sh", "/app/handler.sh"])?;
-        println!("-- {name} ({:.2} s pull + run):\n{out}", t.elapsed().as_secs_f64());
+        println!(
+            "-- {name} ({:.2} s pull + run):\n{out}",
+            t.elapsed().as_secs_f64()
+        );
     }
     drop(ctd);
     println!("== done; the registry, containerd and their state are removed");
