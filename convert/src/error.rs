@@ -33,23 +33,20 @@ impl Error {
 
     /// Unwraps I/O errors that carry a library error (as blob readers produce).
     pub(crate) fn from_io(e: std::io::Error) -> Error {
-        if e.get_ref().is_some_and(|r| r.is::<arbor_oci::Error>()) {
-            if let Some(inner) = e.into_inner() {
-                if let Ok(oci) = inner.downcast::<arbor_oci::Error>() {
-                    return Error::Oci(*oci);
-                }
-            }
-            return Error::Image("blob read failed".into());
+        if e.get_ref().is_none() {
+            return Error::Io(e);
         }
-        if e.get_ref().is_some_and(|r| r.is::<arbor_format::Error>()) {
-            if let Some(inner) = e.into_inner() {
-                if let Ok(f) = inner.downcast::<arbor_format::Error>() {
-                    return Error::Format(*f);
-                }
-            }
-            return Error::Image("layer read failed".into());
+        let kind = e.kind();
+        let Some(inner) = e.into_inner() else {
+            return Error::Io(kind.into());
+        };
+        match inner.downcast::<arbor_oci::Error>() {
+            Ok(o) => Error::Oci(*o),
+            Err(inner) => match inner.downcast::<arbor_format::Error>() {
+                Ok(f) => Error::Format(*f),
+                Err(other) => Error::Io(std::io::Error::new(kind, other)),
+            },
         }
-        Error::Io(e)
     }
 }
 

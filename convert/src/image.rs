@@ -56,7 +56,7 @@ pub async fn resolve(store: &Store, platforms: &[String]) -> Result<Resolved> {
                     digest,
                     media_type,
                     bytes,
-                    manifest: m,
+                    manifest: *m,
                 }],
             })
         }
@@ -82,7 +82,7 @@ pub async fn resolve(store: &Store, platforms: &[String]) -> Result<Resolved> {
                         digest: d.digest.clone(),
                         media_type: m.media_type.clone().unwrap_or(d.media_type.clone()),
                         bytes: b,
-                        manifest: m,
+                        manifest: *m,
                     }),
                     ManifestKind::Index(_) => {
                         return Err(Error::Image(format!(

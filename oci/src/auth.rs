@@ -105,10 +105,10 @@ impl CredentialStore {
             return run_helper(helper, &keys[0]);
         }
         for k in &keys {
-            if let Some(entry) = self.config.auths.get(k) {
-                if let Some(c) = decode_entry(entry, k)? {
-                    return Ok(Some(c));
-                }
+            if let Some(entry) = self.config.auths.get(k)
+                && let Some(c) = decode_entry(entry, k)?
+            {
+                return Ok(Some(c));
             }
         }
         if let Some(store) = &self.config.creds_store {

@@ -111,7 +111,7 @@ pub struct Index {
 /// A fetched manifest document of either kind.
 #[derive(Debug, Clone)]
 pub enum ManifestKind {
-    Image(Manifest),
+    Image(Box<Manifest>),
     Index(Index),
 }
 
@@ -141,7 +141,7 @@ pub fn parse_manifest(bytes: &[u8], declared: &str) -> Result<ManifestKind> {
             .map_err(|e| malformed(e.to_string()))
     } else {
         serde_json::from_value(v)
-            .map(ManifestKind::Image)
+            .map(|m| ManifestKind::Image(Box::new(m)))
             .map_err(|e| malformed(e.to_string()))
     }
 }
