@@ -1,6 +1,7 @@
 //! `arbor`: converts, inspects and checks Arbor images. A thin shell over `arbor-convert`.
 
 mod bars;
+mod mount;
 mod output;
 
 use std::path::PathBuf;
@@ -102,6 +103,50 @@ enum Command {
     /// Show an image's platforms, layers, formats, sizes and TOC summaries.
     Inspect {
         image: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Mount an image read-only and lazily at DIR, until DIR is unmounted or Ctrl-C.
+    ///
+    /// Every layer is mounted through Arbor's FUSE filesystem and the layers are stacked with
+    /// overlayfs at DIR. File contents are fetched from the registry the first time they are
+    /// read (in windows of --fetch-unit bytes), verified against their digests, and kept in
+    /// the node-wide chunk cache. In the background the layers' prefetch sections, then the
+    /// rest, are fetched ahead of demand. Needs root. For inspection, debugging and benchmarks.
+    Mount {
+        image: String,
+        /// An existing empty directory to mount the image at.
+        dir: PathBuf,
+        /// The node-wide chunk cache (shared with other mounts and restarts).
+        #[arg(long, default_value = "/var/lib/arbor/cache", value_name = "DIR")]
+        cache_dir: PathBuf,
+        /// Largest size of the chunk cache; least recently used chunks are evicted beyond it.
+        #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+        cache_size: u64,
+        /// Bytes of the compressed blob fetched per request (whole chunks, at least one).
+        #[arg(long, default_value = "512KiB", value_parser = parse_size)]
+        fetch_unit: u64,
+        /// Do not fetch ahead of demand at all.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Prefetch only the layers' prefetch sections, not the rest of the layers.
+        #[arg(long)]
+        no_prefetch_rest: bool,
+        /// Limit background fetching of the rest of the layers (e.g. 50MiB per second; 0: no limit).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        prefetch_rate: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
+        /// Where the per-layer mount points live while mounted.
+        #[arg(long, default_value = "/run/arbor", value_name = "DIR")]
+        state_dir: PathBuf,
+        /// FUSE worker threads per layer.
+        #[arg(long, default_value_t = 2)]
+        fuse_threads: usize,
+        /// Range requests in flight to one registry at most.
+        #[arg(long, default_value_t = 8)]
+        registry_concurrency: usize,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -241,6 +286,40 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 output::print_inspect(&image, &report);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mount {
+            image,
+            dir,
+            cache_dir,
+            cache_size,
+            fetch_unit,
+            no_prefetch,
+            no_prefetch_rest,
+            prefetch_rate,
+            metrics_addr,
+            state_dir,
+            fuse_threads,
+            registry_concurrency,
+            registry,
+        } => {
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let args = mount::MountArgs {
+                cache_dir,
+                cache_size,
+                fetch_unit,
+                prefetch: !no_prefetch,
+                prefetch_rest: !no_prefetch_rest,
+                prefetch_rate,
+                metrics_addr,
+                state_dir,
+                fuse_threads,
+                registry_concurrency,
+            };
+            mount::run(store, &image, &registry.platforms, &dir, args)
+                .await
+                .with_context(|| format!("mounting {image}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

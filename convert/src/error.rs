@@ -9,6 +9,8 @@ pub enum Error {
     Oci(#[from] arbor_oci::Error),
     #[error(transparent)]
     Format(#[from] arbor_format::Error),
+    #[error(transparent)]
+    Toc(#[from] arbor_fetch::toc::TocError),
     #[error("layer {digest}")]
     Layer {
         digest: String,

@@ -1,8 +1,8 @@
 //! `arbor inspect`: what an image holds and in which format, reading only manifests, configs
 //! and TOCs (one or two Range requests per layer).
 
-use arbor_format::footer::{TAIL_LEN, TocPosition};
-use arbor_format::index::{LayerIndex, Limits, TocLocator, decode_toc, locate_toc};
+use arbor_format::footer::TocPosition;
+use arbor_format::index::{LayerIndex, locate_toc};
 use arbor_format::tarstream::EntryKind;
 use arbor_oci::Store;
 use arbor_oci::manifest::Descriptor;
@@ -104,46 +104,6 @@ pub async fn inspect_image(store: &Store, platforms: &[String]) -> Result<Inspec
     })
 }
 
-/// Reads a layer's TOC with Range requests: the annotations locate it, or else the footer.
-pub async fn read_layer_toc(store: &Store, l: &Descriptor) -> Result<(LayerIndex, TocPosition)> {
-    let locator = match locate_toc(&l.annotations)? {
-        Some(loc) => loc,
-        None => {
-            let tail_len = (TAIL_LEN as u64).min(l.size);
-            let tail = store
-                .blob_range(&l.digest, l.size - tail_len, tail_len)
-                .await?;
-            TocLocator {
-                position: TocPosition::decode_footer(&tail, l.size)?,
-                digest: None,
-            }
-        }
-    };
-    let pos = locator.position;
-    pos.check_within(l.size)?;
-    let limits = Limits::default();
-    if pos.length > limits.max_toc_compressed {
-        return Err(arbor_format::Error::TocTooLarge {
-            what: "compressed TOC",
-            size: pos.length,
-            limit: limits.max_toc_compressed,
-        }
-        .into());
-    }
-    let bytes = store.blob_range(&l.digest, pos.offset, pos.length).await?;
-    let digest = locator.digest.clone();
-    let index = tokio::task::spawn_blocking(move || -> Result<LayerIndex> {
-        let toc = decode_toc(&bytes, &pos, digest.as_ref(), &limits)?;
-        Ok(LayerIndex::from_toc(
-            toc,
-            pos.offset - arbor_format::footer::SKIPPABLE_HEADER_LEN,
-        )?)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))??;
-    Ok((index, pos))
-}
-
 async fn inspect_layer(store: &Store, l: &Descriptor) -> LayerInfo {
     let mut info = LayerInfo {
         digest: l.digest.clone(),
@@ -163,7 +123,7 @@ async fn inspect_layer(store: &Store, l: &Descriptor) -> LayerInfo {
         return info;
     }
     let claims_toc = locate_toc(&l.annotations).ok().flatten().is_some();
-    match read_layer_toc(store, l).await {
+    match arbor_fetch::toc::read_layer_toc(store, l).await {
         Ok((index, pos)) => {
             info.format = if index.arbor.is_some() {
                 "arbor"

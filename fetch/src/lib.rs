@@ -18,6 +18,7 @@ pub mod memcache;
 pub mod metrics;
 pub mod prefetch;
 pub mod source;
+pub mod toc;
 
 pub use cache::ChunkCache;
 pub use fetcher::{Fetcher, FetcherOptions, LayerHandle};

@@ -12,6 +12,7 @@
 
 pub mod fs;
 pub mod mount;
+pub mod overlay;
 pub mod tree;
 
 pub use mount::{MountOptions, Mounted, mount_layer};

@@ -173,7 +173,12 @@ impl Tree {
                 uid: e.uid as u32,
                 gid: e.gid as u32,
                 mtime: time(e.mtime),
-                size: e.size,
+                // A symlink's size is the length of its target, as lstat reports it.
+                size: if e.kind == EntryKind::Symlink {
+                    e.link_name.len() as u64
+                } else {
+                    e.size
+                },
                 rdev: encode_dev(e.dev_major, e.dev_minor),
                 nlink: 1,
                 entry: (e.kind == EntryKind::Regular && e.size > 0).then_some(i),

@@ -22,6 +22,7 @@
 mod containerd;
 mod image;
 mod layer;
+mod proxy;
 mod registry;
 mod util;
 
@@ -36,6 +37,7 @@ pub use layer::{
     DEFAULT_MTIME, Entry, EntryKind, XorShift64, corpus, layer_tar, layer_tar_gnu,
     pseudo_random_bytes, tar_dir,
 };
+pub use proxy::{Fault, FaultProxy};
 pub use registry::Registry;
 pub use util::{find_in_path, http_get, log_tail};
 
