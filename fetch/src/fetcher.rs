@@ -317,10 +317,7 @@ impl Fetcher {
                 // The window came, but this chunk did not verify: fetch it alone once more.
                 self.refetch(layer, r).await
             }
-            Err(e) => {
-                self.metrics.read_errors.fetch_add(1, Ordering::Relaxed);
-                Err(e.clone())
-            }
+            Err(e) => Err(e.clone()),
         }
     }
 
@@ -345,7 +342,6 @@ impl Fetcher {
             }
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                self.metrics.read_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(layer = %layer.digest, file = %name, error = %e, "chunk failed verification twice");
                 Err(FetchError::Verification {
                     name,
