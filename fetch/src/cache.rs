@@ -55,6 +55,9 @@ impl ChunkCache {
     /// Opens (creating if needed) a cache in `dir` holding at most `budget` bytes.
     pub fn open(dir: &Path, budget: u64) -> io::Result<ChunkCache> {
         fs::create_dir_all(dir.join("chunks"))?;
+        for i in 0..=255u8 {
+            fs::create_dir_all(dir.join("chunks").join(hex::encode([i])))?;
+        }
         let tmp = dir.join("tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -178,9 +181,6 @@ impl ChunkCache {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
             drop(f);
-            if let Some(parent) = final_path.parent() {
-                fs::create_dir_all(parent)?;
-            }
             fs::rename(&tmp, &final_path)
         };
         if let Err(e) = write() {

@@ -311,7 +311,6 @@ impl Fetcher {
             Ok(chunks) => {
                 if let Some((_, b)) = chunks.iter().find(|(cr, _)| *cr == r) {
                     self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
-                    self.mem.put(key, b.clone());
                     return Ok(b.clone());
                 }
                 // The window came, but this chunk did not verify: fetch it alone once more.
@@ -405,6 +404,13 @@ impl Fetcher {
             out
         })
         .await?;
+        // Neighbours are likely read next (files of a directory, chunks of a file): keep them
+        // all in memory, and on disk for later.
+        for (_, d, b) in &decoded {
+            if let Some(d) = d {
+                self.mem.put(*d.as_bytes(), b.clone());
+            }
+        }
         self.store(
             decoded
                 .iter()
@@ -412,6 +418,18 @@ impl Fetcher {
                 .collect(),
         );
         Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
+    }
+
+    /// Whether every chunk of window `w` is already in memory or in the disk cache.
+    pub fn window_cached(&self, layer: &LayerHandle, w: usize) -> bool {
+        layer.windows.get(w).is_some_and(|win| {
+            win.chunks.iter().all(|&r| {
+                layer
+                    .chunk(r)
+                    .and_then(|(_, c)| c.digest.as_ref())
+                    .is_some_and(|d| self.mem.contains(d.as_bytes()) || self.cache.contains(d))
+            })
+        })
     }
 
     /// Reads `[start, end)` from the first source that serves it.

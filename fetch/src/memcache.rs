@@ -44,6 +44,11 @@ impl MemCache {
         Some(data)
     }
 
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.entries.contains_key(key)
+    }
+
     pub fn put(&self, key: [u8; 32], data: Bytes) {
         if data.len() as u64 > self.budget / 4 {
             return;

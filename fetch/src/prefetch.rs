@@ -64,6 +64,10 @@ pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts
         for batch in list.chunks(opts.concurrency.max(1)) {
             let mut set = tokio::task::JoinSet::new();
             for &w in batch {
+                // A demand read may have fetched this window since the list was made.
+                if fetcher.window_cached(&layer, w) {
+                    continue;
+                }
                 let (f, l) = (Arc::clone(&fetcher), Arc::clone(&layer));
                 set.spawn(async move {
                     let r = f.window(&l, w).await;

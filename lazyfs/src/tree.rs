@@ -36,13 +36,15 @@ pub struct Node {
 }
 
 impl Node {
-    fn dir(parent: u64) -> Node {
+    /// A directory the layer does not list but needs (a parent of an entry): 0755, root's,
+    /// dated `mtime` (the mount time, as an unpacker would date the directory it creates).
+    fn dir(parent: u64, mtime: SystemTime) -> Node {
         Node {
             kind: FileType::Directory,
             perm: 0o755,
             uid: 0,
             gid: 0,
-            mtime: UNIX_EPOCH,
+            mtime,
             size: 0,
             rdev: 0,
             nlink: 2,
@@ -100,6 +102,7 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
 
 struct Builder {
     nodes: Vec<Node>,
+    now: SystemTime,
     /// Children while building: dir ino -> name -> ino.
     children: HashMap<u64, HashMap<OsString, u64>>,
     paths: HashMap<String, u64>,
@@ -127,7 +130,7 @@ impl Builder {
         }
         let (parent_path, base) = path.rsplit_once('/').unwrap_or((".", path));
         let parent = self.ensure_dir(parent_path);
-        let ino = self.add(Node::dir(parent));
+        let ino = self.add(Node::dir(parent, self.now));
         self.link(parent, base, ino);
         self.paths.insert(path.to_string(), ino);
         ino
@@ -152,8 +155,10 @@ impl Builder {
 impl Tree {
     /// Builds the tree of a validated layer index (later entries win, as in tar).
     pub fn build(index: &LayerIndex) -> Tree {
+        let now = SystemTime::now();
         let mut b = Builder {
-            nodes: vec![Node::dir(ROOT)],
+            nodes: vec![Node::dir(ROOT, now)],
+            now,
             children: HashMap::new(),
             paths: HashMap::from([(".".to_string(), ROOT)]),
         };
@@ -231,7 +236,20 @@ impl Tree {
                 let Some(&target) = b.paths.get(&e.link_name) else {
                     continue; // validated away by the index; nothing sensible to link
                 };
-                b.node(target).nlink += 1;
+                // As containerd and Docker unpack a hard link: the link entry's own header
+                // (mode, owner, times, xattrs) is applied to the shared inode, and the chown
+                // this implies drops file capabilities.
+                let t = b.node(target);
+                t.nlink += 1;
+                t.perm = node.perm;
+                t.uid = node.uid;
+                t.gid = node.gid;
+                t.mtime = node.mtime;
+                t.xattrs.retain(|(k, _)| k != "security.capability");
+                for (k, v) in node.xattrs {
+                    t.xattrs.retain(|(old, _)| *old != k);
+                    t.xattrs.push((k, v));
+                }
                 b.link(parent, base, target);
                 b.paths.insert(e.name.clone(), target);
                 continue;

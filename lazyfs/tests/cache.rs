@@ -59,10 +59,32 @@ fn identical_chunks_of_two_images_are_stored_once() {
     let cache = tempfile::tempdir().unwrap();
     let (f, _) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
     let (ma, mb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let m1 = mount(&rt, handle(&sa, &la[0].0, &la[0].1, 512 << 10), &f, ma.path());
-    let m2 = mount(&rt, handle(&sb, &lb[0].0, &lb[0].1, 512 << 10), &f, mb.path());
-    read_all(ma.path(), &[("shared.bin".into(), shared.clone()), ("only-a".into(), pseudo_random_bytes(8, 5000))]);
-    read_all(mb.path(), &[("copy/of/shared.bin".into(), shared), ("only-b".into(), pseudo_random_bytes(9, 7000))]);
+    let m1 = mount(
+        &rt,
+        handle(&sa, &la[0].0, &la[0].1, 512 << 10),
+        &f,
+        ma.path(),
+    );
+    let m2 = mount(
+        &rt,
+        handle(&sb, &lb[0].0, &lb[0].1, 512 << 10),
+        &f,
+        mb.path(),
+    );
+    read_all(
+        ma.path(),
+        &[
+            ("shared.bin".into(), shared.clone()),
+            ("only-a".into(), pseudo_random_bytes(8, 5000)),
+        ],
+    );
+    read_all(
+        mb.path(),
+        &[
+            ("copy/of/shared.bin".into(), shared),
+            ("only-b".into(), pseudo_random_bytes(9, 7000)),
+        ],
+    );
     rt.block_on(f.flush());
     // 3 shared chunks + one each for the small files.
     assert_eq!(f.cache().usage().0, 5);
@@ -80,14 +102,24 @@ fn budget_holds_under_pressure() {
     let files: Vec<(String, Vec<u8>)> = (0..40u64)
         .map(|i| (format!("f{i}"), pseudo_random_bytes(100 + i, 300_000)))
         .collect();
-    let entries = files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())).collect();
+    let entries = files
+        .iter()
+        .map(|(n, d)| Entry::file(n.clone(), d.clone()))
+        .collect();
     let r = converted(&rt, &reg, &spec(entries), "cache/budget");
     let c = client(2);
     let s = store(&r, &c);
     let l = layers(&rt, &s);
     let cache = tempfile::tempdir().unwrap();
     let budget = 2 << 20;
-    let (f, _) = fetcher(cache.path(), budget, FetcherOptions { memory_budget: 1 << 20, ..Default::default() });
+    let (f, _) = fetcher(
+        cache.path(),
+        budget,
+        FetcherOptions {
+            memory_budget: 1 << 20,
+            ..Default::default()
+        },
+    );
     let mnt = tempfile::tempdir().unwrap();
     let m = mount(&rt, handle(&s, &l[0].0, &l[0].1, 512 << 10), &f, mnt.path());
     for _ in 0..2 {
@@ -96,9 +128,15 @@ fn budget_holds_under_pressure() {
     }
     rt.block_on(f.flush());
     let (n, bytes) = f.cache().usage();
-    assert!(bytes <= budget, "cache holds {bytes} bytes, budget {budget}");
+    assert!(
+        bytes <= budget,
+        "cache holds {bytes} bytes, budget {budget}"
+    );
     assert!(n > 0 && f.cache().evicted() > 0);
-    let on_disk: u64 = cache_files(cache.path()).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    let on_disk: u64 = cache_files(cache.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert!(on_disk <= budget, "{on_disk} bytes on disk");
     drop(m);
 }
@@ -111,7 +149,12 @@ fn restart_reuses_the_cache_and_corruption_is_refetched() {
     let rt = runtime();
     let reg = Registry::start().unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..20u64)
-        .map(|i| (format!("d/f{i}"), pseudo_random_bytes(200 + i, 50_000 + i as usize * 9000)))
+        .map(|i| {
+            (
+                format!("d/f{i}"),
+                pseudo_random_bytes(200 + i, 50_000 + i as usize * 9000),
+            )
+        })
         .collect();
     let mut entries = vec![Entry::dir("d")];
     entries.extend(files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())));
@@ -144,17 +187,27 @@ fn restart_reuses_the_cache_and_corruption_is_refetched() {
     bytes[0] ^= 1;
     std::fs::write(&victim, bytes).unwrap();
     let reg2 = Registry::start().unwrap();
-    let r2 = converted(&rt, &reg2, &spec({
-        let mut e = vec![Entry::dir("d")];
-        e.extend(files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())));
-        e
-    }), "cache/restart");
+    let r2 = converted(
+        &rt,
+        &reg2,
+        &spec({
+            let mut e = vec![Entry::dir("d")];
+            e.extend(files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())));
+            e
+        }),
+        "cache/restart",
+    );
     let s2 = store(&r2, &c);
     let l2 = layers(&rt, &s2);
     assert_eq!(l2[0].0.digest, l[0].0.digest, "conversion is deterministic");
     let (f, metrics) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
     let mnt = tempfile::tempdir().unwrap();
-    let m = mount(&rt, handle(&s2, &l2[0].0, &l2[0].1, 512 << 10), &f, mnt.path());
+    let m = mount(
+        &rt,
+        handle(&s2, &l2[0].0, &l2[0].1, 512 << 10),
+        &f,
+        mnt.path(),
+    );
     read_all(mnt.path(), &files);
     assert_eq!(metrics.cache_corrupt.load(Ordering::Relaxed), 1);
     assert!(metrics.source_requests("registry") >= 1);

@@ -75,8 +75,13 @@ fn faulty_registry_gives_right_bytes_or_eio_then_recovers() {
     });
     let threads: Vec<_> = (0..16u64)
         .map(|t| {
-            let (files, names, ok, eio, root) =
-                (Arc::clone(&files), Arc::clone(&names), Arc::clone(&ok), Arc::clone(&eio), root.clone());
+            let (files, names, ok, eio, root) = (
+                Arc::clone(&files),
+                Arc::clone(&names),
+                Arc::clone(&ok),
+                Arc::clone(&eio),
+                root.clone(),
+            );
             std::thread::spawn(move || {
                 let mut rng = XorShift64::new(t + 1);
                 for _ in 0..160 {
@@ -89,7 +94,11 @@ fn faulty_registry_gives_right_bytes_or_eio_then_recovers() {
                     match f.read_at(&mut buf, off) {
                         Ok(n) => {
                             let end = (off as usize + n).min(want.len());
-                            assert_eq!(&buf[..n], &want[off as usize..end], "WRONG BYTES in {name} at {off}");
+                            assert_eq!(
+                                &buf[..n],
+                                &want[off as usize..end],
+                                "WRONG BYTES in {name} at {off}"
+                            );
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
@@ -107,19 +116,38 @@ fn faulty_registry_gives_right_bytes_or_eio_then_recovers() {
     let (ok_n, eio_n) = (ok.load(Ordering::Relaxed), eio.load(Ordering::Relaxed));
     let counts = proxy.counts();
     eprintln!("reads: {ok_n} correct, {eio_n} EIO; faults injected: {counts:?}");
-    eprintln!("{}", metrics.render().lines().filter(|l| !l.starts_with('#')).take(12).collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "{}",
+        metrics
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .take(12)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(ok_n + eio_n, 16 * 160);
-    assert!(ok_n > 0 && eio_n > 0, "chaos should let some reads through and fail others");
+    assert!(
+        ok_n > 0 && eio_n > 0,
+        "chaos should let some reads through and fail others"
+    );
     for (fault, n) in &counts {
-        assert!(*n > 0, "fault {fault:?} never injected: the test did not exercise it");
+        assert!(
+            *n > 0,
+            "fault {fault:?} never injected: the test did not exercise it"
+        );
     }
-    assert!(metrics.verify_failures.load(Ordering::Relaxed) > 0, "corruption was never detected");
+    assert!(
+        metrics.verify_failures.load(Ordering::Relaxed) > 0,
+        "corruption was never detected"
+    );
 
     // The registry recovers: everything reads back whole and correct.
     proxy.heal();
     std::fs::write("/proc/sys/vm/drop_caches", "3").ok();
     for (name, want) in files.iter() {
-        let got = std::fs::read(mnt.path().join(name)).unwrap_or_else(|e| panic!("{name} after recovery: {e}"));
+        let got = std::fs::read(mnt.path().join(name))
+            .unwrap_or_else(|e| panic!("{name} after recovery: {e}"));
         assert!(got == *want, "{name} differs after recovery");
     }
     drop(m);

@@ -68,7 +68,25 @@ fn expected(entries: &[Entry]) -> BTreeMap<String, Meta> {
                 meta.link = Some(t.clone());
             }
             EntryKind::HardLink(t) => {
-                meta = m[t.trim_start_matches("./")].clone();
+                // The link's own header applies to the shared inode, as containerd unpacks it.
+                let target = t.trim_start_matches("./").to_string();
+                let mut shared = m[&target].clone();
+                shared.mode = meta.mode;
+                shared.uid = meta.uid;
+                shared.gid = meta.gid;
+                shared.mtime = meta.mtime;
+                shared.xattrs.remove("security.capability");
+                shared.xattrs.extend(meta.xattrs.clone());
+                for (p, v) in m.iter_mut() {
+                    if *p == target
+                        || (v.content == shared.content
+                            && v.kind == 'f'
+                            && linked(entries, p, &target))
+                    {
+                        *v = shared.clone();
+                    }
+                }
+                meta = shared;
             }
             EntryKind::CharDev(a, b) => {
                 meta.kind = 'c';
@@ -92,6 +110,14 @@ fn expected(entries: &[Entry]) -> BTreeMap<String, Meta> {
         m.insert(path, meta);
     }
     m
+}
+
+/// Whether `path` is a hard link (in `entries`) to `target`.
+fn linked(entries: &[Entry], path: &str, target: &str) -> bool {
+    entries.iter().any(|e| {
+        e.path.trim_start_matches("./") == path
+            && matches!(&e.kind, EntryKind::HardLink(t) if t.trim_start_matches("./") == target)
+    })
 }
 
 fn compare(mount: &Path, want: &BTreeMap<String, Meta>) {

@@ -22,8 +22,10 @@
 mod containerd;
 mod image;
 mod layer;
+pub mod netns;
 mod proxy;
 mod registry;
+pub mod tree;
 mod util;
 
 #[cfg(test)]

@@ -36,6 +36,67 @@ impl Registry {
         Self::start_inner(Some((user, password)))
     }
 
+    /// Starts a registry without authentication inside the network namespace `ns`, listening
+    /// on `<ns.ns_addr()>:5000` (storage in a temp dir on the host filesystem, as
+    /// [`Registry::start`]), and waits until `GET /v2/` answers from the host, i.e. through the
+    /// namespace's shaped link. Drop the registry before the namespace (dropping the namespace
+    /// first kills the registry anyway).
+    pub fn start_in_netns(ns: &crate::netns::Namespace) -> Result<Registry> {
+        let bin = util::require_tool(REGISTRY_BIN, "docker-registry")?;
+        let dir = util::temp_dir("arbor-registry-")?;
+        let base = dir.path().to_path_buf();
+        let storage = base.join("storage");
+        std::fs::create_dir_all(&storage)?;
+        let log = base.join("registry.log");
+        let addr = format!("{}:5000", ns.ns_addr());
+        let config = base.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: \"{storage}\"\n  delete:\n    enabled: true\n  \
+                 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 http:\n  addr: {addr}\n  secret: arbor-testkit-not-a-secret\n",
+                storage = storage.display(),
+            ),
+        )?;
+        let logf = File::create(&log)?;
+        let mut cmd = ns.exec(&bin);
+        cmd.arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REGISTRY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {} in netns {}", bin.display(), ns.name()))?;
+        let mut reg = Registry {
+            child: Some(child),
+            dir: Some(dir),
+            storage,
+            log,
+            addr,
+            creds: None,
+        };
+        if let Err(e) = reg.wait_ready() {
+            let tail = util::log_tail(&reg.log, 30);
+            // Dropping `reg` stops the process and removes the directory.
+            bail!(
+                "docker-registry did not come up on {} in netns {}: {e:#}; log tail ({}):\n{tail}",
+                reg.addr,
+                ns.name(),
+                reg.log.display()
+            );
+        }
+        Ok(reg)
+    }
+
     fn start_inner(auth: Option<(&str, &str)>) -> Result<Registry> {
         let bin = util::require_tool(REGISTRY_BIN, "docker-registry")?;
         let dir = util::temp_dir("arbor-registry-")?;
