@@ -1,10 +1,9 @@
 //! The node-wide on-disk chunk cache.
 //!
 //! Chunks are stored decompressed under `chunks/<2 hex>/<64 hex>`, named by the sha256 of
-//! their content, so identical chunks in different layers or images are stored once. A chunk
-//! is written to `tmp/` and renamed into place, so a torn write is never visible under a
-//! chunk's name; and every read is verified against the name, so a file corrupted on disk is
-//! detected, deleted and refetched, never served. The cache survives restarts (it is
+//! their content, so identical chunks in different layers or images are stored once. Every
+//! read is verified against the name (length and digest), so a torn write (a crash mid-write)
+//! or a file corrupted on disk is detected, deleted and refetched, never served. The cache survives restarts (it is
 //! re-scanned at open) and keeps its total size under a byte budget by evicting the least
 //! recently used chunks. Eviction cannot break an in-flight read: a reader reads the whole
 //! file through its own descriptor, and an unlinked file stays readable until closed.
@@ -43,7 +42,6 @@ pub struct ChunkCache {
     dir: PathBuf,
     budget: u64,
     state: Mutex<State>,
-    tmp_seq: AtomicU64,
     evicted: AtomicU64,
 }
 
@@ -105,7 +103,6 @@ impl ChunkCache {
             dir: dir.to_path_buf(),
             budget,
             state: Mutex::new(state),
-            tmp_seq: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
         };
         cache.evict_to_budget();
@@ -171,21 +168,24 @@ impl ChunkCache {
         if data.len() as u64 > self.budget {
             return Ok(());
         }
-        let final_path = self.path(&d);
-        let tmp = self.dir.join("tmp").join(format!(
-            "{}-{}",
-            std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        // Written in place, not through a temporary name: a torn or half-written file can be
+        // seen, but every read verifies length and digest, so it is never served (it is deleted
+        // and refetched). This saves a rename per chunk, which dominated the cost of caching.
+        let path = self.path(&d);
         let write = || -> io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            drop(f);
-            fs::rename(&tmp, &final_path)
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            f.write_all(data)
         };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+        match write() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
         }
         {
             let mut st = self.lock();

@@ -488,6 +488,8 @@ impl Fetcher {
         let pending = Arc::clone(&self.pending_writes);
         pending.fetch_add(1, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
+            // Caching is background work: let reads that someone waits for go first.
+            let _nice = Niceness::lower();
             for (d, b) in chunks {
                 if let Err(e) = cache.put(&d, &b) {
                     warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
@@ -504,6 +506,32 @@ impl Fetcher {
     pub async fn flush(&self) {
         while self.pending_writes.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority until dropped (Linux: nice is per thread).
+struct Niceness(i32);
+
+impl Niceness {
+    fn lower() -> Niceness {
+        // SAFETY: getpriority/setpriority on the calling thread (who = 0 means this thread for
+        // PRIO_PROCESS on Linux, whose nice values are per thread).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, 0);
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            Niceness(old)
+        }
+    }
+}
+
+impl Drop for Niceness {
+    fn drop(&mut self) {
+        // SAFETY: as above. Restoring a lower nice value needs CAP_SYS_NICE (the daemon runs
+        // as root); without it the thread stays at the lower priority, which is harmless.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, self.0);
         }
     }
 }
