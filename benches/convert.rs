@@ -11,12 +11,10 @@
 //! Benchmarks report, they do not judge: missed targets do not change the exit status, failing
 //! tools do.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -25,6 +23,13 @@ use arbor_testkit::{
 };
 use clap::Parser;
 use serde_json::{Value, json};
+
+#[path = "common.rs"]
+mod common;
+use common::{
+    MB, Spread, clock_ticks, describe, inspect_raw, machine_info, resolve_debs, run_quiet,
+    run_timed, tail, target_dir,
+};
 
 /// Tag of the image in the cached OCI layout.
 const LAYOUT_TAG: &str = "bench";
@@ -46,7 +51,6 @@ const TOC_ANNOTATIONS: &[&str] = &[
 const TARGET_THROUGHPUT: f64 = 4.0;
 /// ... and at most this multiple of skopeo's output size.
 const TARGET_SIZE: f64 = 1.05;
-const MB: f64 = 1e6;
 
 const AFTER_HELP: &str = "\
 Sizes are in MB (10^6 bytes). Throughput is the uncompressed size of the image (the sum of
@@ -340,17 +344,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The cargo target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("target"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The image
 
@@ -567,55 +560,6 @@ fn layout_layer_sizes(layout: &Path, digest: &str) -> Result<Vec<u64>> {
     Ok(sizes)
 }
 
-/// Maps each package to its `.deb` file name in `dir`, downloading the missing ones with
-/// `apt-get download` (after `apt-get update` if the first attempt fails).
-fn resolve_debs(dir: &Path, packages: &[&str]) -> Result<BTreeMap<String, String>> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| find_deb(dir, p).is_none())
-        .collect();
-    if !missing.is_empty() {
-        println!("apt-get download {}", missing.join(" "));
-        let download = || {
-            run_quiet(
-                Command::new("apt-get")
-                    .arg("download")
-                    .args(&missing)
-                    .current_dir(dir),
-            )
-        };
-        if let Err(e) = download() {
-            println!("apt-get download failed ({e:#}); running apt-get update and retrying");
-            run_quiet(Command::new("apt-get").arg("update"))?;
-            download()?;
-        }
-    }
-    packages
-        .iter()
-        .map(|p| {
-            let f = find_deb(dir, p)
-                .with_context(|| format!("no .deb for {p} in {} after download", dir.display()))?;
-            Ok((p.to_string(), f))
-        })
-        .collect()
-}
-
-/// The newest `PKG_*.deb` in `dir` (package names cannot contain `_`).
-fn find_deb(dir: &Path, package: &str) -> Option<String> {
-    let prefix = format!("{package}_");
-    fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let mtime = e.metadata().ok()?.modified().ok()?;
-            (name.starts_with(&prefix) && name.ends_with(".deb")).then_some((mtime, name))
-        })
-        .max()
-        .map(|(_, name)| name)
-}
-
 fn tree_stats(dir: &Path, stats: &mut TreeStats) -> Result<()> {
     for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
@@ -721,15 +665,6 @@ impl RunResult {
             "tool_report": self.tool_report,
         })
     }
-}
-
-/// A command line as text.
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn arbor_command(arbor: &Path, extra: &[String], src: &str, dst: &str) -> Command {
@@ -893,75 +828,6 @@ fn collect_layers(manifest: &Value, out: &mut Vec<(String, u64, bool)>) -> Resul
     Ok(())
 }
 
-fn inspect_raw(reference: &str) -> Result<Value> {
-    let mut c = Command::new("skopeo");
-    c.args(["inspect", "--raw", "--tls-verify=false", "--no-creds"])
-        .arg(format!("docker://{reference}"));
-    let out = run_quiet(&mut c)?;
-    serde_json::from_str(&out).with_context(|| format!("manifest of {reference} is not JSON"))
-}
-
-/// Runs `cmd` to completion (stdout and stderr captured); an error with stderr if it fails.
-fn run_quiet(cmd: &mut Command) -> Result<String> {
-    let text = describe(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawning {text}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{text}` failed ({}): {}",
-            out.status,
-            tail(&String::from_utf8_lossy(&out.stderr), 20)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `cmd`, killing it after `timeout`; returns (status, stdout, stderr).
-fn run_timed(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning")?;
-    let reader = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            String::from_utf8_lossy(&v).into_owned()
-        })
-    };
-    let out = reader(Box::new(child.stdout.take().context("no stdout pipe")?));
-    let err = reader(Box::new(child.stderr.take().context("no stderr pipe")?));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "timed out after {timeout:?}; stderr: {}",
-                tail(&err.join().unwrap_or_default(), 20)
-            );
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    Ok((
-        status,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    ))
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.trim_end().lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// CPU time (user + system, in clock ticks) of this process's reaped children, from
 /// `/proc/self/stat` (cutime and cstime).
 fn children_cpu_ticks() -> Result<u64> {
@@ -977,89 +843,8 @@ fn children_cpu_ticks() -> Result<u64> {
     Ok(cutime + cstime)
 }
 
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Results
-
-fn machine_info(arbor: &Path) -> Value {
-    let version = |prog: &Path, arg: &str| {
-        Command::new(prog)
-            .arg(arg)
-            .output()
-            .ok()
-            .map(|o| {
-                let s = String::from_utf8_lossy(&o.stdout);
-                let e = String::from_utf8_lossy(&o.stderr);
-                let v = if s.trim().is_empty() { e } else { s };
-                v.lines().next().unwrap_or("").trim().to_string()
-            })
-            .unwrap_or_else(|| "unknown".into())
-    };
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string());
-    let mem_total = fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024);
-    json!({
-        "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpu_model": cpu_model,
-        "mem_total_bytes": mem_total,
-        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "os": fs::read_to_string("/etc/os-release").unwrap_or_default().lines()
-            .find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_string()),
-        "arbor_version": version(arbor, "--version"),
-        "skopeo_version": version(Path::new("skopeo"), "--version"),
-        "registry_version": version(Path::new("docker-registry"), "--version"),
-    })
-}
-
-/// Median, minimum and maximum.
-#[derive(Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(values: &[f64]) -> Spread {
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n == 0 {
-            f64::NAN
-        } else if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Spread {
-            median,
-            min: v.first().copied().unwrap_or(f64::NAN),
-            max: v.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-
-    fn to_json(self) -> Value {
-        json!({"median": self.median, "min": self.min, "max": self.max})
-    }
-}
 
 struct ToolSummary {
     tool: Tool,

@@ -1,0 +1,1865 @@
+//! `bench-fuse-read`: reading a directory tree through `arbor mount` (FUSE) against reading the
+//! same tree from a plain local directory.
+//!
+//! The tree is `/usr/lib/python3.11` from Debian's `libpython3.11-stdlib` and
+//! `libpython3.11-minimal` packages (optionally also `libpython3.11-testsuite`). The `.deb`
+//! files are cached with bench-convert's (`target/bench-cache/debs`), extracted once with
+//! `dpkg-deb -x` into `target/bench-cache/fuse-read-<set>/root` (that extracted tree, on local
+//! disk, is the plain directory), tarred deterministically and written as a one-layer OCI layout.
+//! Each run pushes the image to a private `docker-registry` on loopback, converts it with
+//! `arbor convert`, and then measures, per repetition:
+//!
+//! * reads of every regular file (walk the tree in name order, read each file fully, checksum
+//!   the content) from the plain directory, cold (after `drop_caches`) and warm;
+//! * the same through `arbor mount`: cold with a fresh chunk cache, both `--no-prefetch` and
+//!   with the default background prefetch (each on a fresh mount); warm (page cache) on the
+//!   same mount; again after `drop_caches` on the same mount (served from arbor's in-memory
+//!   chunk cache); and on a fresh mount over the chunk cache the cold read filled (served
+//!   from the disk chunk cache);
+//! * `lstat` of every entry: plain directory cold and warm, arbor on a fresh mount and again;
+//! * the reads with several threads (`--threads`, default 4; 1 skips these).
+//!
+//! Every read's checksum (and every stat's metadata digest) must equal the plain directory's,
+//! or the bench fails. Missed targets never change the exit status; failing tools do.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read};
+use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use arbor_testkit::{
+    ImageSpec, LayerSource, Registry, find_in_path, http_get, skopeo_push, tar_dir,
+    write_oci_layout,
+};
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[path = "common.rs"]
+mod common;
+use common::{
+    MB, Spread, clock_ticks, describe, inspect_raw, machine_info, resolve_debs, run_quiet,
+    run_timed, tail, target_dir,
+};
+
+/// Tag of the image in the cached OCI layout.
+const LAYOUT_TAG: &str = "fuse-read";
+/// Repository and tags used in the registry.
+const SOURCE_REPO: &str = "bench/python:v1";
+const ARBOR_REPO: &str = "bench/python:arbor";
+/// Where the tree lives, in the image and below the extraction root.
+/// The directory of the packages' contents that is measured (`usr/lib/python3.11`, or
+/// `usr/lib` with `--large`).
+static TREE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+fn tree() -> &'static str {
+    TREE.get().copied().unwrap_or("usr/lib/python3.11")
+}
+
+/// Packages `--large` adds: Python's test suite and the scientific stack's dist-packages,
+/// for a tree of well over 100 MB and 4,500 files under usr/lib.
+const LARGE: &[&str] = &[
+    "libpython3.11-testsuite",
+    "python3-numpy",
+    "python3-scipy",
+    "python3-pandas",
+    "python3-pandas-lib",
+];
+const PACKAGES: &[&str] = &["libpython3.11-stdlib", "libpython3.11-minimal"];
+const TESTSUITE: &str = "libpython3.11-testsuite";
+/// Bump when the layout of the cached dataset changes.
+const DATASET_VERSION: u32 = 1;
+/// The issue's targets: warm reads within this multiple of the plain directory's ...
+const TARGET_WARM: f64 = 1.2;
+/// ... and a cold read of everything within this multiple of the plain directory's cold read.
+const TARGET_COLD: f64 = 2.0;
+/// Longest wait for `arbor mount` to come up, to exit after `umount`, and for prefetch to end.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+const PREFETCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+const AFTER_HELP: &str = "\
+Times are wall seconds of one pass (walk + read, or walk + lstat), medians over --reps.
+MB/s is the tree's content (uncompressed, 10^6 bytes) over the median time; files/s counts
+regular files read (entries for stat rows). The ratio is arbor's time over the plain
+directory's counterpart (lower is better; 1.00x = as fast).
+
+Needs root (drop_caches, FUSE and overlay mounts, dpkg-deb keeping owners), skopeo,
+docker-registry, dpkg-deb, apt-get, umount, and a release build of arbor
+(cargo build --release -p arbor-cli -p arbor-benches).
+
+Examples:
+  benches/run-fuse-read.sh
+  target/release/bench-fuse-read --reps 5 --threads 4
+  target/release/bench-fuse-read --testsuite --arbor-arg=--fetch-unit=1MiB";
+
+#[derive(Parser)]
+#[command(
+    name = "bench-fuse-read",
+    about = "Benchmark reads through `arbor mount` against a plain local directory",
+    long_about = "Benchmarks reading /usr/lib/python3.11 (Debian's libpython3.11-stdlib and \
+                  libpython3.11-minimal) through `arbor mount` against the same tree in a plain \
+                  local directory: cold reads (fresh chunk cache, with and without prefetch), \
+                  warm reads, re-reads from arbor's caches, and lstat of every entry. Prints a \
+                  table of medians with MB/s, files/s and the ratio to the plain directory, \
+                  whether the targets (warm <= 1.2x, cold <= 2x) are met, the registry traffic \
+                  of each cold run, and writes the same as JSON.",
+    after_help = AFTER_HELP
+)]
+struct Args {
+    /// Repetitions; each takes every measurement once (with fresh mounts and caches).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+    /// Also read with this many threads (1: only the single-threaded reads).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    threads: u32,
+    /// Measure usr/lib of the stdlib, its test suite, numpy, scipy and pandas (well over
+    /// 100 MB and 4,500 files) instead of usr/lib/python3.11 alone.
+    #[arg(long, conflicts_with = "testsuite")]
+    large: bool,
+    /// Add libpython3.11-testsuite to the tree (about 3x the files).
+    #[arg(long)]
+    testsuite: bool,
+    /// Where downloaded .debs, the extracted tree and the OCI layout are cached
+    /// [default: <target dir>/bench-cache].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Extract the tree and rebuild the OCI layout even if the cache is up to date.
+    #[arg(long)]
+    rebuild: bool,
+    /// The arbor binary [default: <target dir>/release/arbor].
+    #[arg(long, value_name = "PATH")]
+    arbor: Option<PathBuf>,
+    /// Extra argument for `arbor mount` (repeatable), e.g. --arbor-arg=--fetch-unit=1MiB.
+    #[arg(long = "arbor-arg", value_name = "ARG", allow_hyphen_values = true)]
+    arbor_args: Vec<String>,
+    /// Where mount points, state and chunk caches are created [default: the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+    /// Where to write the JSON results [default: <target dir>/bench/fuse_read.json].
+    #[arg(long, value_name = "PATH")]
+    json_out: Option<PathBuf>,
+    /// Time limit of one measurement (and of `arbor convert`), in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+/// Set by SIGINT/SIGTERM: the bench stops at the next check and cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let handler = on_signal as extern "C" fn(libc::c_int);
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    let target_dir = target_dir();
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| target_dir.join("bench-cache"));
+    let arbor = args
+        .arbor
+        .clone()
+        .unwrap_or_else(|| target_dir.join("release/arbor"));
+    let json_out = args
+        .json_out
+        .clone()
+        .unwrap_or_else(|| target_dir.join("bench/fuse_read.json"));
+    ensure!(
+        arbor.is_file(),
+        "arbor binary {} not found (cargo build --release -p arbor-cli, or --arbor PATH)",
+        arbor.display()
+    );
+    for tool in ["skopeo", "docker-registry", "dpkg-deb", "apt-get", "umount"] {
+        ensure!(
+            find_in_path(tool).is_some(),
+            "`{tool}` not found (run scripts/setup.sh)"
+        );
+    }
+    ensure!(
+        arbor_testkit::is_root(),
+        "must run as root: drop_caches, FUSE and overlay mounts, and dpkg-deb -x keeping owners"
+    );
+
+    let machine = machine_info(&arbor);
+    println!(
+        "machine: {} cores, {}, {:.1} GB RAM, kernel {}",
+        machine["nproc"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["mem_total_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+        machine["kernel"].as_str().unwrap_or("?"),
+    );
+    println!(
+        "tools: {} | {} | {}",
+        machine["arbor_version"].as_str().unwrap_or("?"),
+        machine["skopeo_version"].as_str().unwrap_or("?"),
+        machine["registry_version"].as_str().unwrap_or("?"),
+    );
+
+    let mut packages = PACKAGES.to_vec();
+    if args.testsuite {
+        packages.push(TESTSUITE);
+    }
+    if args.large {
+        packages.extend_from_slice(LARGE);
+        let _ = TREE.set("usr/lib");
+    }
+    let set_name = if args.large {
+        "large"
+    } else if args.testsuite {
+        "testsuite"
+    } else {
+        "stdlib"
+    };
+    let data = prepare_dataset(&cache_dir, set_name, &packages, args.rebuild)?;
+    data.print();
+
+    let registry = Registry::start().context("starting the registry")?;
+    let src_ref = registry.reference(SOURCE_REPO);
+    let arbor_ref = registry.reference(ARBOR_REPO);
+    let t = Instant::now();
+    skopeo_push(&data.layout, LAYOUT_TAG, &src_ref, None)
+        .context("pushing the benchmark image to the registry")?;
+    println!("pushed to {src_ref} in {:.1} s", t.elapsed().as_secs_f64());
+    let timeout = Duration::from_secs(args.timeout);
+    let mut convert = Command::new(&arbor);
+    convert.args(["convert", "--plain-http", &src_ref, &arbor_ref]);
+    let desc = describe(&convert);
+    let t = Instant::now();
+    let (status, _, stderr) = run_timed(&mut convert, timeout).context(desc.clone())?;
+    let convert_seconds = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("`{desc}` failed ({status}):\n{}", tail(&stderr, 40));
+    }
+    let layers = manifest_layers(&inspect_raw(&arbor_ref)?)?;
+    ensure!(
+        layers.len() == 1,
+        "the converted image has {} layers, expected 1",
+        layers.len()
+    );
+    let (layer_type, layer_bytes) = layers[0].clone();
+    println!(
+        "converted to {arbor_ref} in {convert_seconds:.1} s: 1 layer, {layer_type}, {:.2} MB\n",
+        layer_bytes as f64 / MB
+    );
+
+    let scratch = Scratch::create(args.tmp_dir.as_deref())?;
+    let mut bench = Bench {
+        arbor: arbor.clone(),
+        arbor_args: args.arbor_args.clone(),
+        reference: arbor_ref.clone(),
+        scratch: scratch.path.clone(),
+        plain: data.plain.clone(),
+        timeout,
+        clk_tck: clock_ticks(),
+        threads: args.threads as usize,
+        reference_read: None,
+        reference_stat: None,
+        samples: Vec::new(),
+        cold_runs: Vec::new(),
+        mounts: 0,
+    };
+    for rep in 1..=args.reps {
+        println!("repetition {rep}/{}", args.reps);
+        bench.repetition(rep)?;
+    }
+    drop(scratch);
+    drop(registry);
+
+    let scenarios = bench.summarize();
+    println!();
+    print_table(&scenarios, &data, args.reps);
+    let targets = targets(&scenarios);
+    println!();
+    for t in &targets {
+        println!("{}", t["line"].as_str().unwrap_or(""));
+    }
+    println!();
+    let traffic = bench.traffic_summary();
+    print_cold_runs(&bench.cold_runs, layer_bytes);
+
+    let report = json!({
+        "benchmark": "fuse_read",
+        "command": std::env::args().collect::<Vec<_>>(),
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "machine": machine,
+        "dataset": data.to_json(),
+        "image": {
+            "source": src_ref,
+            "converted": arbor_ref,
+            "convert_seconds": convert_seconds,
+            "layer_media_type": layer_type,
+            "layer_bytes": layer_bytes,
+        },
+        "reps": args.reps,
+        "threads": args.threads,
+        "arbor_mount_args": args.arbor_args,
+        "scenarios": scenarios.iter().map(ScenarioSummary::to_json).collect::<Vec<_>>(),
+        "targets": targets,
+        "cold_runs": bench.cold_runs,
+        "cold_traffic_medians": traffic,
+        "samples": bench.samples.iter().map(Sample::to_json).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = json_out.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut text = serde_json::to_vec_pretty(&report)?;
+    text.push(b'\n');
+    fs::write(&json_out, text).with_context(|| format!("writing {}", json_out.display()))?;
+    println!("\nJSON results: {}", json_out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dataset
+
+struct Dataset {
+    set: String,
+    debs: Vec<String>,
+    /// The plain directory: the extracted tree on local disk.
+    plain: PathBuf,
+    layout: PathBuf,
+    manifest_digest: String,
+    tar_bytes: u64,
+    gzip_bytes: u64,
+    files: u64,
+    bytes: u64,
+    stats: Value,
+}
+
+impl Dataset {
+    fn print(&self) {
+        let s = &self.stats;
+        println!(
+            "tree ({}): {} files, {:.1} MB, {} dirs, {} symlinks ({} files < 16 KiB, {} >= 1 MiB, \
+             largest {:.2} MB) at {}",
+            self.set,
+            self.files,
+            self.bytes as f64 / MB,
+            s["directories"],
+            s["symlinks"],
+            s["small_files_lt_16k"],
+            s["big_files_ge_1m"],
+            s["largest_file_bytes"].as_f64().unwrap_or(0.0) / MB,
+            self.plain.display(),
+        );
+        println!(
+            "image: 1 layer, {:.1} MB tar, {:.1} MB gzip, manifest {}\n      {}",
+            self.tar_bytes as f64 / MB,
+            self.gzip_bytes as f64 / MB,
+            self.manifest_digest,
+            self.debs.join(" ")
+        );
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "set": self.set,
+            "path_in_image": tree(),
+            "plain_dir": self.plain,
+            "debs": self.debs,
+            "manifest_digest": self.manifest_digest,
+            "layer_tar_bytes": self.tar_bytes,
+            "layer_gzip_bytes": self.gzip_bytes,
+            "regular_files": self.files,
+            "content_bytes": self.bytes,
+            "stats": self.stats,
+        })
+    }
+}
+
+/// Returns the cached dataset for `packages`, extracting and building what is missing.
+fn prepare_dataset(
+    cache: &Path,
+    set_name: &str,
+    packages: &[&str],
+    rebuild: bool,
+) -> Result<Dataset> {
+    let debs_dir = cache.join("debs");
+    fs::create_dir_all(&debs_dir).with_context(|| format!("creating {}", debs_dir.display()))?;
+    let debs = resolve_debs(&debs_dir, packages)?;
+    let deb_names: Vec<String> = packages.iter().map(|p| debs[*p].clone()).collect();
+    let dir = cache.join(format!("fuse-read-{set_name}"));
+    let stamp_path = dir.join("dataset.json");
+    let key = json!({"version": DATASET_VERSION, "debs": deb_names, "tree": tree()});
+    if !rebuild && let Some(d) = load_dataset(&dir, &stamp_path, &key, set_name) {
+        println!("dataset: cached in {}", dir.display());
+        return Ok(d);
+    }
+
+    println!("dataset: building in {}", dir.display());
+    let t = Instant::now();
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let extract = dir.join("extract");
+    fs::create_dir_all(&extract)?;
+    for deb in &deb_names {
+        let path = debs_dir.join(deb);
+        run_quiet(Command::new("dpkg-deb").arg("-x").arg(&path).arg(&extract))
+            .with_context(|| format!("extracting {}", path.display()))?;
+    }
+    // Keep only the tree, at the same path below the root.
+    let root = dir.join("root");
+    let plain = root.join(tree());
+    fs::create_dir_all(plain.parent().context("tree path without parent")?)?;
+    fs::rename(extract.join(tree()), &plain)
+        .with_context(|| format!("the packages hold no {}", tree()))?;
+    fs::remove_dir_all(&extract)?;
+    let tar_path = dir.join("layer.tar");
+    {
+        let out = BufWriter::with_capacity(1 << 20, File::create(&tar_path)?);
+        tar_dir(&root, out).with_context(|| format!("tarring {}", root.display()))?;
+    }
+    let layout = dir.join("oci");
+    let spec = ImageSpec {
+        layers: vec![LayerSource::TarFile(tar_path.clone())],
+        ..ImageSpec::default()
+    };
+    let manifest_digest = write_oci_layout(&layout, LAYOUT_TAG, &spec)?;
+    let gzip_bytes = layout_layer_bytes(&layout, &manifest_digest)?;
+    let stats = tree_stats(&plain)?;
+    let stamp = json!({
+        "key": key,
+        "manifest_digest": manifest_digest,
+        "tar_bytes": fs::metadata(&tar_path)?.len(),
+        "gzip_bytes": gzip_bytes,
+        "stats": stats,
+    });
+    fs::write(&stamp_path, serde_json::to_vec_pretty(&stamp)?)?;
+    println!("  built in {:.1} s", t.elapsed().as_secs_f64());
+    load_dataset(&dir, &stamp_path, &key, set_name)
+        .context("the dataset just built does not read back from its stamp")
+}
+
+/// The dataset described by `stamp_path`, if it was built from `key` and is complete.
+fn load_dataset(dir: &Path, stamp_path: &Path, key: &Value, set_name: &str) -> Option<Dataset> {
+    let stamp: Value = serde_json::from_slice(&fs::read(stamp_path).ok()?).ok()?;
+    if &stamp["key"] != key {
+        return None;
+    }
+    let tar_bytes = stamp["tar_bytes"].as_u64()?;
+    if fs::metadata(dir.join("layer.tar")).ok()?.len() != tar_bytes {
+        return None;
+    }
+    let manifest_digest = stamp["manifest_digest"].as_str()?.to_string();
+    let layout = dir.join("oci");
+    let gzip_bytes = layout_layer_bytes(&layout, &manifest_digest).ok()?;
+    if Some(gzip_bytes) != stamp["gzip_bytes"].as_u64() {
+        return None;
+    }
+    let plain = dir.join("root").join(tree());
+    let stats = stamp["stats"].clone();
+    // The plain directory must still be what was packed.
+    if tree_stats(&plain).ok()? != stats {
+        return None;
+    }
+    Some(Dataset {
+        set: set_name.to_string(),
+        debs: key["debs"]
+            .as_array()?
+            .iter()
+            .filter_map(|d| d.as_str().map(String::from))
+            .collect(),
+        plain,
+        layout,
+        manifest_digest,
+        tar_bytes,
+        gzip_bytes,
+        files: stats["regular_files"].as_u64()?,
+        bytes: stats["content_bytes"].as_u64()?,
+        stats,
+    })
+}
+
+/// Size of the single layer blob of manifest `digest` in an OCI layout; fails if it is missing.
+fn layout_layer_bytes(layout: &Path, digest: &str) -> Result<u64> {
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let manifest: Value = serde_json::from_slice(&fs::read(blob(digest))?)?;
+    let layers = manifest_layers(&manifest)?;
+    ensure!(layers.len() == 1, "expected one layer");
+    let d = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("layer without digest")?;
+    let on_disk = fs::metadata(blob(d))?.len();
+    ensure!(on_disk == layers[0].1, "layer blob {d} has the wrong size");
+    Ok(on_disk)
+}
+
+/// (media type, size) of each layer of an image manifest.
+fn manifest_layers(manifest: &Value) -> Result<Vec<(String, u64)>> {
+    manifest["layers"]
+        .as_array()
+        .context("manifest without layers (an index?)")?
+        .iter()
+        .map(|l| {
+            Ok((
+                l["mediaType"].as_str().unwrap_or("").to_string(),
+                l["size"].as_u64().context("layer without size")?,
+            ))
+        })
+        .collect()
+}
+
+fn tree_stats(root: &Path) -> Result<Value> {
+    let (mut files, mut bytes, mut small, mut big, mut largest, mut dirs, mut links) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    walk(root, &mut |_, full, ft| {
+        if ft.is_dir() {
+            dirs += 1;
+        } else if ft.is_symlink() {
+            links += 1;
+        } else if ft.is_file() {
+            let size = fs::symlink_metadata(full)?.len();
+            files += 1;
+            bytes += size;
+            small += u64::from(size < 16 << 10);
+            big += u64::from(size >= 1 << 20);
+            largest = largest.max(size);
+        }
+        Ok(())
+    })?;
+    Ok(json!({
+        "regular_files": files,
+        "content_bytes": bytes,
+        "small_files_lt_16k": small,
+        "big_files_ge_1m": big,
+        "largest_file_bytes": largest,
+        "directories": dirs,
+        "symlinks": links,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Walking, reading and stat-ing a tree
+
+/// Visits every entry below `root` (not `root` itself) depth first, in byte order of names
+/// within each directory, each directory before its contents (the order of the layer tar).
+/// `visit` gets the path relative to `root`, the full path and the type from `readdir`.
+fn walk(root: &Path, visit: &mut dyn FnMut(&str, &Path, fs::FileType) -> Result<()>) -> Result<()> {
+    fn inner(
+        dir: &Path,
+        rel: &str,
+        visit: &mut dyn FnMut(&str, &Path, fs::FileType) -> Result<()>,
+    ) -> Result<()> {
+        let mut entries: Vec<(std::ffi::OsString, fs::FileType)> = Vec::new();
+        for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e.with_context(|| format!("reading {}", dir.display()))?;
+            let ft = e
+                .file_type()
+                .with_context(|| format!("type of {}", e.path().display()))?;
+            entries.push((e.file_name(), ft));
+        }
+        entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for (name, ft) in entries {
+            let full = dir.join(&name);
+            let r = if rel.is_empty() {
+                name.to_string_lossy().into_owned()
+            } else {
+                format!("{rel}/{}", name.to_string_lossy())
+            };
+            visit(&r, &full, ft)?;
+            if ft.is_dir() {
+                inner(&full, &r, visit)?;
+            }
+        }
+        Ok(())
+    }
+    inner(root, "", visit)
+}
+
+/// A fast 64-bit checksum (not cryptographic: it only has to catch wrong bytes, and must not
+/// cost much next to a warm read from the page cache).
+fn checksum(data: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut lanes = [
+        K ^ data.len() as u64,
+        K.rotate_left(17),
+        K.rotate_left(31),
+        K.rotate_left(47),
+    ];
+    let mut blocks = data.chunks_exact(32);
+    for b in &mut blocks {
+        for (i, l) in lanes.iter_mut().enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            *l = (*l ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
+        }
+    }
+    let mut h = lanes
+        .iter()
+        .fold(0u64, |h, l| (h ^ l).wrapping_mul(K).rotate_left(23));
+    for &b in blocks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+    }
+    h ^ (h >> 32)
+}
+
+/// Combines (path, size, checksum) records, in path order, into one checksum.
+fn combine(records: &mut [(String, u64, u64)]) -> u64 {
+    records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut h = 0u64;
+    for (p, len, c) in records.iter() {
+        for v in [checksum(p.as_bytes()), *len, *c] {
+            h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(27);
+        }
+    }
+    h
+}
+
+/// What one pass over a tree saw.
+#[derive(Clone)]
+struct Pass {
+    /// Regular files read (or entries stat-ed).
+    items: u64,
+    /// Content bytes read (0 for stat).
+    bytes: u64,
+    checksum: u64,
+    /// Per path: size and checksum (of the content, or of the metadata), to name differences.
+    records: Vec<(String, u64, u64)>,
+}
+
+fn read_file(path: &Path, buf: &mut Vec<u8>) -> Result<(u64, u64)> {
+    buf.clear();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(buf))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok((buf.len() as u64, checksum(buf)))
+}
+
+/// Walks `root` and reads every regular file fully, on `threads` threads (the walk on this
+/// one, the reads on the others when more than 1).
+fn read_tree(root: &Path, threads: usize) -> Result<Pass> {
+    let mut records = Vec::new();
+    if threads <= 1 {
+        let mut buf = Vec::with_capacity(1 << 20);
+        walk(root, &mut |rel, full, ft| {
+            if ft.is_file() {
+                let (len, c) = read_file(full, &mut buf)?;
+                records.push((rel.to_string(), len, c));
+            }
+            Ok(())
+        })?;
+    } else {
+        let (tx, rx) = mpsc::sync_channel::<(String, PathBuf)>(4096);
+        let rx = Mutex::new(rx);
+        let results = thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| -> Result<Vec<(String, u64, u64)>> {
+                        let mut buf = Vec::with_capacity(1 << 20);
+                        let mut out = Vec::new();
+                        loop {
+                            let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                            let Ok((rel, full)) = next else { break };
+                            let (len, c) = read_file(&full, &mut buf)?;
+                            out.push((rel, len, c));
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            let walked = walk(root, &mut |rel, full, ft| {
+                if ft.is_file() {
+                    // A send fails only when every worker has stopped on an error.
+                    let _ = tx.send((rel.to_string(), full.to_path_buf()));
+                }
+                Ok(())
+            });
+            drop(tx);
+            let mut all = Vec::new();
+            let mut first_err = walked.err();
+            for w in workers {
+                match w.join() {
+                    Ok(Ok(v)) => all.extend(v),
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(anyhow::anyhow!("a reader thread panicked"));
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(all),
+            }
+        })?;
+        records = results;
+    }
+    let bytes = records.iter().map(|r| r.1).sum();
+    let checksum = combine(&mut records);
+    Ok(Pass {
+        items: records.len() as u64,
+        bytes,
+        checksum,
+        records,
+    })
+}
+
+/// Walks `root` and `lstat`s every entry.
+fn stat_tree(root: &Path) -> Result<Pass> {
+    let mut records = Vec::new();
+    walk(root, &mut |rel, full, _| {
+        let m = fs::symlink_metadata(full).with_context(|| format!("lstat {}", full.display()))?;
+        // Directory sizes depend on the filesystem; everything else must match.
+        let size = if m.is_dir() { 0 } else { m.size() };
+        let meta = [
+            u64::from(m.mode()),
+            u64::from(m.uid()),
+            u64::from(m.gid()),
+            m.mtime() as u64,
+        ];
+        let mut bytes = Vec::with_capacity(32);
+        for v in meta {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        records.push((rel.to_string(), size, checksum(&bytes)));
+        Ok(())
+    })?;
+    let checksum = combine(&mut records);
+    Ok(Pass {
+        items: records.len() as u64,
+        bytes: 0,
+        checksum,
+        records,
+    })
+}
+
+/// Names (up to 10) of the paths where `got` differs from `want`.
+fn differences(want: &Pass, got: &Pass) -> String {
+    let w: BTreeMap<&str, (u64, u64)> = want
+        .records
+        .iter()
+        .map(|(p, l, c)| (p.as_str(), (*l, *c)))
+        .collect();
+    let g: BTreeMap<&str, (u64, u64)> = got
+        .records
+        .iter()
+        .map(|(p, l, c)| (p.as_str(), (*l, *c)))
+        .collect();
+    let mut out = Vec::new();
+    for (p, a) in &w {
+        match g.get(p) {
+            None => out.push(format!("{p}: missing")),
+            Some(b) if b != a => out.push(format!(
+                "{p}: size {} vs {} (plain), checksum {:016x} vs {:016x}",
+                b.0, a.0, b.1, a.1
+            )),
+            _ => {}
+        }
+    }
+    for p in g.keys().filter(|p| !w.contains_key(*p)) {
+        out.push(format!("{p}: not in the plain directory"));
+    }
+    let n = out.len();
+    out.truncate(10);
+    format!("{n} paths differ: {}", out.join("; "))
+}
+
+/// CPU seconds (user + system) this process has used, from getrusage.
+fn self_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is valid; getrusage only writes into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Flushes dirty pages and drops the page, dentry and inode caches.
+fn drop_caches() -> Result<()> {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
+}
+
+/// Runs `f` on its own thread and waits at most `timeout` (checking for interruption); a
+/// hung read is left behind (the mount guards kill arbor, which fails it).
+fn run_limited<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => return r,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out after {timeout:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the measuring thread died"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts and clean-up
+
+/// Mount points below `prefix` (from /proc/self/mountinfo), deepest first.
+fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(prefix))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+fn is_mounted(path: &Path) -> bool {
+    mounts_under(path).iter().any(|m| m == path)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `umount PATH`, then `umount -l PATH` if that fails; returns what failed, if anything.
+fn unmount(path: &Path) -> Option<String> {
+    let plain = Command::new("umount")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output();
+    match plain {
+        Ok(o) if o.status.success() => return None,
+        _ => {}
+    }
+    let first = match &plain {
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => e.to_string(),
+    };
+    let lazy = Command::new("umount")
+        .arg("-l")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output();
+    match lazy {
+        Ok(o) if o.status.success() => Some(format!("umount failed ({first}); umount -l worked")),
+        Ok(o) => Some(format!(
+            "umount failed ({first}); umount -l failed too ({})",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("umount failed ({first}); umount -l: {e}")),
+    }
+}
+
+/// The bench's temporary directory: mount points, arbor state, chunk caches. On drop,
+/// everything still mounted below it is unmounted (lazily as a last resort) and it is removed.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn create(parent: Option<&Path>) -> Result<Scratch> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let path = parent.join(format!("arbor-bench-fuse-{}", std::process::id()));
+        if path.exists() {
+            ensure!(
+                mounts_under(&path).is_empty(),
+                "{} exists and has mounts below it",
+                path.display()
+            );
+            fs::remove_dir_all(&path)?;
+        }
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = fs::canonicalize(&path)?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.path) {
+            if let Some(e) = unmount(&m) {
+                eprintln!("warning: cleaning up {}: {e}", m.display());
+            }
+        }
+        if mounts_under(&self.path).is_empty() {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                eprintln!("warning: removing {}: {e}", self.path.display());
+            }
+        } else {
+            eprintln!(
+                "warning: {} still has mounts below it; left in place",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Prometheus samples: `name{labels}` → value.
+type MetricMap = BTreeMap<String, f64>;
+
+/// A running `arbor mount`. [`ArborMount::stop`] unmounts and checks the exit status; dropping
+/// it without that (on an error) unmounts lazily and terminates the process.
+struct ArborMount {
+    child: Option<Child>,
+    dir: PathBuf,
+    mountpoint: PathBuf,
+    log: PathBuf,
+    metrics_addr: String,
+    /// Spawn to mounted, seconds.
+    ready_seconds: f64,
+    clk_tck: f64,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl ArborMount {
+    /// `arbor mount` of `reference` at `dir/mnt`, with state in `dir/state`, chunk cache
+    /// `cache`; waits until it is mounted and serving metrics.
+    fn start(
+        arbor: &Path,
+        extra: &[String],
+        reference: &str,
+        dir: &Path,
+        cache: &Path,
+        prefetch: bool,
+        clk_tck: f64,
+    ) -> Result<ArborMount> {
+        let mountpoint = dir.join("mnt");
+        let state = dir.join("state");
+        fs::create_dir_all(&mountpoint)?;
+        fs::create_dir_all(&state)?;
+        fs::create_dir_all(cache)?;
+        let log = dir.join("arbor-mount.log");
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(arbor);
+        cmd.args(["mount", "--plain-http"])
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--metrics-addr")
+            .arg(&metrics_addr);
+        if !prefetch {
+            cmd.arg("--no-prefetch");
+        }
+        cmd.args(extra).arg(reference).arg(&mountpoint);
+        // "prefetch done" lines tell when the background prefetch has finished.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn,arbor_fetch::prefetch=info");
+        }
+        cmd.env("NO_COLOR", "1");
+        let logf = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        let desc = describe(&cmd);
+        let t = Instant::now();
+        let child = cmd.spawn().with_context(|| format!("spawning {desc}"))?;
+        let mut m = ArborMount {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            mountpoint,
+            log,
+            metrics_addr,
+            ready_seconds: 0.0,
+            clk_tck,
+        };
+        loop {
+            check_interrupted()?;
+            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                m.child = None;
+                bail!("`{desc}` exited early ({st}):\n{}", m.log_tail(30));
+            }
+            let log = fs::read_to_string(&m.log).unwrap_or_default();
+            if log.contains("mounted ") && is_mounted(&m.mountpoint) {
+                break;
+            }
+            if t.elapsed() > MOUNT_TIMEOUT {
+                bail!(
+                    "`{desc}` not mounted after {MOUNT_TIMEOUT:?}:\n{}",
+                    m.log_tail(30)
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        m.ready_seconds = t.elapsed().as_secs_f64();
+        Ok(m)
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), lines)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU seconds (user + system) the arbor process has used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.pid() else { return 0.0 };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5); `after` starts at field 3.
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        ticks as f64 / self.clk_tck
+    }
+
+    /// Scrapes the metrics endpoint.
+    fn metrics(&self) -> Result<MetricMap> {
+        let (status, body) = http_get(&self.metrics_addr, "/metrics", None)
+            .with_context(|| format!("scraping http://{}/metrics", self.metrics_addr))?;
+        ensure!(status == 200, "metrics endpoint answered HTTP {status}");
+        let mut out = MetricMap::new();
+        for l in body.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((k, v)) = l.rsplit_once(' ')
+                && let Ok(v) = v.parse::<f64>()
+            {
+                out.insert(k.to_string(), v);
+            }
+        }
+        out.insert(
+            "process_cpu_seconds".to_string(),
+            self.cpu_seconds().max(0.0),
+        );
+        Ok(out)
+    }
+
+    /// Waits until every layer's background prefetch logged "prefetch done"; returns the
+    /// seconds the log gives for it.
+    fn wait_prefetch(&self, layers: usize) -> Result<Option<f64>> {
+        let t = Instant::now();
+        loop {
+            check_interrupted()?;
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let done: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("prefetch done"))
+                .collect();
+            if done.len() >= layers {
+                let secs = done.iter().filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("seconds="))
+                        .and_then(|v| v.parse::<f64>().ok())
+                });
+                return Ok(secs.reduce(f64::max));
+            }
+            if t.elapsed() > PREFETCH_TIMEOUT {
+                eprintln!(
+                    "warning: no \"prefetch done\" in the arbor log after {PREFETCH_TIMEOUT:?}"
+                );
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts, waits for arbor to exit and checks that it exited cleanly and left nothing
+    /// mounted.
+    fn stop(mut self) -> Result<()> {
+        let mut warnings = Vec::new();
+        if let Some(e) = unmount(&self.mountpoint) {
+            warnings.push(e);
+        }
+        let mut child = self.child.take().context("arbor mount already stopped")?;
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if t.elapsed() > EXIT_TIMEOUT {
+                self.child = Some(child);
+                bail!(
+                    "arbor mount did not exit within {EXIT_TIMEOUT:?} of `umount {}`:\n{}",
+                    self.mountpoint.display(),
+                    self.log_tail(20)
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let left = mounts_under(&self.dir);
+        for m in &left {
+            if let Some(e) = unmount(m) {
+                warnings.push(e);
+            }
+        }
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        ensure!(
+            status.success(),
+            "arbor mount exited with {status} after umount:\n{}",
+            self.log_tail(30)
+        );
+        ensure!(
+            left.is_empty(),
+            "arbor mount exited but left mounts behind: {left:?}"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for ArborMount {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .stdin(Stdio::null())
+                .output();
+        }
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for m in mounts_under(&self.dir) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stdin(Stdio::null())
+                .output();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The measurements
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Stat,
+}
+
+/// One timed pass.
+struct Sample {
+    key: String,
+    rep: u32,
+    seconds: f64,
+    items: u64,
+    bytes: u64,
+    /// CPU seconds of this process (the readers) during the pass.
+    reader_cpu: f64,
+    /// CPU seconds of the arbor process during the pass.
+    arbor_cpu: Option<f64>,
+}
+
+impl Sample {
+    fn to_json(&self) -> Value {
+        json!({
+            "scenario": self.key,
+            "rep": self.rep,
+            "seconds": self.seconds,
+            "items": self.items,
+            "bytes": self.bytes,
+            "reader_cpu_seconds": self.reader_cpu,
+            "arbor_cpu_seconds": self.arbor_cpu,
+        })
+    }
+}
+
+/// The scenarios in table order: key, label, kind, plain counterpart.
+fn scenario_defs(threads: usize) -> Vec<(String, String, Kind, Option<String>)> {
+    let mut v: Vec<(String, String, Kind, Option<String>)> = Vec::new();
+    let mut add = |k: &str, label: &str, kind: Kind, cp: Option<&str>| {
+        v.push((k.into(), label.into(), kind, cp.map(String::from)));
+    };
+    add("plain_cold", "plain dir, cold", Kind::Read, None);
+    add("plain_warm", "plain dir, warm", Kind::Read, None);
+    add(
+        "arbor_cold_noprefetch",
+        "arbor cold, --no-prefetch",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "arbor_cold_prefetch",
+        "arbor cold, prefetch on",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "arbor_warm",
+        "arbor warm (page cache)",
+        Kind::Read,
+        Some("plain_warm"),
+    );
+    add(
+        "arbor_memcache",
+        "arbor after drop_caches, same mount",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "arbor_diskcache",
+        "arbor after drop_caches, new mount",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    if threads > 1 {
+        let t = threads;
+        for (k, label, cp) in [
+            ("plain_cold", "plain dir, cold", None),
+            ("plain_warm", "plain dir, warm", None),
+            (
+                "arbor_cold_noprefetch",
+                "arbor cold, --no-prefetch",
+                Some("plain_cold"),
+            ),
+            (
+                "arbor_cold_prefetch",
+                "arbor cold, prefetch on",
+                Some("plain_cold"),
+            ),
+            ("arbor_warm", "arbor warm (page cache)", Some("plain_warm")),
+        ] {
+            add(
+                &format!("{k}_x{t}"),
+                &format!("{label}, {t} threads"),
+                Kind::Read,
+                cp.map(|c| format!("{c}_x{t}")).as_deref(),
+            );
+        }
+    }
+    add(
+        "stat_plain_cold",
+        "lstat all: plain dir, cold",
+        Kind::Stat,
+        None,
+    );
+    add(
+        "stat_plain_warm",
+        "lstat all: plain dir, warm",
+        Kind::Stat,
+        None,
+    );
+    add(
+        "stat_arbor_fresh",
+        "lstat all: arbor, fresh mount",
+        Kind::Stat,
+        Some("stat_plain_cold"),
+    );
+    add(
+        "stat_arbor_warm",
+        "lstat all: arbor, again",
+        Kind::Stat,
+        Some("stat_plain_warm"),
+    );
+    v
+}
+
+struct Bench {
+    arbor: PathBuf,
+    arbor_args: Vec<String>,
+    reference: String,
+    scratch: PathBuf,
+    plain: PathBuf,
+    timeout: Duration,
+    clk_tck: f64,
+    threads: usize,
+    /// The plain directory's read and stat passes: every other pass must match them.
+    reference_read: Option<Pass>,
+    reference_stat: Option<Pass>,
+    samples: Vec<Sample>,
+    cold_runs: Vec<Value>,
+    mounts: u32,
+}
+
+impl Bench {
+    fn mount(&mut self, cache: &Path, prefetch: bool) -> Result<ArborMount> {
+        self.mounts += 1;
+        let dir = self.scratch.join(format!("mount-{}", self.mounts));
+        ArborMount::start(
+            &self.arbor,
+            &self.arbor_args,
+            &self.reference,
+            &dir,
+            cache,
+            prefetch,
+            self.clk_tck,
+        )
+    }
+
+    fn fresh_cache(&mut self, name: &str) -> Result<PathBuf> {
+        let p = self.scratch.join(name);
+        if p.exists() {
+            fs::remove_dir_all(&p)?;
+        }
+        fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+
+    /// One timed pass of `kind` over `root` (plain if `mount` is None), checked against the
+    /// plain directory's.
+    fn measure(
+        &mut self,
+        key: &str,
+        rep: u32,
+        kind: Kind,
+        threads: usize,
+        mount: Option<&ArborMount>,
+        cold: bool,
+    ) -> Result<()> {
+        check_interrupted()?;
+        let root = match mount {
+            Some(m) => m.mountpoint.join(tree()),
+            None => self.plain.clone(),
+        };
+        if cold {
+            drop_caches()?;
+        }
+        let arbor_cpu0 = mount.map(ArborMount::cpu_seconds);
+        let r = root.clone();
+        let (seconds, cpu, pass) = run_limited(self.timeout, move || {
+            let cpu0 = self_cpu_seconds();
+            let t = Instant::now();
+            let pass = match kind {
+                Kind::Read => read_tree(&r, threads)?,
+                Kind::Stat => stat_tree(&r)?,
+            };
+            Ok((t.elapsed().as_secs_f64(), self_cpu_seconds() - cpu0, pass))
+        })
+        .with_context(|| format!("{key}: {}", root.display()))?;
+        let arbor_cpu = mount.map(|m| m.cpu_seconds() - arbor_cpu0.unwrap_or(0.0));
+        let reference = match kind {
+            Kind::Read => &mut self.reference_read,
+            Kind::Stat => &mut self.reference_stat,
+        };
+        match reference {
+            None => {
+                ensure!(
+                    mount.is_none(),
+                    "internal: the first pass must be the plain directory's"
+                );
+                *reference = Some(pass.clone());
+            }
+            Some(want) if want.checksum != pass.checksum || want.items != pass.items => {
+                let what = if kind == Kind::Read {
+                    "content"
+                } else {
+                    "metadata"
+                };
+                bail!(
+                    "{key} (rep {rep}): {what} of {} differs from the plain directory's \
+                     (checksum {:016x}, {} items vs {:016x}, {} items): {}",
+                    root.display(),
+                    pass.checksum,
+                    pass.items,
+                    want.checksum,
+                    want.items,
+                    differences(want, &pass)
+                );
+            }
+            Some(_) => {}
+        }
+        let rate = match kind {
+            Kind::Read => format!(
+                "{:>8.1} MB/s {:>8.0} files/s",
+                pass.bytes as f64 / MB / seconds,
+                pass.items as f64 / seconds
+            ),
+            Kind::Stat => format!("{:>8.0} entries/s", pass.items as f64 / seconds),
+        };
+        println!(
+            "  {key:<28} {seconds:>8.3} s {rate}  cpu {cpu:.2} s{}",
+            arbor_cpu
+                .map(|c| format!(" + arbor {c:.2} s"))
+                .unwrap_or_default()
+        );
+        self.samples.push(Sample {
+            key: key.to_string(),
+            rep,
+            seconds,
+            items: pass.items,
+            bytes: pass.bytes,
+            reader_cpu: cpu,
+            arbor_cpu,
+        });
+        Ok(())
+    }
+
+    /// Records the registry traffic of a cold run.
+    fn record_cold(
+        &mut self,
+        key: &str,
+        rep: u32,
+        variant: &str,
+        m: &ArborMount,
+        at_end: &MetricMap,
+        after_prefetch: Option<(&MetricMap, Option<f64>)>,
+    ) {
+        let pick = |mm: &MetricMap| {
+            json!({
+                "registry_bytes": metric(mm, "arbor_fetch_bytes_total{source=\"registry\"}"),
+                "registry_requests": metric(mm, "arbor_fetch_requests_total{source=\"registry\"}"),
+                "registry_errors": metric(mm, "arbor_fetch_errors_total{source=\"registry\"}"),
+                "fetch_seconds_sum": metric(mm, "arbor_fetch_duration_seconds_sum"),
+                "chunks_fetched": metric(mm, "arbor_chunk_reads_total{from=\"fetched\"}"),
+                "chunks_memory": metric(mm, "arbor_chunk_reads_total{from=\"memory\"}"),
+                "chunks_cache": metric(mm, "arbor_chunk_reads_total{from=\"cache\"}"),
+                "prefetch_bytes": metric(mm, "arbor_prefetch_bytes_total"),
+                "read_errors": metric(mm, "arbor_read_errors_total"),
+                "verify_failures": metric(mm, "arbor_chunk_verify_failures_total"),
+                "arbor_cpu_seconds": metric(mm, "process_cpu_seconds"),
+            })
+        };
+        let read_seconds = self
+            .samples
+            .iter()
+            .rev()
+            .find(|s| s.key == key && s.rep == rep)
+            .map(|s| s.seconds);
+        self.cold_runs.push(json!({
+            "rep": rep,
+            "variant": variant,
+            "scenario": key,
+            "read_seconds": read_seconds,
+            "mount_ready_seconds": m.ready_seconds,
+            "at_end_of_read": pick(at_end),
+            "after_prefetch": after_prefetch.map(|(mm, _)| pick(mm)),
+            "prefetch_seconds_logged": after_prefetch.and_then(|(_, s)| s),
+            "metrics_at_end_of_read": at_end,
+        }));
+    }
+
+    /// Every measurement once.
+    fn repetition(&mut self, rep: u32) -> Result<()> {
+        let n = self.threads;
+        let xn = |k: &str| format!("{k}_x{n}");
+
+        // The plain directory.
+        self.measure("plain_cold", rep, Kind::Read, 1, None, true)?;
+        self.measure("plain_warm", rep, Kind::Read, 1, None, false)?;
+        if n > 1 {
+            self.measure(&xn("plain_cold"), rep, Kind::Read, n, None, true)?;
+            self.measure(&xn("plain_warm"), rep, Kind::Read, n, None, false)?;
+        }
+        self.measure("stat_plain_cold", rep, Kind::Stat, 1, None, true)?;
+        self.measure("stat_plain_warm", rep, Kind::Stat, 1, None, false)?;
+
+        // Cold without prefetch, then warm and re-reads on the same mount.
+        let cache_a = self.fresh_cache("cache-a")?;
+        let m = self.mount(&cache_a, false)?;
+        self.measure("arbor_cold_noprefetch", rep, Kind::Read, 1, Some(&m), true)?;
+        let at_end = m.metrics()?;
+        self.measure("arbor_warm", rep, Kind::Read, 1, Some(&m), false)?;
+        if n > 1 {
+            self.measure(&xn("arbor_warm"), rep, Kind::Read, n, Some(&m), false)?;
+        }
+        self.measure("arbor_memcache", rep, Kind::Read, 1, Some(&m), true)?;
+        let after = m.metrics()?;
+        Self::check_no_fetch(&at_end, &after, "arbor_memcache");
+        self.record_cold(
+            "arbor_cold_noprefetch",
+            rep,
+            "no-prefetch",
+            &m,
+            &at_end,
+            None,
+        );
+        m.stop()?;
+
+        // A fresh mount over the chunk cache that run filled: stat, then reads from disk.
+        let m = self.mount(&cache_a, false)?;
+        let before = m.metrics()?;
+        self.measure("stat_arbor_fresh", rep, Kind::Stat, 1, Some(&m), true)?;
+        self.measure("stat_arbor_warm", rep, Kind::Stat, 1, Some(&m), false)?;
+        self.measure("arbor_diskcache", rep, Kind::Read, 1, Some(&m), true)?;
+        let after = m.metrics()?;
+        Self::check_no_fetch(&before, &after, "stat_arbor_fresh/arbor_diskcache");
+        m.stop()?;
+        fs::remove_dir_all(&cache_a)?;
+
+        // Cold with prefetch on.
+        self.cold_prefetch(rep, "arbor_cold_prefetch", 1)?;
+        if n > 1 {
+            self.cold_prefetch(rep, &xn("arbor_cold_prefetch"), n)?;
+            let cache = self.fresh_cache("cache-e")?;
+            let m = self.mount(&cache, false)?;
+            self.measure(
+                &xn("arbor_cold_noprefetch"),
+                rep,
+                Kind::Read,
+                n,
+                Some(&m),
+                true,
+            )?;
+            let at_end = m.metrics()?;
+            self.record_cold(
+                &xn("arbor_cold_noprefetch"),
+                rep,
+                &format!("no-prefetch, {n} threads"),
+                &m,
+                &at_end,
+                None,
+            );
+            m.stop()?;
+            fs::remove_dir_all(&cache)?;
+        }
+        Ok(())
+    }
+
+    fn cold_prefetch(&mut self, rep: u32, key: &str, threads: usize) -> Result<()> {
+        let cache = self.fresh_cache("cache-b")?;
+        let m = self.mount(&cache, true)?;
+        self.measure(key, rep, Kind::Read, threads, Some(&m), true)?;
+        let at_end = m.metrics()?;
+        let secs = m.wait_prefetch(1)?;
+        let after = m.metrics()?;
+        let variant = if threads > 1 {
+            format!("prefetch, {threads} threads")
+        } else {
+            "prefetch".to_string()
+        };
+        self.record_cold(key, rep, &variant, &m, &at_end, Some((&after, secs)));
+        m.stop()?;
+        fs::remove_dir_all(&cache)?;
+        Ok(())
+    }
+
+    /// Warns if the registry served anything between two scrapes (the reads between them
+    /// should all have come from arbor's caches).
+    fn check_no_fetch(before: &MetricMap, after: &MetricMap, what: &str) {
+        let k = "arbor_fetch_bytes_total{source=\"registry\"}";
+        let d = metric(after, k) - metric(before, k);
+        if d > 0.0 {
+            eprintln!(
+                "warning: {what}: {d} bytes came from the registry, expected every read to hit \
+                 arbor's caches"
+            );
+        }
+    }
+
+    fn summarize(&self) -> Vec<ScenarioSummary> {
+        let defs = scenario_defs(self.threads);
+        let mut out: Vec<ScenarioSummary> = Vec::new();
+        for (key, label, kind, cp) in defs {
+            let mine: Vec<&Sample> = self.samples.iter().filter(|s| s.key == key).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let secs = Spread::of(&mine.iter().map(|s| s.seconds).collect::<Vec<_>>());
+            let items = mine[0].items;
+            let bytes = mine[0].bytes;
+            let reader_cpu = Spread::of(&mine.iter().map(|s| s.reader_cpu).collect::<Vec<_>>());
+            let arbor_cpu: Vec<f64> = mine.iter().filter_map(|s| s.arbor_cpu).collect();
+            let ratio = cp.as_ref().and_then(|c| {
+                out.iter()
+                    .find(|o| &o.key == c)
+                    .map(|o| secs.median / o.seconds.median)
+            });
+            out.push(ScenarioSummary {
+                key,
+                label,
+                kind,
+                counterpart: cp,
+                seconds: secs,
+                runs: mine.iter().map(|s| s.seconds).collect(),
+                items,
+                bytes,
+                reader_cpu: reader_cpu.median,
+                arbor_cpu: (!arbor_cpu.is_empty()).then(|| Spread::of(&arbor_cpu).median),
+                ratio,
+            });
+        }
+        out
+    }
+
+    /// Medians per cold-run variant of the registry traffic.
+    fn traffic_summary(&self) -> Value {
+        let mut variants: Vec<String> = Vec::new();
+        for r in &self.cold_runs {
+            let v = r["variant"].as_str().unwrap_or("?").to_string();
+            if !variants.contains(&v) {
+                variants.push(v);
+            }
+        }
+        let med = |v: &str, path: &str| {
+            let vals: Vec<f64> = self
+                .cold_runs
+                .iter()
+                .filter(|r| r["variant"] == v)
+                .filter_map(|r| r.pointer(path).and_then(Value::as_f64))
+                .collect();
+            (!vals.is_empty()).then(|| Spread::of(&vals).median)
+        };
+        Value::Array(
+            variants
+                .iter()
+                .map(|v| {
+                    json!({
+                        "variant": v,
+                        "runs": self.cold_runs.iter().filter(|r| r["variant"] == v.as_str()).count(),
+                        "mount_ready_seconds": med(v, "/mount_ready_seconds"),
+                        "registry_bytes_at_end": med(v, "/at_end_of_read/registry_bytes"),
+                        "registry_requests_at_end": med(v, "/at_end_of_read/registry_requests"),
+                        "chunks_fetched_at_end": med(v, "/at_end_of_read/chunks_fetched"),
+                        "chunks_memory_at_end": med(v, "/at_end_of_read/chunks_memory"),
+                        "chunks_cache_at_end": med(v, "/at_end_of_read/chunks_cache"),
+                        "fetch_seconds_sum_at_end": med(v, "/at_end_of_read/fetch_seconds_sum"),
+                        "arbor_cpu_seconds_at_end": med(v, "/at_end_of_read/arbor_cpu_seconds"),
+                        "registry_bytes_total": med(v, "/after_prefetch/registry_bytes"),
+                        "registry_requests_total": med(v, "/after_prefetch/registry_requests"),
+                        "prefetch_bytes_total": med(v, "/after_prefetch/prefetch_bytes"),
+                        "prefetch_seconds_logged": med(v, "/prefetch_seconds_logged"),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+fn metric(m: &MetricMap, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+struct ScenarioSummary {
+    key: String,
+    label: String,
+    kind: Kind,
+    counterpart: Option<String>,
+    seconds: Spread,
+    runs: Vec<f64>,
+    items: u64,
+    bytes: u64,
+    reader_cpu: f64,
+    arbor_cpu: Option<f64>,
+    /// Median time over the counterpart's median time.
+    ratio: Option<f64>,
+}
+
+impl ScenarioSummary {
+    fn mb_per_s(&self) -> Option<f64> {
+        (self.kind == Kind::Read).then(|| self.bytes as f64 / MB / self.seconds.median)
+    }
+
+    fn items_per_s(&self) -> f64 {
+        self.items as f64 / self.seconds.median
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "key": self.key,
+            "label": self.label,
+            "kind": if self.kind == Kind::Read { "read" } else { "stat" },
+            "seconds": self.seconds.to_json(),
+            "runs_seconds": self.runs,
+            "mb_per_s": self.mb_per_s(),
+            "files_per_s": (self.kind == Kind::Read).then(|| self.items_per_s()),
+            "entries_per_s": (self.kind == Kind::Stat).then(|| self.items_per_s()),
+            "items": self.items,
+            "bytes": self.bytes,
+            "reader_cpu_seconds_median": self.reader_cpu,
+            "arbor_cpu_seconds_median": self.arbor_cpu,
+            "counterpart": self.counterpart,
+            "ratio_to_counterpart": self.ratio,
+        })
+    }
+}
+
+fn print_table(scenarios: &[ScenarioSummary], data: &Dataset, reps: u32) {
+    println!(
+        "fuse read: {} ({} files, {:.1} MB), {reps} reps, medians; ratio = time / plain dir's",
+        tree(),
+        data.files,
+        data.bytes as f64 / MB
+    );
+    println!(
+        "{:<44} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9}",
+        "scenario", "median s", "min s", "max s", "MB/s", "files/s", "ratio", "cpu s"
+    );
+    for s in scenarios {
+        let ratio = s
+            .ratio
+            .map(|r| format!("{r:.2}x"))
+            .unwrap_or_else(|| "-".into());
+        let mbs = s
+            .mb_per_s()
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let cpu = match s.arbor_cpu {
+            Some(a) => format!("{:.2}+{:.2}", s.reader_cpu, a),
+            None => format!("{:.2}", s.reader_cpu),
+        };
+        println!(
+            "{:<44} {:>9.3} {:>8.3} {:>8.3} {:>8} {:>9.0} {:>7} {:>9}",
+            s.label,
+            s.seconds.median,
+            s.seconds.min,
+            s.seconds.max,
+            mbs,
+            s.items_per_s(),
+            ratio,
+            cpu
+        );
+    }
+    println!(
+        "(files/s counts entries for lstat rows; cpu s = this process [+ arbor], median; \
+         \"same mount\" re-reads come from arbor's memory cache, \"new mount\" from its disk cache)"
+    );
+}
+
+fn targets(scenarios: &[ScenarioSummary]) -> Vec<Value> {
+    let ratio = |k: &str| scenarios.iter().find(|s| s.key == k).and_then(|s| s.ratio);
+    let met = |ok: bool| if ok { "met" } else { "missed" };
+    let mut out = Vec::new();
+    if let Some(r) = ratio("arbor_warm") {
+        out.push(json!({
+            "name": "warm_read",
+            "target": format!("<= {TARGET_WARM}x plain dir warm read"),
+            "value": r,
+            "met": r <= TARGET_WARM,
+            "line": format!(
+                "warm read within {TARGET_WARM}x of the plain directory: {r:.2}x ({})",
+                met(r <= TARGET_WARM)
+            ),
+        }));
+    }
+    if let Some(r) = ratio("arbor_cold_prefetch") {
+        let np = ratio("arbor_cold_noprefetch");
+        out.push(json!({
+            "name": "cold_read_all",
+            "target": format!("<= {TARGET_COLD}x plain dir cold read (prefetch on)"),
+            "value": r,
+            "met": r <= TARGET_COLD,
+            "no_prefetch_value": np,
+            "line": format!(
+                "cold read-all within {TARGET_COLD}x of the plain directory's cold read: {r:.2}x \
+                 ({}); with --no-prefetch: {}",
+                met(r <= TARGET_COLD),
+                np.map(|v| format!("{v:.2}x ({})", met(v <= TARGET_COLD)))
+                    .unwrap_or_else(|| "-".into())
+            ),
+        }));
+    }
+    out
+}
+
+fn print_cold_runs(runs: &[Value], layer_bytes: u64) {
+    println!(
+        "registry traffic of each cold run (arbor metrics; converted layer blob {:.2} MB):",
+        layer_bytes as f64 / MB
+    );
+    println!(
+        "{:<24} {:>3} {:>7} {:>7} {:>8} {:>6} {:>5} {:>17} {:>8} {:>5} {:>9} {:>7}",
+        "variant",
+        "rep",
+        "mount s",
+        "read s",
+        "MB read",
+        "x blob",
+        "reqs",
+        "chunks fet/dsk/mem",
+        "MB total",
+        "reqs",
+        "prefetch s",
+        "cpu s"
+    );
+    let num = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
+    let fmt = |x: Option<f64>, scale: f64, prec: usize| {
+        x.map(|x| format!("{:.*}", prec, x / scale))
+            .unwrap_or_else(|| "-".into())
+    };
+    for r in runs {
+        let end_bytes = num(r, "/at_end_of_read/registry_bytes");
+        let chunks = format!(
+            "{}/{}/{}",
+            fmt(num(r, "/at_end_of_read/chunks_fetched"), 1.0, 0),
+            fmt(num(r, "/at_end_of_read/chunks_cache"), 1.0, 0),
+            fmt(num(r, "/at_end_of_read/chunks_memory"), 1.0, 0),
+        );
+        println!(
+            "{:<24} {:>3} {:>7} {:>7} {:>8} {:>6} {:>5} {:>17} {:>8} {:>5} {:>9} {:>7}",
+            r["variant"].as_str().unwrap_or("?"),
+            r["rep"],
+            fmt(num(r, "/mount_ready_seconds"), 1.0, 3),
+            fmt(num(r, "/read_seconds"), 1.0, 3),
+            fmt(end_bytes, MB, 2),
+            fmt(end_bytes.map(|b| b / layer_bytes.max(1) as f64), 1.0, 2),
+            fmt(num(r, "/at_end_of_read/registry_requests"), 1.0, 0),
+            chunks,
+            fmt(num(r, "/after_prefetch/registry_bytes"), MB, 2),
+            fmt(num(r, "/after_prefetch/registry_requests"), 1.0, 0),
+            fmt(num(r, "/prefetch_seconds_logged"), 1.0, 2),
+            fmt(num(r, "/at_end_of_read/arbor_cpu_seconds"), 1.0, 2),
+        );
+    }
+    println!(
+        "(\"MB read\", \"reqs\", chunks: registry bytes, range requests and chunk reads by source \
+         (fetched / disk cache / memory cache) when the read of every file finished; \"x blob\": \
+         MB read over the blob size; \"MB total\": after the background prefetch logged \
+         \"prefetch done\"; cpu s: arbor's CPU time from mount to the end of the read)"
+    );
+}

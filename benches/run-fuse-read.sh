@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds arbor and the FUSE read benchmark in release mode and runs it; arguments go to
+# bench-fuse-read (see `benches/run-fuse-read.sh --help`). Needs root (see the bench's --help).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+cargo build --release -p arbor-cli -p arbor-benches
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-fuse-read" "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds arbor and the lazy-start benchmark in release mode and runs it; arguments go to
+# bench-lazy-start (see `benches/run-lazy-start.sh --help`). Needs root (see the bench's --help).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+cargo build --release -p arbor-cli -p arbor-benches
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-lazy-start" "$@"
