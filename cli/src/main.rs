@@ -124,7 +124,9 @@ enum Command {
         #[arg(long, default_value = "10GiB", value_parser = parse_size)]
         cache_size: u64,
         /// Bytes of the compressed blob fetched per request (whole chunks, at least one).
-        #[arg(long, default_value = "512KiB", value_parser = parse_size)]
+        /// 1 MiB read a 165 MB tree ~35% faster than 512 KiB with the same registry traffic
+        /// (benches/fuse_read); smaller units fetch less around sparse reads.
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
         fetch_unit: u64,
         /// Do not fetch ahead of demand at all.
         #[arg(long)]

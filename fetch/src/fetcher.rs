@@ -60,7 +60,7 @@ pub struct FetcherOptions {
 impl Default for FetcherOptions {
     fn default() -> Self {
         FetcherOptions {
-            fetch_unit: 512 << 10,
+            fetch_unit: 1 << 20,
             memory_budget: 256 << 20,
             fetch_timeout: Duration::from_secs(60),
         }
