@@ -131,6 +131,18 @@ pub async fn run(
             )));
         }
     }
+    // Write-back of fetched chunks to the disk cache, like dirty page writeback.
+    let writeback = {
+        let f = Arc::clone(&fetcher);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                f.flush().await;
+            }
+        })
+    };
     let metrics_task = match &a.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -168,6 +180,7 @@ pub async fn run(
     for p in prefetches {
         p.abort();
     }
+    writeback.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }

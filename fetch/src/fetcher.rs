@@ -285,7 +285,7 @@ impl Fetcher {
                     })?;
             self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
             let b = Bytes::from(data);
-            self.mem.put(key, b.clone());
+            self.remember(key, b.clone(), false);
             return Ok(b);
         }
         if self.cache.contains(&digest) {
@@ -294,7 +294,7 @@ impl Fetcher {
                 Lookup::Hit(data) => {
                     self.metrics.chunk_disk_hits.fetch_add(1, Ordering::Relaxed);
                     let b = Bytes::from(data);
-                    self.mem.put(key, b.clone());
+                    self.remember(key, b.clone(), false);
                     return Ok(b);
                 }
                 Lookup::Corrupt => {
@@ -333,8 +333,7 @@ impl Fetcher {
             Ok(data) => {
                 let b = Bytes::from(data);
                 if let Some(d) = &c.digest {
-                    self.mem.put(*d.as_bytes(), b.clone());
-                    self.store(vec![(d.clone(), b.clone())]);
+                    self.remember(*d.as_bytes(), b.clone(), true);
                 }
                 self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
                 Ok(b)
@@ -405,18 +404,12 @@ impl Fetcher {
         })
         .await?;
         // Neighbours are likely read next (files of a directory, chunks of a file): keep them
-        // all in memory, and on disk for later.
+        // all in memory; they reach the disk cache when evicted or flushed (write-back).
         for (_, d, b) in &decoded {
             if let Some(d) = d {
-                self.mem.put(*d.as_bytes(), b.clone());
+                self.remember(*d.as_bytes(), b.clone(), true);
             }
         }
-        self.store(
-            decoded
-                .iter()
-                .filter_map(|(_, d, b)| d.clone().map(|d| (d, b.clone())))
-                .collect(),
-        );
         Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
     }
 
@@ -478,6 +471,18 @@ impl Fetcher {
         })
     }
 
+    /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
+    /// chunks that evicts.
+    fn remember(&self, key: [u8; 32], data: Bytes, dirty: bool) {
+        let evicted = self.mem.put(key, data, dirty);
+        self.store(
+            evicted
+                .into_iter()
+                .map(|(k, b)| (arbor_format::Digest::from_bytes(k), b))
+                .collect(),
+        );
+    }
+
     /// Writes verified chunks to the disk cache in the background.
     fn store(&self, chunks: Vec<(arbor_format::Digest, Bytes)>) {
         if chunks.is_empty() {
@@ -502,8 +507,16 @@ impl Fetcher {
         });
     }
 
-    /// Waits until every background cache write has finished.
+    /// Writes every chunk still only in memory to the disk cache and waits until all cache
+    /// writes have finished. Mounts call it periodically and when they stop.
     pub async fn flush(&self) {
+        self.store(
+            self.mem
+                .take_dirty()
+                .into_iter()
+                .map(|(k, b)| (arbor_format::Digest::from_bytes(k), b))
+                .collect(),
+        );
         while self.pending_writes.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

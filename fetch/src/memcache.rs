@@ -1,7 +1,9 @@
 //! A small in-memory LRU of verified chunks, keyed by digest, bounded in bytes.
 //!
 //! FUSE reads arrive in 128 KiB pieces while chunks are up to 1 MiB: without this, every
-//! piece would re-read and re-verify the whole chunk from disk.
+//! piece would re-read and re-verify the whole chunk from disk. It is also the write-back
+//! buffer of the disk cache: freshly fetched chunks are *dirty* until written, and are handed
+//! back for writing when evicted or taken by [`MemCache::take_dirty`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -9,7 +11,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 struct State {
-    entries: HashMap<[u8; 32], (Bytes, u64)>,
+    /// digest -> (data, tick of last use, dirty)
+    entries: HashMap<[u8; 32], (Bytes, u64, bool)>,
     lru: BTreeMap<u64, [u8; 32]>,
     total: u64,
     tick: u64,
@@ -35,12 +38,12 @@ impl MemCache {
 
     pub fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (data, old) = st.entries.get(key).cloned()?;
+        let (data, old, dirty) = st.entries.get(key).cloned()?;
         st.tick += 1;
         let t = st.tick;
         st.lru.remove(&old);
         st.lru.insert(t, *key);
-        st.entries.insert(*key, (data.clone(), t));
+        st.entries.insert(*key, (data.clone(), t, dirty));
         Some(data)
     }
 
@@ -49,29 +52,52 @@ impl MemCache {
         st.entries.contains_key(key)
     }
 
-    pub fn put(&self, key: [u8; 32], data: Bytes) {
+    /// Inserts a chunk (`dirty`: not yet in the disk cache). Returns the dirty chunks it
+    /// evicted, for the caller to write.
+    pub fn put(&self, key: [u8; 32], data: Bytes, dirty: bool) -> Vec<([u8; 32], Bytes)> {
         if data.len() as u64 > self.budget / 4 {
-            return;
+            return if dirty { vec![(key, data)] } else { Vec::new() };
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.tick += 1;
         let t = st.tick;
         let len = data.len() as u64;
-        if let Some((old, ot)) = st.entries.insert(key, (data, t)) {
+        let mut dirty = dirty;
+        if let Some((old, ot, was_dirty)) = st.entries.remove(&key) {
             st.lru.remove(&ot);
             st.total -= old.len() as u64;
+            dirty |= was_dirty;
         }
+        st.entries.insert(key, (data, t, dirty));
         st.lru.insert(t, key);
         st.total += len;
+        let mut evicted = Vec::new();
         while st.total > self.budget {
             let Some((&ot, &k)) = st.lru.iter().next() else {
                 break;
             };
             st.lru.remove(&ot);
-            if let Some((d, _)) = st.entries.remove(&k) {
+            if let Some((d, _, was_dirty)) = st.entries.remove(&k) {
                 st.total -= d.len() as u64;
+                if was_dirty {
+                    evicted.push((k, d));
+                }
             }
         }
+        evicted
+    }
+
+    /// Marks every chunk clean and returns those that were dirty.
+    pub fn take_dirty(&self) -> Vec<([u8; 32], Bytes)> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (k, (d, _, dirty)) in st.entries.iter_mut() {
+            if *dirty {
+                *dirty = false;
+                out.push((*k, d.clone()));
+            }
+        }
+        out
     }
 }
 
@@ -82,10 +108,20 @@ mod tests {
     #[test]
     fn bounded_lru() {
         let m = MemCache::new(400);
+        let mut evicted = Vec::new();
         for i in 0..10u8 {
-            m.put([i; 32], Bytes::from(vec![i; 100]));
+            evicted.extend(m.put([i; 32], Bytes::from(vec![i; 100]), i % 2 == 0));
         }
         assert!(m.get(&[0; 32]).is_none());
+        // Evicted dirty chunks come back for writing; clean ones just go.
+        assert_eq!(
+            evicted.iter().map(|(k, _)| k[0]).collect::<Vec<_>>(),
+            [0, 2, 4]
+        );
+        let mut dirty: Vec<u8> = m.take_dirty().iter().map(|(k, _)| k[0]).collect();
+        dirty.sort();
+        assert_eq!(dirty, [6, 8]);
+        assert!(m.take_dirty().is_empty());
         assert!(m.get(&[9; 32]).is_some());
         let st = m.state.lock().unwrap();
         assert!(st.total <= 400);

@@ -95,6 +95,5 @@ pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts
         debug!(layer = %layer.digest, phase, bytes = phase_bytes, "prefetch phase done");
         fetched += phase_bytes;
     }
-    fetcher.flush().await;
     info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
 }

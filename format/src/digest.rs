@@ -30,6 +30,11 @@ impl Digest {
         Digest(Sha256::digest(data).into())
     }
 
+    /// A digest from its raw 32 bytes.
+    pub fn from_bytes(b: [u8; 32]) -> Digest {
+        Digest(b)
+    }
+
     /// Wraps a finished hasher.
     pub fn from_hasher(h: Sha256) -> Digest {
         Digest(h.finalize().into())
