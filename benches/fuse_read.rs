@@ -827,46 +827,6 @@ fn run_limited<T: Send + 'static>(
 // ---------------------------------------------------------------------------------------------
 // Mounts and clean-up
 
-/// Mount points below `prefix` (from /proc/self/mountinfo), deepest first.
-fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        .filter(|m| m.starts_with(prefix))
-        .collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    out.dedup();
-    out
-}
-
-fn is_mounted(path: &Path) -> bool {
-    mounts_under(path).iter().any(|m| m == path)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `umount PATH`, then `umount -l PATH` if that fails; returns what failed, if anything.
 fn unmount(path: &Path) -> Option<String> {
     let plain = Command::new("umount")
@@ -908,7 +868,7 @@ impl Scratch {
         let path = parent.join(format!("arbor-bench-fuse-{}", std::process::id()));
         if path.exists() {
             ensure!(
-                mounts_under(&path).is_empty(),
+                arbor_testkit::mounts_below(&path).is_empty(),
                 "{} exists and has mounts below it",
                 path.display()
             );
@@ -922,12 +882,12 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for m in mounts_under(&self.path) {
+        for m in arbor_testkit::mounts_below(&self.path) {
             if let Some(e) = unmount(&m) {
                 eprintln!("warning: cleaning up {}: {e}", m.display());
             }
         }
-        if mounts_under(&self.path).is_empty() {
+        if arbor_testkit::mounts_below(&self.path).is_empty() {
             if let Err(e) = fs::remove_dir_all(&self.path) {
                 eprintln!("warning: removing {}: {e}", self.path.display());
             }
@@ -1020,7 +980,7 @@ impl ArborMount {
                 bail!("`{desc}` exited early ({st}):\n{}", m.log_tail(30));
             }
             let log = fs::read_to_string(&m.log).unwrap_or_default();
-            if log.contains("mounted ") && is_mounted(&m.mountpoint) {
+            if log.contains("mounted ") && arbor_testkit::is_mounted(&m.mountpoint) {
                 break;
             }
             if t.elapsed() > MOUNT_TIMEOUT {
@@ -1133,7 +1093,7 @@ impl ArborMount {
             }
             thread::sleep(Duration::from_millis(10));
         };
-        let left = mounts_under(&self.dir);
+        let left = arbor_testkit::mounts_below(&self.dir);
         for m in &left {
             if let Some(e) = unmount(m) {
                 warnings.push(e);
@@ -1160,7 +1120,7 @@ impl Drop for ArborMount {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if is_mounted(&self.mountpoint) {
+        if arbor_testkit::is_mounted(&self.mountpoint) {
             let _ = Command::new("umount")
                 .arg("-l")
                 .arg(&self.mountpoint)
@@ -1181,7 +1141,7 @@ impl Drop for ArborMount {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for m in mounts_under(&self.dir) {
+        for m in arbor_testkit::mounts_below(&self.dir) {
             let _ = Command::new("umount")
                 .arg("-l")
                 .arg(&m)

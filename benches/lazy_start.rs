@@ -782,7 +782,7 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         if let Some(d) = self.0.take() {
             unmount_below(d.path());
-            if !mounts_below(d.path()).is_empty() {
+            if !arbor_testkit::mounts_below(d.path()).is_empty() {
                 // Never delete through a mount.
                 eprintln!(
                     "warning: mounts left below {}; not removing it",
@@ -799,43 +799,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// Mount points at or below `dir`, deepest first.
-fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    v.dedup();
-    v
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn is_mounted(p: &Path) -> bool {
-    mounts_below(p).iter().any(|m| m == p)
-}
-
 /// Lazily unmounts `p` (MNT_DETACH); errors ignored.
 fn detach(p: &Path) {
     if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
@@ -849,7 +812,7 @@ fn detach(p: &Path) {
 /// Lazily unmounts everything at or below `dir`, deepest first.
 fn unmount_below(dir: &Path) {
     for _ in 0..8 {
-        let m = mounts_below(dir);
+        let m = arbor_testkit::mounts_below(dir);
         if m.is_empty() {
             return;
         }
@@ -862,7 +825,7 @@ struct MountGuard(PathBuf);
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        while is_mounted(&self.0) {
+        while arbor_testkit::is_mounted(&self.0) {
             detach(&self.0);
         }
     }
@@ -1793,7 +1756,7 @@ impl ArborMount {
             );
         }
         ensure!(
-            is_mounted(mnt),
+            arbor_testkit::is_mounted(mnt),
             "arbor said mounted but {} is not a mount point",
             mnt.display()
         );
@@ -1855,7 +1818,7 @@ impl ArborMount {
 impl Drop for ArborMount {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if is_mounted(&self.mnt) {
+            if arbor_testkit::is_mounted(&self.mnt) {
                 detach(&self.mnt);
             }
             // SAFETY: kill(2) on our own child.
@@ -1868,7 +1831,7 @@ impl Drop for ArborMount {
             let _ = c.wait();
         }
         unmount_below(&self.state);
-        while is_mounted(&self.mnt) {
+        while arbor_testkit::is_mounted(&self.mnt) {
             detach(&self.mnt);
         }
     }

@@ -12,14 +12,6 @@ use arbor_testkit::{
     skip_unless_tools, skopeo_push, write_oci_layout,
 };
 
-fn is_mounted(p: &Path) -> bool {
-    let want = p.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
-
 struct Mount {
     child: Child,
     dir: std::path::PathBuf,
@@ -38,7 +30,7 @@ impl Mount {
             .spawn()
             .unwrap();
         let t = Instant::now();
-        while !is_mounted(dir) {
+        while !arbor_testkit::is_mounted(dir) {
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "arbor mount did not mount {}",
@@ -208,7 +200,7 @@ fn mounted_image_equals_containerd_unpack() {
         diffs.join("\n")
     );
     m.stop();
-    assert!(!is_mounted(&lazy));
+    assert!(!arbor_testkit::is_mounted(&lazy));
     assert!(
         std::fs::read_dir(work.path().join("state"))
             .unwrap()

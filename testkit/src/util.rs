@@ -294,7 +294,8 @@ pub(crate) fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
 }
 
 /// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
-pub(crate) fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+/// Mount points at or below `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -307,6 +308,11 @@ pub(crate) fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     v.dedup();
     v
+}
+
+/// Whether `p` is a mount point.
+pub fn is_mounted(p: &Path) -> bool {
+    mounts_below(p).iter().any(|m| m == p)
 }
 
 /// Lazily unmounts everything at or below `dir`, deepest first (repeats for stacked mounts).

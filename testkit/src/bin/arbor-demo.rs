@@ -136,14 +136,7 @@ fn main() -> Result<()> {
         .arg(&dst)
         .arg(&rootfs)
         .spawn()?;
-    let mounted = |p: &std::path::Path| {
-        let want = p.to_string_lossy().into_owned();
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-    };
-    while !mounted(&rootfs) {
+    while !arbor_testkit::is_mounted(&rootfs) {
         if t.elapsed().as_secs() > 30 || mount.try_wait()?.is_some() {
             let _ = mount.kill();
             bail!("arbor mount did not come up");
