@@ -10,7 +10,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 /// Sizes are reported in MB (10^6 bytes).
@@ -235,4 +235,39 @@ impl Spread {
     pub fn to_json(self) -> Value {
         json!({"median": self.median, "min": self.min, "max": self.max})
     }
+}
+
+/// Checks what every bench needs before it starts: the arbor binary, the external `tools`,
+/// and root (`why_root` says what for).
+pub fn preflight(arbor: &Path, tools: &[&str], why_root: &str) -> Result<()> {
+    ensure!(
+        arbor.is_file(),
+        "arbor binary {} not found (cargo build --release -p arbor-cli, or --arbor PATH)",
+        arbor.display()
+    );
+    for tool in tools {
+        ensure!(
+            arbor_testkit::find_in_path(tool).is_some(),
+            "`{tool}` not found (run scripts/setup.sh)"
+        );
+    }
+    ensure!(arbor_testkit::is_root(), "must run as root: {why_root}");
+    Ok(())
+}
+
+/// Prints the machine and tool versions of [`machine_info`].
+pub fn print_machine(machine: &Value) {
+    println!(
+        "machine: {} cores, {}, {:.1} GB RAM, kernel {}",
+        machine["nproc"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["mem_total_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+        machine["kernel"].as_str().unwrap_or("?"),
+    );
+    println!(
+        "tools: {} | {} | {}",
+        machine["arbor_version"].as_str().unwrap_or("?"),
+        machine["skopeo_version"].as_str().unwrap_or("?"),
+        machine["registry_version"].as_str().unwrap_or("?"),
+    );
 }

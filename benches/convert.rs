@@ -18,17 +18,15 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use arbor_testkit::{
-    ImageSpec, LayerSource, Registry, find_in_path, skopeo_push, tar_dir, write_oci_layout,
-};
+use arbor_testkit::{ImageSpec, LayerSource, Registry, skopeo_push, tar_dir, write_oci_layout};
 use clap::Parser;
 use serde_json::{Value, json};
 
 #[path = "common.rs"]
 mod common;
 use common::{
-    MB, Spread, clock_ticks, describe, inspect_raw, machine_info, resolve_debs, run_quiet,
-    run_timed, tail, target_dir,
+    MB, Spread, clock_ticks, describe, inspect_raw, machine_info, preflight, print_machine,
+    resolve_debs, run_quiet, run_timed, tail, target_dir,
 };
 
 /// Tag of the image in the cached OCI layout.
@@ -207,36 +205,14 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| target_dir.join("bench/convert.json"));
 
-    ensure!(
-        arbor.is_file(),
-        "arbor binary {} not found (cargo build --release -p arbor-cli, or --arbor PATH)",
-        arbor.display()
-    );
-    for tool in ["skopeo", "docker-registry", "dpkg-deb", "apt-get"] {
-        ensure!(
-            find_in_path(tool).is_some(),
-            "`{tool}` not found (run scripts/setup.sh)"
-        );
-    }
-    ensure!(
-        arbor_testkit::is_root(),
-        "must run as root: dpkg-deb -x must keep file owners for a realistic image"
-    );
+    preflight(
+        &arbor,
+        &["skopeo", "docker-registry", "dpkg-deb", "apt-get"],
+        "dpkg-deb -x must keep file owners for a realistic image",
+    )?;
 
     let machine = machine_info(&arbor);
-    println!(
-        "machine: {} cores, {}, {:.1} GB RAM, kernel {}",
-        machine["nproc"],
-        machine["cpu_model"].as_str().unwrap_or("?"),
-        machine["mem_total_bytes"].as_f64().unwrap_or(0.0) / 1e9,
-        machine["kernel"].as_str().unwrap_or("?"),
-    );
-    println!(
-        "tools: {} | {} | {}",
-        machine["arbor_version"].as_str().unwrap_or("?"),
-        machine["skopeo_version"].as_str().unwrap_or("?"),
-        machine["registry_version"].as_str().unwrap_or("?"),
-    );
+    print_machine(&machine);
 
     let (set_name, set) = if args.packages_small {
         ("small", SMALL_IMAGE)

@@ -78,7 +78,8 @@ use sha2::{Digest, Sha256};
 #[path = "common.rs"]
 mod common;
 use common::{
-    MB, Spread, clock_ticks, describe, machine_info, resolve_debs, run_quiet, tail, target_dir,
+    MB, Spread, clock_ticks, describe, machine_info, preflight, resolve_debs, run_quiet, tail,
+    target_dir,
 };
 
 /// Bump when the way the image or the start-up set is built changes.
@@ -461,32 +462,22 @@ fn run() -> Result<bool> {
         .unwrap_or_else(|| target.join("bench/lazy_start.json"));
     let timeout = Duration::from_secs(args.timeout);
 
-    ensure!(
-        arbor.is_file(),
-        "arbor binary {} not found (cargo build --release -p arbor-cli, or --arbor PATH)",
-        arbor.display()
-    );
-    ensure!(
-        arbor_testkit::is_root(),
-        "must run as root (network namespaces, mounts, drop_caches, chroot)"
-    );
-    for tool in [
-        "ip",
-        "tc",
-        "docker-registry",
-        "skopeo",
-        "dpkg-deb",
-        "apt-get",
-        "ldconfig",
-        "chroot",
-        "mount",
-        "umount",
-    ] {
-        ensure!(
-            find_in_path(tool).is_some(),
-            "`{tool}` not found (run scripts/setup.sh)"
-        );
-    }
+    preflight(
+        &arbor,
+        &[
+            "ip",
+            "tc",
+            "docker-registry",
+            "skopeo",
+            "dpkg-deb",
+            "apt-get",
+            "ldconfig",
+            "chroot",
+            "mount",
+            "umount",
+        ],
+        "network namespaces, mounts, drop_caches, chroot",
+    )?;
     let use_containerd = !args.no_containerd
         && ["containerd", "ctr", "runc"]
             .iter()
