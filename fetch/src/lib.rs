@@ -24,3 +24,22 @@ pub use cache::ChunkCache;
 pub use fetcher::{Fetcher, FetcherOptions, LayerHandle};
 pub use metrics::Metrics;
 pub use source::{BlobSource, SourceError};
+
+/// Parses a byte size: a number with an optional unit (`b`, `k`/`kb`/`kib`, `m`/`mb`/`mib`,
+/// `g`/`gb`/`gib`; all binary multiples), e.g. `512KiB`, `10G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}

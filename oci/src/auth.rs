@@ -25,7 +25,7 @@ impl fmt::Debug for Credentials {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
@@ -35,7 +35,7 @@ struct DockerConfig {
     cred_helpers: BTreeMap<String, String>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Clone, Deserialize)]
 struct AuthEntry {
     #[serde(default)]
     auth: Option<String>,
@@ -54,7 +54,7 @@ impl fmt::Debug for AuthEntry {
 }
 
 /// Where credentials come from, in order: explicit ones, then the Docker config file.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct CredentialStore {
     config: DockerConfig,
     explicit: HashMap<String, Credentials>,

@@ -1,0 +1,253 @@
+//! `/etc/arbor/config.toml`: every key, its meaning and its default (see
+//! `packaging/config.toml`, which [`DEFAULT_CONFIG_TOML`] is, and the test that keeps the two
+//! equal to [`Config::default`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Deserializer};
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/arbor/config.toml";
+
+/// The documented default config file.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../packaging/config.toml");
+
+/// A byte size: an integer or a string with a unit ("256MiB").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => arbor_fetch::parse_size(&s)
+                .map(Size)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Everything the daemon stores: snapshots, metadata, chunk cache, kept TOCs.
+    pub root: PathBuf,
+    /// The snapshots gRPC socket containerd connects to (created with mode 0600).
+    pub address: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax; `RUST_LOG` overrides it).
+    pub log_level: String,
+    pub metrics: Metrics,
+    pub cache: Cache,
+    pub fetch: Fetch,
+    pub prefetch: Prefetch,
+    pub fuse: Fuse,
+    pub registry: Registry,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Prometheus endpoint (`GET /metrics`); empty disables it.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cache {
+    /// Verified chunks kept in memory (also the write-back buffer).
+    pub memory_size: Size,
+    /// Byte budget of the on-disk chunk cache under `<root>/cache`.
+    pub disk_size: Size,
+    /// Seconds between write-backs of fetched chunks to disk.
+    pub writeback_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fetch {
+    /// Windows of the blob fetched per request are aligned to this size.
+    pub unit: Size,
+    /// Longest one registry request may take before the read fails.
+    pub timeout_secs: u64,
+    /// Requests in flight per registry host.
+    pub registry_concurrency: usize,
+    /// Retries of a failed registry request.
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Prefetch {
+    /// Fetch a layer's prefetch section in the background once it is mounted.
+    pub enabled: bool,
+    /// Then fetch the rest of the layer too.
+    pub rest: bool,
+    /// Bytes per second for the rest (0: unlimited).
+    pub rest_rate: Size,
+    /// Windows fetched at the same time per layer.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fuse {
+    /// FUSE worker threads per mounted layer.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registry {
+    /// Hosts (`host` or `host:port`) spoken to over plain HTTP instead of HTTPS.
+    pub plain_http: Vec<String>,
+    /// Docker config file with credentials; empty: `$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`.
+    pub docker_config: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: "/var/lib/arbor".into(),
+            address: "/run/arbor/snapshotter.sock".into(),
+            log_level: "info".into(),
+            metrics: Metrics {
+                address: "127.0.0.1:9310".into(),
+            },
+            cache: Cache::default(),
+            fetch: Fetch::default(),
+            prefetch: Prefetch::default(),
+            fuse: Fuse::default(),
+            registry: Registry::default(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Config::default().metrics
+    }
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            memory_size: Size(256 << 20),
+            disk_size: Size(10 << 30),
+            writeback_interval_secs: 5,
+        }
+    }
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch {
+            unit: Size(1 << 20),
+            timeout_secs: 60,
+            registry_concurrency: 8,
+            retries: 4,
+        }
+    }
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Prefetch {
+            enabled: true,
+            rest: true,
+            rest_rate: Size(0),
+            concurrency: 4,
+        }
+    }
+}
+
+impl Default for Fuse {
+    fn default() -> Self {
+        Fuse { threads: 2 }
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            plain_http: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            docker_config: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default path means the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let c: Config = toml::from_str(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.root.is_absolute(), "root must be an absolute path");
+        anyhow::ensure!(self.address.is_absolute(), "address must be an absolute path");
+        anyhow::ensure!(
+            self.fetch.unit.0 >= 4096 && self.fetch.unit.0 <= 64 << 20,
+            "fetch.unit must be between 4KiB and 64MiB"
+        );
+        anyhow::ensure!(self.fuse.threads >= 1, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.fetch.registry_concurrency >= 1,
+            "fetch.registry_concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            self.prefetch.concurrency >= 1,
+            "prefetch.concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            self.cache.writeback_interval_secs >= 1,
+            "cache.writeback_interval_secs must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_is_the_default() {
+        assert_eq!(Config::parse(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn sizes_and_errors() {
+        let c = Config::parse("[cache]\nmemory_size = \"64MiB\"\ndisk_size = 1048576\n").unwrap();
+        assert_eq!(c.cache.memory_size, Size(64 << 20));
+        assert_eq!(c.cache.disk_size, Size(1 << 20));
+        let e = Config::parse("[cache]\nmemroy_size = 1\n").unwrap_err();
+        assert!(format!("{e:#}").contains("memroy_size"), "{e:#}");
+        assert!(Config::parse("root = \"relative\"\n").is_err());
+        assert!(Config::parse("[fetch]\nunit = \"1q\"\n").is_err());
+    }
+}

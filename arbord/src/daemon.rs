@@ -1,0 +1,183 @@
+//! Running the daemon: opens the store and caches under the root, restores the lazy mounts
+//! of earlier runs (from kept TOCs, without the registry), then serves containerd's snapshots
+//! API on a unix socket and Prometheus metrics over HTTP until SIGTERM or SIGINT, when it
+//! writes cached chunks back and unmounts its layers.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use arbor_fetch::fetcher::FetcherOptions;
+use arbor_fetch::prefetch::PrefetchOptions;
+use arbor_fetch::{ChunkCache, Fetcher, Metrics};
+use arbor_snapshotter::{Remote, RemoteOptions, Service, Snapshotter};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// Holds an exclusive lock on `<root>/arbord.lock` for the life of the daemon, so two daemons
+/// never share a root.
+struct RootLock {
+    _file: std::fs::File,
+}
+
+impl RootLock {
+    fn take(root: &Path) -> Result<RootLock> {
+        use std::os::unix::io::AsRawFd;
+        let p = root.join("arbord.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another arbord is using {} ({}: {})",
+                root.display(),
+                p.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(RootLock { _file: f })
+    }
+}
+
+/// Binds the socket with mode 0600, replacing a stale socket file but never a live one.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another process", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    // Create it private from the start: no window in which others could connect.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = l.with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.root)
+        .with_context(|| format!("creating {}", cfg.root.display()))?;
+    std::fs::set_permissions(&cfg.root, std::fs::Permissions::from_mode(0o700))?;
+    let _lock = RootLock::take(&cfg.root)?;
+
+    let metrics = Arc::new(Metrics::default());
+    let cache_dir = cfg.root.join("cache");
+    let cache = Arc::new(
+        ChunkCache::open(&cache_dir, cfg.cache.disk_size.0)
+            .with_context(|| format!("opening the chunk cache in {}", cache_dir.display()))?,
+    );
+    let fetcher = Fetcher::new(
+        cache,
+        Arc::clone(&metrics),
+        FetcherOptions {
+            fetch_unit: cfg.fetch.unit.0,
+            memory_budget: cfg.cache.memory_size.0,
+            fetch_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
+        },
+    );
+    let remote = Arc::new(Remote::new(
+        Arc::clone(&fetcher),
+        RemoteOptions {
+            fuse_threads: cfg.fuse.threads,
+            prefetch: cfg.prefetch.enabled,
+            prefetch_opts: PrefetchOptions {
+                rest: cfg.prefetch.rest,
+                rest_rate: cfg.prefetch.rest_rate.0,
+                concurrency: cfg.prefetch.concurrency,
+            },
+            plain_http_hosts: cfg.registry.plain_http.clone(),
+            registry_concurrency: cfg.fetch.registry_concurrency,
+            registry_retries: cfg.fetch.retries,
+            docker_config: (!cfg.registry.docker_config.is_empty())
+                .then(|| PathBuf::from(&cfg.registry.docker_config)),
+        },
+        &cfg.root.join("tocs"),
+        tokio::runtime::Handle::current(),
+    )?);
+    let snap = Arc::new(Snapshotter::open(&cfg.root, Arc::clone(&remote))?);
+    let restored = snap.restore().await?;
+    info!(restored, "lazy mounts restored");
+
+    let listener = bind_socket(&cfg.address)?;
+    let metrics_task = if cfg.metrics.address.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics.address)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.address))?;
+        let (m, s) = (Arc::clone(&metrics), Arc::clone(&snap));
+        Some(tokio::spawn(arbor_fetch::metrics::serve(
+            l,
+            Arc::new(move || {
+                let mut text = m.render();
+                text.push_str(&s.render_metrics());
+                text
+            }),
+        )))
+    };
+    let writeback = {
+        let f = Arc::clone(&fetcher);
+        let every = Duration::from_secs(cfg.cache.writeback_interval_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                f.flush().await;
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+    };
+    info!(
+        socket = %cfg.address.display(),
+        root = %cfg.root.display(),
+        metrics = %cfg.metrics.address,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "arbord serving containerd's snapshots API"
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(Service::new(Arc::clone(&snap)).into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    if let Err(e) = &served {
+        warn!(error = %e, "gRPC server stopped with an error");
+    }
+    writeback.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&cfg.address);
+    fetcher.flush().await;
+    let r = Arc::clone(&remote);
+    tokio::task::spawn_blocking(move || r.unmount_all()).await?;
+    info!("stopped");
+    served.context("serving the snapshots API")
+}

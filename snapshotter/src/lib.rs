@@ -1,0 +1,21 @@
+//! containerd snapshotter: overlay snapshots plus lazily mounted remote layers.
+//!
+//! [`Snapshotter`] keeps containerd's snapshot semantics (Prepare, View, Mounts, Commit,
+//! Remove, Stat, Update, Usage, Walk, Cleanup) over directories under one root, with metadata
+//! in an embedded transactional store ([`meta`]). Layers converted by `arbor convert` are
+//! mounted through the FUSE filesystem instead of being unpacked ([`remote`]), following
+//! containerd's remote-snapshot protocol ([`labels`]). [`service`] serves it as containerd's
+//! `containerd.services.snapshots.v1` gRPC service (a proxy plugin).
+
+pub mod error;
+pub mod filter;
+pub mod labels;
+pub mod meta;
+pub mod remote;
+pub mod service;
+pub mod snapshotter;
+
+pub use error::{Error, Result};
+pub use remote::{Remote, RemoteOptions};
+pub use service::Service;
+pub use snapshotter::Snapshotter;

@@ -1,0 +1,331 @@
+//! Lazily mounted layers: reading a layer's TOC (from the registry once, then from the copy
+//! kept under `<root>/tocs`), mounting it through the FUSE filesystem at a snapshot's `fs`
+//! directory, prefetching it, and unmounting it. The node's one [`Fetcher`] (chunk caches,
+//! single flight, verification, metrics) serves every mount; one [`StoreSource`] per
+//! repository fetches the bytes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer};
+use arbor_fetch::source::{Limits, StoreSource};
+use arbor_fetch::toc::{fetch_layer_toc, index_from_stored};
+use arbor_fetch::{BlobSource, Fetcher, LayerHandle};
+use arbor_format::Digest;
+use arbor_format::footer::TocPosition;
+use arbor_format::index::LayerIndex;
+use arbor_lazyfs::{MountOptions, Mounted, mount_layer, overlay};
+use arbor_oci::Store;
+use arbor_oci::auth::CredentialStore;
+use arbor_oci::manifest::Descriptor;
+use arbor_oci::reference::Reference;
+use arbor_oci::registry::{ClientOptions, RegistryClient};
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::meta::{RemoteLayer, Usage};
+
+/// How remote layers are fetched and served.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// FUSE worker threads per mounted layer.
+    pub fuse_threads: usize,
+    /// Prefetch a layer's prefetch section in the background once it is mounted.
+    pub prefetch: bool,
+    /// How the rest of the layer is prefetched after the prefetch section.
+    pub prefetch_opts: PrefetchOptions,
+    /// Registry hosts (`host` or `host:port`) spoken to over plain HTTP.
+    pub plain_http_hosts: Vec<String>,
+    /// Requests in flight per registry host.
+    pub registry_concurrency: usize,
+    /// Retries of failed registry requests.
+    pub registry_retries: u32,
+    /// Docker config file with credentials (`None`: `$DOCKER_CONFIG` or `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            fuse_threads: 2,
+            prefetch: true,
+            prefetch_opts: PrefetchOptions::default(),
+            plain_http_hosts: Vec::new(),
+            registry_concurrency: 8,
+            registry_retries: 4,
+            docker_config: None,
+        }
+    }
+}
+
+struct Active {
+    mounted: Mounted,
+    prefetch: Option<JoinHandle<()>>,
+}
+
+/// The node's lazily mounted layers.
+pub struct Remote {
+    fetcher: Arc<Fetcher>,
+    opts: RemoteOptions,
+    toc_dir: PathBuf,
+    tls: RegistryClient,
+    plain: RegistryClient,
+    limits: Arc<Limits>,
+    stores: Mutex<HashMap<String, (Store, Arc<dyn BlobSource>)>>,
+    mounts: Mutex<HashMap<u64, Active>>,
+    rt: tokio::runtime::Handle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Remote {
+    pub fn new(
+        fetcher: Arc<Fetcher>,
+        opts: RemoteOptions,
+        toc_dir: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Remote> {
+        std::fs::create_dir_all(toc_dir)
+            .map_err(Error::io(format!("creating {}", toc_dir.display())))?;
+        let creds = match &opts.docker_config {
+            Some(p) => CredentialStore::from_file(p),
+            None => CredentialStore::load_default(),
+        }
+        .map_err(|e| Error::Internal(format!("reading registry credentials: {e}")))?;
+        let client = |plain_http| {
+            RegistryClient::new(
+                ClientOptions {
+                    plain_http,
+                    retries: opts.registry_retries,
+                    ..Default::default()
+                },
+                creds.clone(),
+            )
+            .map_err(|e| Error::Internal(format!("creating the registry client: {e}")))
+        };
+        Ok(Remote {
+            tls: client(false)?,
+            plain: client(true)?,
+            limits: Limits::new(opts.registry_concurrency),
+            fetcher,
+            opts,
+            toc_dir: toc_dir.to_path_buf(),
+            stores: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+            rt,
+        })
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    fn plain_http(&self, registry: &str) -> bool {
+        let host = registry
+            .rsplit_once(':')
+            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+            .map_or(registry, |(h, _)| h);
+        self.opts
+            .plain_http_hosts
+            .iter()
+            .any(|h| h == registry || h == host)
+    }
+
+    /// The store and fetch source for the repository of `image_ref` (no network traffic).
+    fn store(&self, image_ref: &str) -> Result<(Store, Arc<dyn BlobSource>)> {
+        let r = Reference::parse(image_ref)
+            .map_err(|e| Error::InvalidArgument(format!("image reference: {e}")))?;
+        let key = format!("{}/{}", r.registry, r.repository);
+        let mut stores = lock(&self.stores);
+        if let Some(s) = stores.get(&key) {
+            return Ok(s.clone());
+        }
+        let client = if self.plain_http(&r.registry) {
+            &self.plain
+        } else {
+            &self.tls
+        };
+        let store = Store::Registry {
+            client: client.clone(),
+            reference: r,
+        };
+        let source: Arc<dyn BlobSource> = Arc::new(StoreSource::new(store.clone(), &self.limits));
+        stores.insert(key, (store.clone(), Arc::clone(&source)));
+        Ok((store, source))
+    }
+
+    fn toc_path(&self, layer: &RemoteLayer) -> Result<PathBuf> {
+        let d = Digest::parse(&layer.digest)
+            .map_err(|_| Error::InvalidArgument(format!("bad layer digest {:?}", layer.digest)))?;
+        Ok(self.toc_dir.join(format!("{}.toc", d.hex())))
+    }
+
+    /// Reads the layer's TOC from the registry, validates it and keeps a copy on disk.
+    pub async fn fetch_index(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
+        let (store, _) = self.store(&layer.image_ref)?;
+        let mut desc = Descriptor {
+            media_type: arbor_format::MEDIA_TYPE_LAYER_ZSTD.into(),
+            digest: layer.digest.clone(),
+            size: layer.blob_size,
+            platform: None,
+            annotations: Default::default(),
+            extra: Default::default(),
+        };
+        desc.annotations.insert(
+            arbor_format::ANN_ARBOR_TOC_POSITION.into(),
+            layer.toc_position.clone(),
+        );
+        if let Some(d) = &layer.toc_digest {
+            desc.annotations
+                .insert(arbor_format::ANN_ARBOR_TOC_DIGEST.into(), d.clone());
+        }
+        let toc = fetch_layer_toc(&store, &desc)
+            .await
+            .map_err(|e| Error::Internal(format!("reading the TOC of {}: {e}", layer.digest)))?;
+        let path = self.toc_path(layer)?;
+        let bytes = toc.compressed.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(Arc::new(toc.index))
+    }
+
+    /// The layer's index from the TOC kept on disk (no network); verified against the TOC
+    /// digest when there is one.
+    pub async fn stored_index(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
+        let path = self.toc_path(layer)?;
+        let p2 = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(&p2))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        let pos = TocPosition::parse_annotation(
+            arbor_format::ANN_ARBOR_TOC_POSITION,
+            &layer.toc_position,
+        )
+        .map_err(|e| Error::Internal(format!("stored TOC position: {e}")))?;
+        let digest = match &layer.toc_digest {
+            Some(d) => Some(
+                Digest::parse(d).map_err(|_| Error::Internal(format!("stored TOC digest {d:?}")))?,
+            ),
+            None => None,
+        };
+        let index = index_from_stored(Bytes::from(bytes), pos, digest)
+            .await
+            .map_err(|e| Error::Internal(format!("TOC kept in {}: {e}", path.display())))?;
+        Ok(Arc::new(index))
+    }
+
+    /// Mounts the layer at `dir` for snapshot `id` and starts its prefetch. Blocking (mount).
+    pub fn mount(
+        &self,
+        id: u64,
+        layer: &RemoteLayer,
+        index: Arc<LayerIndex>,
+        dir: &Path,
+    ) -> Result<()> {
+        let (_, source) = self.store(&layer.image_ref)?;
+        let unit = self.fetcher.options().fetch_unit;
+        let handle = Arc::new(LayerHandle::new(
+            &layer.digest,
+            layer.blob_size,
+            index,
+            vec![source],
+            unit,
+        ));
+        self.fetcher
+            .metrics()
+            .layer(&layer.digest, handle.index.data_end);
+        if overlay::is_mounted(dir) {
+            // Left over from an earlier run of the daemon ("transport endpoint is not
+            // connected"); detach it before mounting again.
+            detach(dir);
+        }
+        let opts = MountOptions {
+            threads: self.opts.fuse_threads,
+            allow_other: true,
+        };
+        let mounted = mount_layer(
+            Arc::clone(&handle),
+            Arc::clone(&self.fetcher),
+            self.rt.clone(),
+            dir,
+            &opts,
+        )
+        .map_err(Error::io(format!("mounting layer {} at {}", layer.digest, dir.display())))?;
+        let prefetch = self.opts.prefetch.then(|| {
+            self.rt.spawn(prefetch_layer(
+                Arc::clone(&self.fetcher),
+                handle,
+                self.opts.prefetch_opts.clone(),
+            ))
+        });
+        lock(&self.mounts).insert(id, Active { mounted, prefetch });
+        Ok(())
+    }
+
+    pub fn is_mounted(&self, id: u64) -> bool {
+        lock(&self.mounts).contains_key(&id)
+    }
+
+    /// Unmounts snapshot `id`'s layer (if mounted). Blocking.
+    pub fn unmount(&self, id: u64) {
+        let active = lock(&self.mounts).remove(&id);
+        if let Some(a) = active {
+            if let Some(p) = a.prefetch {
+                p.abort();
+            }
+            let dir = a.mounted.dir().to_path_buf();
+            if let Err(e) = a.mounted.unmount() {
+                warn!(id, dir = %dir.display(), error = %e, "unmount failed; detaching");
+                detach(&dir);
+            }
+            info!(id, dir = %dir.display(), "layer unmounted");
+        }
+    }
+
+    /// Unmounts every layer (daemon shutdown). Blocking.
+    pub fn unmount_all(&self) {
+        let ids: Vec<u64> = lock(&self.mounts).keys().copied().collect();
+        for id in ids {
+            self.unmount(id);
+        }
+    }
+
+    /// Number of layers mounted.
+    pub fn mounted(&self) -> usize {
+        lock(&self.mounts).len()
+    }
+}
+
+/// Disk use as reported for a lazily mounted layer: its files' sizes and entry count.
+pub fn index_usage(index: &LayerIndex) -> Usage {
+    Usage {
+        size: index.entries.iter().map(|e| e.size as i64).sum(),
+        inodes: index.entries.len() as i64,
+    }
+}
+
+/// Lazily detaches whatever is mounted at `dir`.
+pub fn detach(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: c is a valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "detaching failed");
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, data).map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming to {}", path.display())))
+}
