@@ -208,7 +208,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.root.is_absolute(), "root must be an absolute path");
-        anyhow::ensure!(self.address.is_absolute(), "address must be an absolute path");
+        anyhow::ensure!(
+            self.address.is_absolute(),
+            "address must be an absolute path"
+        );
         anyhow::ensure!(
             self.fetch.unit.0 >= 4096 && self.fetch.unit.0 <= 64 << 20,
             "fetch.unit must be between 4KiB and 64MiB"
@@ -236,7 +239,10 @@ mod tests {
 
     #[test]
     fn shipped_config_is_the_default() {
-        assert_eq!(Config::parse(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+        assert_eq!(
+            Config::parse(DEFAULT_CONFIG_TOML).unwrap(),
+            Config::default()
+        );
         assert_eq!(Config::parse("").unwrap(), Config::default());
     }
 

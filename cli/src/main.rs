@@ -3,6 +3,7 @@
 mod bars;
 mod mount;
 mod output;
+mod pull;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,40 @@ struct RegistryArgs {
     /// Only these platforms of a multi-platform image (os/arch[/variant]); repeatable.
     #[arg(long = "platform", global = true, value_name = "OS/ARCH")]
     platforms: Vec<String>,
+}
+
+#[derive(Args, Clone)]
+struct ContainerdArgs {
+    /// containerd's socket.
+    #[arg(
+        long,
+        short = 'a',
+        default_value = "/run/containerd/containerd.sock",
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCKET"
+    )]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        default_value = "default",
+        env = "CONTAINERD_NAMESPACE"
+    )]
+    namespace: String,
+    /// Snapshotter to prepare layers with (the name containerd's proxy plugin has for arbord).
+    #[arg(long, default_value = "arbor", env = "CONTAINERD_SNAPSHOTTER")]
+    snapshotter: String,
+}
+
+impl ContainerdArgs {
+    fn target(&self) -> pull::Target {
+        pull::Target {
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+            snapshotter: self.snapshotter.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -149,6 +184,56 @@ enum Command {
         /// Range requests in flight to one registry at most.
         #[arg(long, default_value_t = 8)]
         registry_concurrency: usize,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Pull an image into containerd so that `arbord` mounts its converted layers lazily.
+    ///
+    /// Stores the manifest and config in containerd, prepares every layer through the
+    /// snapshotter with the remote-snapshot labels (`ctr image pull` passes none) and creates
+    /// the image record. Converted layers are mounted lazily by arbord in a fraction of a
+    /// second; other layers (or any whose lazy mount fails) are downloaded, verified and
+    /// unpacked through containerd as usual. Then `ctr run --snapshotter arbor IMAGE ID` or
+    /// `arbor run IMAGE` starts it.
+    Pull {
+        image: String,
+        #[command(flatten)]
+        containerd: ContainerdArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Run an image with containerd through the arbor snapshotter, pulling it first if needed.
+    ///
+    /// `arbor pull` (when containerd does not have the image yet), then `ctr run` with the
+    /// arbor snapshotter; the container's output and exit status are the command's.
+    Run {
+        image: String,
+        /// Command and arguments (default: the image's entrypoint and cmd).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+        /// Container ID (default: arbor-<pid>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep the container after it exits (default: removed).
+        #[arg(long)]
+        keep: bool,
+        /// Use the host's network namespace.
+        #[arg(long)]
+        net_host: bool,
+        /// Allocate a TTY.
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// Run in the background (the container keeps running after arbor exits).
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Environment variable for the container (KEY=VALUE); repeatable.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Pull even if containerd has the image.
+        #[arg(long)]
+        pull: bool,
+        #[command(flatten)]
+        containerd: ContainerdArgs,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -311,6 +396,80 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("mounting {image}"))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull {
+            image,
+            containerd,
+            registry,
+        } => {
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let report = pull::pull(&store, &image, &registry.platforms, &containerd.target())
+                .await
+                .with_context(|| format!("pulling {image}"))?;
+            if registry.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                output::print_pull(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            image,
+            command,
+            name,
+            keep,
+            net_host,
+            tty,
+            detach,
+            env,
+            pull,
+            containerd,
+            registry,
+        } => {
+            let t = containerd.target();
+            if pull || !pull::has_image(&t, &image).await? {
+                let client = client(&registry)?;
+                let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+                let report = pull::pull(&store, &image, &registry.platforms, &t)
+                    .await
+                    .with_context(|| format!("pulling {image}"))?;
+                if !registry.json {
+                    output::print_pull(&report);
+                }
+            }
+            let id = name.unwrap_or_else(|| format!("arbor-{}", std::process::id()));
+            let mut cmd = std::process::Command::new("ctr");
+            cmd.arg("--address")
+                .arg(&containerd.address)
+                .arg("--namespace")
+                .arg(&containerd.namespace)
+                .arg("run")
+                .arg("--snapshotter")
+                .arg(&containerd.snapshotter);
+            if !keep && !detach {
+                cmd.arg("--rm");
+            }
+            if net_host {
+                cmd.arg("--net-host");
+            }
+            if tty {
+                cmd.arg("--tty");
+            }
+            if detach {
+                cmd.arg("--detach");
+            }
+            for e in &env {
+                cmd.arg("--env").arg(e);
+            }
+            cmd.arg(&image).arg(&id).args(&command);
+            let status = tokio::task::spawn_blocking(move || cmd.status())
+                .await?
+                .context("running ctr (from the containerd package)")?;
+            Ok(match status.code() {
+                Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
+                None => ExitCode::from(128),
+            })
         }
         Command::Check {
             source,

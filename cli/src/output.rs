@@ -141,3 +141,21 @@ pub fn print_check(r: &CheckReport) {
         }
     );
 }
+
+pub fn print_pull(r: &crate::pull::PullReport) {
+    for l in &r.layers {
+        let how = match l.how {
+            "lazy" => "mounted lazily".to_string(),
+            "unpacked" => format!("downloaded and unpacked ({})", mb(l.bytes_downloaded)),
+            _ => "already present".to_string(),
+        };
+        println!("  layer {} {how} ({:.2} s)", short(&l.digest), l.seconds);
+    }
+    println!(
+        "pulled {} ({}) into containerd with snapshotter {} in {:.2} s",
+        r.image,
+        short(&r.manifest_digest),
+        r.snapshotter,
+        r.seconds
+    );
+}

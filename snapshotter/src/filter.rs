@@ -194,8 +194,14 @@ mod tests {
         .unwrap();
         let r = rec("", &[("containerd.io/snapshot.ref", "sha256:abc")]);
         assert!(f.matches("sha256:abc", &r));
-        assert!(!f.matches("x", &rec("p", &[("containerd.io/snapshot.ref", "sha256:abc")])));
-        assert!(!f.matches("x", &rec("", &[("containerd.io/snapshot.ref", "sha256:abd")])));
+        assert!(!f.matches(
+            "x",
+            &rec("p", &[("containerd.io/snapshot.ref", "sha256:abc")])
+        ));
+        assert!(!f.matches(
+            "x",
+            &rec("", &[("containerd.io/snapshot.ref", "sha256:abd")])
+        ));
         let f = Filters::parse(&[r#"parent=="sha256:p",kind==committed"#.to_string()]).unwrap();
         assert!(f.matches("x", &rec("sha256:p", &[])));
         let f = Filters::parse(&["labels.a".to_string(), "name~=zz".to_string()]).unwrap();

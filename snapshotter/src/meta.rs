@@ -304,7 +304,9 @@ mod tests {
             m.create("b", &rec(&m, Kind::Active, "nope")),
             Err(Error::NotFound(_))
         ));
-        let c = m.commit("l1", "a", BTreeMap::new(), Usage::default()).unwrap();
+        let c = m
+            .commit("l1", "a", BTreeMap::new(), Usage::default())
+            .unwrap();
         assert_eq!(c.kind, Kind::Committed);
         assert!(m.get("a").unwrap().is_none());
         assert!(matches!(

@@ -211,7 +211,8 @@ impl Remote {
         .map_err(|e| Error::Internal(format!("stored TOC position: {e}")))?;
         let digest = match &layer.toc_digest {
             Some(d) => Some(
-                Digest::parse(d).map_err(|_| Error::Internal(format!("stored TOC digest {d:?}")))?,
+                Digest::parse(d)
+                    .map_err(|_| Error::Internal(format!("stored TOC digest {d:?}")))?,
             ),
             None => None,
         };
@@ -257,7 +258,11 @@ impl Remote {
             dir,
             &opts,
         )
-        .map_err(Error::io(format!("mounting layer {} at {}", layer.digest, dir.display())))?;
+        .map_err(Error::io(format!(
+            "mounting layer {} at {}",
+            layer.digest,
+            dir.display()
+        )))?;
         let prefetch = self.opts.prefetch.then(|| {
             self.rt.spawn(prefetch_layer(
                 Arc::clone(&self.fetcher),

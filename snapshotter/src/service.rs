@@ -11,8 +11,7 @@ use arbor_proto::snapshots::{
     CleanupRequest, CommitSnapshotRequest, Info, ListSnapshotsRequest, ListSnapshotsResponse,
     MountsRequest, MountsResponse, PrepareSnapshotRequest, PrepareSnapshotResponse,
     RemoveSnapshotRequest, StatSnapshotRequest, StatSnapshotResponse, UpdateSnapshotRequest,
-    UpdateSnapshotResponse, UsageRequest, UsageResponse, ViewSnapshotRequest,
-    ViewSnapshotResponse,
+    UpdateSnapshotResponse, UsageRequest, UsageResponse, ViewSnapshotRequest, ViewSnapshotResponse,
 };
 use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument, debug, info_span};
@@ -101,11 +100,16 @@ pub fn info(name: &str, r: &Record) -> Info {
         } as i32,
         created_at: Some(timestamp(r.created)),
         updated_at: Some(timestamp(r.updated)),
-        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
-type ListStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+type ListStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Snapshots for Service {
@@ -141,7 +145,10 @@ impl Snapshots for Service {
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
 
-    async fn mounts(&self, req: Request<MountsRequest>) -> Result<Response<MountsResponse>, Status> {
+    async fn mounts(
+        &self,
+        req: Request<MountsRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
         let r = req.into_inner();
         let span = info_span!("mounts", key = %r.key);
         let res = self.inner.mounts(&r.key).instrument(span.clone()).await;

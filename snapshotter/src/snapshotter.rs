@@ -14,11 +14,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arbor_proto::Mount;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::filter::Filters;
@@ -134,7 +134,9 @@ impl Snapshotter {
                         self.counters.restored.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .restore_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         warn!(snapshot = %name, error = %e, "restoring the mount failed");
                     }
                 },
@@ -196,7 +198,9 @@ impl Snapshotter {
                             "lazy mount failed; falling back to an ordinary snapshot (containerd unpacks the layer)");
                     }
                 },
-                Err(NotRemote::Plain) => {}
+                Err(NotRemote::Plain) => {
+                    debug!(key, target = %target, "plain layer: ordinary snapshot");
+                }
                 Err(e) => {
                     self.counters.fallback(e.reason());
                     warn!(key, target = %target, error = %e,
@@ -271,7 +275,9 @@ impl Snapshotter {
             Arc::clone(t.entry(target.to_string()).or_default())
         };
         let _guard = lock.lock().await;
-        let result = self.prepare_remote_locked(target, parent, labels, layer).await;
+        let result = self
+            .prepare_remote_locked(target, parent, labels, layer)
+            .await;
         // Drop the per-target lock entry when nobody else waits on it.
         let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
@@ -373,7 +379,9 @@ impl Snapshotter {
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let (meta, root, key) = (Arc::clone(&self.meta), self.root.clone(), key.to_string());
         blocking(move || {
-            let rec = meta.get(&key)?.ok_or_else(|| Error::NotFound(key.clone()))?;
+            let rec = meta
+                .get(&key)?
+                .ok_or_else(|| Error::NotFound(key.clone()))?;
             if rec.kind == Kind::Committed {
                 return Err(Error::FailedPrecondition(format!(
                     "snapshot {key:?} is committed; mount a view or an active child of it"
@@ -397,7 +405,9 @@ impl Snapshotter {
             key.to_string(),
         );
         blocking(move || {
-            let rec = meta.get(&key)?.ok_or_else(|| Error::NotFound(key.clone()))?;
+            let rec = meta
+                .get(&key)?
+                .ok_or_else(|| Error::NotFound(key.clone()))?;
             let usage = disk_usage(&Self::dir(&root, rec.id).join("fs"))?;
             meta.commit(&name, &key, labels, usage)?;
             Ok(())
@@ -473,7 +483,9 @@ impl Snapshotter {
     pub async fn usage(&self, key: &str) -> Result<Usage> {
         let (meta, root, key) = (Arc::clone(&self.meta), self.root.clone(), key.to_string());
         blocking(move || {
-            let rec = meta.get(&key)?.ok_or_else(|| Error::NotFound(key.clone()))?;
+            let rec = meta
+                .get(&key)?
+                .ok_or_else(|| Error::NotFound(key.clone()))?;
             match (rec.kind, rec.usage) {
                 (Kind::Committed, Some(u)) => Ok(u),
                 _ => disk_usage(&Self::dir(&root, rec.id).join("fs")),
@@ -575,7 +587,8 @@ fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
 /// Bytes (allocated) and inodes below `dir`, hard links counted once, not crossing mounts.
 fn disk_usage(dir: &Path) -> Result<Usage> {
     use std::os::unix::fs::MetadataExt;
-    let top = std::fs::symlink_metadata(dir).map_err(Error::io(format!("stat {}", dir.display())))?;
+    let top =
+        std::fs::symlink_metadata(dir).map_err(Error::io(format!("stat {}", dir.display())))?;
     let dev = top.dev();
     let mut seen = std::collections::HashSet::new();
     let mut u = Usage::default();

@@ -20,6 +20,15 @@ const RUNC_ROOT: &str = "/run/containerd/runc";
 
 static INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
+/// How to start [`Containerd`].
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// TOML tables appended to the generated config (e.g. a `[proxy_plugins.arbor]` table).
+    pub extra_config: String,
+    /// Enable the CRI plugin (disabled by default). Its own tables go in `extra_config`.
+    pub cri: bool,
+}
+
 /// A containerd started for one test. Dropping it kills its tasks, stops containerd, unmounts
 /// whatever is still mounted below its directory and removes it.
 pub struct Containerd {
@@ -46,6 +55,15 @@ impl Containerd {
     /// `[proxy_plugins.arbor]` table) appended to the generated config. The generated config ends
     /// with a table, so `extra_config` must consist of tables (or dotted keys within them).
     pub fn start_with_config(extra_config: &str) -> Result<Containerd> {
+        Self::start_with(&ContainerdOptions {
+            extra_config: extra_config.to_string(),
+            cri: false,
+        })
+    }
+
+    /// Starts a private containerd as [`Containerd::start`] does, with `opts`.
+    pub fn start_with(opts: &ContainerdOptions) -> Result<Containerd> {
+        let extra_config = opts.extra_config.as_str();
         let bin = util::require_tool("containerd", "containerd")?;
         util::require_tool("ctr", "containerd")?;
         util::require_tool("runc", "runc")?;
@@ -75,7 +93,7 @@ impl Containerd {
 version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 
 [grpc]
   address = "{socket}"
@@ -92,6 +110,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             root = root.display(),
             state = state.display(),
             socket = socket.display(),
+            disabled = if opts.cri {
+                "disabled_plugins = []"
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"
+            },
         );
         if !extra_config.trim().is_empty() {
             text.push_str("\n# extra config\n");

@@ -3,6 +3,8 @@
 //!
 //! * [`Registry`]: a `docker-registry` (distribution 2.8) on `127.0.0.1:<free port>`, optionally
 //!   with htpasswd basic auth.
+//! * [`Arbord`]: a private `arbord` (own root, socket, metrics port) and the proxy-plugin
+//!   config that points a [`Containerd`] at it.
 //! * [`Containerd`]: a private containerd (own root, state, socket, config and namespace) with
 //!   helpers around `ctr`.
 //! * [`Entry`], [`layer_tar`], [`layer_tar_gnu`], [`tar_dir`], [`corpus`]: layer tars built
@@ -19,6 +21,7 @@
 //! Tests that need root or the external tools should start with
 //! `if arbor_testkit::skip_unless_root("name") { return; }` (and/or [`skip_unless_tools`]).
 
+mod arbord;
 mod containerd;
 mod image;
 mod layer;
@@ -31,7 +34,8 @@ mod util;
 #[cfg(test)]
 mod tests;
 
-pub use containerd::Containerd;
+pub use arbord::{Arbord, ArbordOptions};
+pub use containerd::{Containerd, ContainerdOptions};
 pub use image::{
     BUSYBOX_APPLETS, ImageSpec, LayerSource, busybox_image, skopeo_push, write_oci_layout,
 };

@@ -1,0 +1,391 @@
+//! End-to-end tests of `arbord` as containerd's proxy snapshotter: a private containerd 1.6
+//! (from Debian) with the proxy plugin configured, real runc, a real `docker-registry` on
+//! 127.0.0.1, and the `arbor` CLI. They need root and the packages from `scripts/setup.sh`;
+//! without them each test prints why it skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use arbor_testkit::{
+    Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, ImageSpec, LayerSource, Registry,
+    busybox_image, corpus, layer_tar, mounts_below, skip_unless_root, skip_unless_tools,
+    skopeo_push, write_oci_layout,
+};
+use serde_json::Value;
+
+const TOOLS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr", "runc"];
+
+fn skip(test: &str) -> bool {
+    skip_unless_root(test) || skip_unless_tools(test, TOOLS)
+}
+
+/// The `arbor` CLI, built next to `arbord` by `cargo test --workspace` / `cargo build`.
+fn arbor_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_arbord")).with_file_name("arbor");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+fn arbor(args: &[&str]) -> Output {
+    Command::new(arbor_bin())
+        .args(args)
+        .env_remove("CONTAINERD_ADDRESS")
+        .env_remove("CONTAINERD_NAMESPACE")
+        .env_remove("CONTAINERD_SNAPSHOTTER")
+        .output()
+        .expect("running arbor")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A registry, arbord, and a containerd whose proxy plugin `arbor` points at it.
+struct Node {
+    arbord: Arbord,
+    ctd: Containerd,
+}
+
+impl Node {
+    fn start() -> Node {
+        Self::start_with(|_| ContainerdOptions::default())
+    }
+
+    fn start_with(opts: impl FnOnce(&Arbord) -> ContainerdOptions) -> Node {
+        let arbord = Arbord::start(&ArbordOptions {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+            ..Default::default()
+        })
+        .expect("starting arbord");
+        let mut o = opts(&arbord);
+        o.extra_config = format!("{}\n{}", arbord.containerd_config(), o.extra_config);
+        let ctd = Containerd::start_with(&o).expect("starting containerd");
+        Node { arbord, ctd }
+    }
+
+    fn ctd_args(&self) -> Vec<String> {
+        vec![
+            "--address".into(),
+            self.ctd.socket().display().to_string(),
+            "--namespace".into(),
+            self.ctd.namespace().into(),
+        ]
+    }
+
+    /// `arbor pull --json` of `reference`; the parsed report.
+    fn pull(&self, reference: &str) -> Value {
+        let mut args = vec!["pull".to_string(), "--plain-http".into(), "--json".into()];
+        args.extend(self.ctd_args());
+        args.push(reference.into());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ok(arbor(&a), &format!("arbor pull {reference}"));
+        serde_json::from_str(&out).expect("pull report is JSON")
+    }
+
+    fn run_arbor(&self, reference: &str, cmd: &[&str]) -> String {
+        self.ctd
+            .run(reference, &["--snapshotter", "arbor"], cmd)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e:#}\narbord log:\n{}\ncontainerd log:\n{}",
+                    self.arbord.log_tail(30),
+                    self.ctd.log_tail(30)
+                )
+            })
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        self.arbord.metric(sample).expect("reading arbord metrics")
+    }
+
+    /// FUSE layer mounts below arbord's root.
+    fn layer_mounts(&self) -> usize {
+        mounts_below(self.arbord.root()).len()
+    }
+
+    fn snapshot_dirs(&self) -> usize {
+        std::fs::read_dir(self.arbord.root().join("snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// A three-layer runnable image: busybox, an app layer, and a layer holding the whole tar
+/// feature corpus plus whiteouts of app files.
+fn sample_image() -> ImageSpec {
+    let mut spec = busybox_image(
+        vec![
+            Entry::dir("app"),
+            Entry::file("app/hello.txt", "hello from arbor\n"),
+            Entry::file("app/removed.txt", "whited out by the next layer\n"),
+            Entry::dir("app/opaque"),
+            Entry::file("app/opaque/old.txt", "hidden by an opaque dir\n"),
+            Entry::executable("app/run.sh", "#!/bin/sh\ncat /app/hello.txt\n"),
+        ],
+        &["/bin/sh", "/app/run.sh"],
+    );
+    let mut top = corpus();
+    top.extend([
+        Entry::dir("app"),
+        Entry::whiteout("app", "removed.txt"),
+        Entry::dir("app/opaque"),
+        Entry::opaque("app/opaque"),
+        Entry::file("app/opaque/new.txt", "new\n"),
+    ]);
+    spec.layers.push(LayerSource::Tar(layer_tar(&top)));
+    spec
+}
+
+/// Pushes the sample image as `repo:v1` and its conversion as `repo:v1-arbor`.
+fn push_sample(reg: &Registry, dir: &Path, repo: &str) -> (String, String) {
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, "v1", &sample_image()).expect("writing layout");
+    let src = reg.reference(&format!("{repo}:v1"));
+    skopeo_push(&layout, "v1", &src, None).expect("skopeo push");
+    let dst = reg.reference(&format!("{repo}:v1-arbor"));
+    ok(
+        arbor(&["convert", "--plain-http", &src, &dst]),
+        "arbor convert",
+    );
+    (src, dst)
+}
+
+/// What a container sees of the image: contents, whiteout effects, and a digest of every file.
+const PROBE: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "cat /app/hello.txt; ls /app /app/opaque; \
+     test -e /app/removed.txt && echo REMOVED-VISIBLE; \
+     find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -print \
+       | sort | xargs sha256sum | sha256sum",
+];
+
+fn hows(report: &Value) -> Vec<String> {
+    report["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["how"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn converted_image_pulled_lazily_runs_like_the_original() {
+    if skip("converted_image_pulled_lazily_runs_like_the_original") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let node = Node::start();
+
+    // The reference: the original image through stock containerd and overlayfs.
+    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+    assert!(want.starts_with("hello from arbor\n"), "{want}");
+    assert!(!want.contains("REMOVED-VISIBLE"), "{want}");
+
+    let report = node.pull(&dst);
+    assert_eq!(hows(&report), ["lazy", "lazy", "lazy"], "{report}");
+    assert_eq!(node.metric("arbor_snapshotter_remote_mounts_total"), 3.0);
+    assert_eq!(node.layer_mounts(), 3, "one FUSE mount per layer");
+    // No layer blob went into containerd's content store.
+    let content = node.ctd.ctr(&["content", "ls", "-q"]).unwrap();
+    for l in report["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        assert!(!content.contains(d), "layer {d} was downloaded");
+    }
+    let got = node.run_arbor(&dst, PROBE);
+    assert_eq!(
+        got, want,
+        "the lazily mounted image differs from the original"
+    );
+    // `ctr snapshot` sees the committed remote snapshots with their labels.
+    let info = node
+        .ctd
+        .ctr(&[
+            "snapshot",
+            "--snapshotter",
+            "arbor",
+            "info",
+            report["layers"][2]["chain_id"].as_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        info.contains("containerd.io/snapshot/arbor.remote"),
+        "{info}"
+    );
+    // Pulling again finds everything present.
+    assert_eq!(hows(&node.pull(&dst)), ["present", "present", "present"]);
+    // `arbor run` runs it too (image present: no pull).
+    let out = ok(
+        arbor(&[
+            "run",
+            "--address",
+            node.ctd.socket().to_str().unwrap(),
+            "--namespace",
+            node.ctd.namespace(),
+            &dst,
+            "/app/run.sh",
+        ]),
+        "arbor run",
+    );
+    assert_eq!(out, "hello from arbor\n");
+    assert_eq!(node.metric("arbor_read_errors_total"), 0.0);
+}
+
+#[test]
+fn unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots() {
+    if skip("unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let node = Node::start();
+    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+
+    // The converted image through `ctr image pull --snapshotter arbor`: containerd 1.6's ctr
+    // passes no remote-snapshot labels, so containerd downloads and unpacks every layer into
+    // ordinary arbord snapshots (a zstd:chunked layer is a valid tar+zstd layer).
+    node.ctd
+        .pull(&dst, &["--snapshotter", "arbor"])
+        .expect("ctr pull");
+    assert_eq!(node.snapshot_dirs(), 3);
+    assert_eq!(node.run_arbor(&dst, PROBE), want);
+    assert_eq!(node.layer_mounts(), 0, "no FUSE mounts for unpacked layers");
+
+    // The unconverted image through `arbor pull` on a fresh node: downloaded, verified and
+    // unpacked by containerd into ordinary arbord snapshots.
+    let node2 = Node::start();
+    let report = node2.pull(&src);
+    assert_eq!(
+        hows(&report),
+        ["unpacked", "unpacked", "unpacked"],
+        "{report}"
+    );
+    assert_eq!(node2.run_arbor(&src, PROBE), want);
+    assert_eq!(node2.layer_mounts(), 0, "no FUSE mounts for plain layers");
+    assert_eq!(node2.metric("arbor_snapshotter_remote_mounts_total"), 0.0);
+    assert_eq!(
+        node2.metric("arbor_snapshotter_fallbacks_total{reason=\"no_source\"}"),
+        0.0,
+        "plain layers are not fallbacks"
+    );
+}
+
+#[test]
+fn shared_layers_snapshot_removal_and_gc_leave_nothing_behind() {
+    if skip("shared_layers_snapshot_removal_and_gc_leave_nothing_behind") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let node = Node::start();
+    let report = node.pull(&dst);
+    let chains: Vec<String> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["chain_id"].as_str().unwrap().to_string())
+        .collect();
+
+    // Two long-running containers on the same layers.
+    for id in ["c1", "c2"] {
+        node.ctd
+            .ctr(&[
+                "run",
+                "-d",
+                "--snapshotter",
+                "arbor",
+                &dst,
+                id,
+                "/bin/sh",
+                "-c",
+                "cat /app/hello.txt > /tmp/out; sleep 300",
+            ])
+            .expect("ctr run -d");
+    }
+    for id in ["c1", "c2"] {
+        let out = node
+            .ctd
+            .ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("e-{id}"),
+                id,
+                "cat",
+                "/tmp/out",
+            ])
+            .unwrap();
+        assert_eq!(out, "hello from arbor\n");
+    }
+    assert_eq!(
+        node.layer_mounts(),
+        3,
+        "layers are shared, not mounted twice"
+    );
+    // Each container's rw layer is an active snapshot on top of the shared top layer.
+    let ls = node
+        .ctd
+        .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+        .unwrap();
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("Active")).count(),
+        2,
+        "{ls}"
+    );
+    // A layer with children cannot be removed.
+    let err = node
+        .ctd
+        .ctr(&["snapshot", "--snapshotter", "arbor", "rm", &chains[0]])
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("child"), "{err:#}");
+
+    for id in ["c1", "c2"] {
+        let _ = node.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let _ = arbor_testkit_wait(|| node.ctd.ctr(&["task", "delete", id]).is_ok());
+        node.ctd.ctr(&["container", "rm", id]).unwrap();
+    }
+    // Removing the image lets containerd's GC remove the snapshots through arbord.
+    node.ctd.ctr(&["image", "rm", "--sync", &dst]).unwrap();
+    let gone = arbor_testkit_wait(|| {
+        node.ctd
+            .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+            .map(|s| s.lines().count() <= 1)
+            .unwrap_or(false)
+    });
+    assert!(gone, "snapshots left after GC");
+    assert!(
+        arbor_testkit_wait(|| node.layer_mounts() == 0),
+        "FUSE mounts left behind"
+    );
+    assert!(
+        arbor_testkit_wait(|| node.snapshot_dirs() == 0),
+        "snapshot directories left behind"
+    );
+    assert_eq!(node.metric("arbor_snapshotter_mounted_layers"), 0.0);
+}
+
+fn arbor_testkit_wait(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

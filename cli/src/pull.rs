@@ -1,0 +1,629 @@
+//! `arbor pull`: puts an image into containerd through its API, with the remote-snapshot
+//! labels `ctr image pull` does not pass, so the `arbor` snapshotter mounts converted layers
+//! lazily instead of containerd downloading them.
+//!
+//! Like containerd's own pull, under a lease: the config and manifest go into the content
+//! store with their garbage-collection labels, each layer is prepared with
+//! `containerd.io/snapshot.ref` (its chain ID) and the layer's `containerd.io/snapshot/*`
+//! annotations plus Arbor's layer-digest and image-ref labels, and the image record is created
+//! last. A layer the snapshotter does not mount lazily (not converted, or its lazy mount
+//! failed) is downloaded into the content store, verified, applied by containerd's diff
+//! service and committed, exactly as containerd's unpacker would.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use arbor_convert::image;
+use arbor_oci::Store;
+use arbor_oci::manifest::Descriptor;
+use arbor_snapshotter::labels as snaplabels;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete,
+    Image, Info as ContentInfo, InfoRequest, UpdateImageRequest, UpdateRequest as ContentUpdate,
+    WriteAction, WriteContentRequest,
+};
+use containerd_client::types::Descriptor as CtdDescriptor;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tracing::{Instrument, info, info_span};
+
+/// Where containerd is and how to pull into it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub address: std::path::PathBuf,
+    pub namespace: String,
+    pub snapshotter: String,
+}
+
+/// What happened to one layer.
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    pub digest: String,
+    pub chain_id: String,
+    /// `lazy` (mounted by the snapshotter), `unpacked` (downloaded and applied) or `present`.
+    pub how: &'static str,
+    pub bytes_downloaded: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PullReport {
+    pub image: String,
+    pub manifest_digest: String,
+    pub snapshotter: String,
+    pub layers: Vec<LayerReport>,
+    pub seconds: f64,
+}
+
+/// A gRPC request in containerd's namespace (and lease).
+fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
+    let mut r = Request::new(m);
+    r.metadata_mut().insert(
+        "containerd-namespace",
+        t.namespace
+            .parse()
+            .context("namespace is not a valid header value")?,
+    );
+    if let Some(l) = lease {
+        r.metadata_mut()
+            .insert("containerd-lease", l.parse().context("lease id")?);
+    }
+    Ok(r)
+}
+
+pub async fn connect(t: &Target) -> Result<Channel> {
+    containerd_client::connect(&t.address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", t.address.display()))
+}
+
+/// Chain IDs of a layer stack, from its diff IDs (OCI image spec).
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {d}").as_bytes()))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
+fn ctd_desc(d: &Descriptor) -> CtdDescriptor {
+    CtdDescriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size as i64,
+        annotations: d
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Writes `data` into the content store under `digest` (no-op if present).
+async fn write_content(
+    ch: &Channel,
+    t: &Target,
+    lease: &str,
+    digest: &str,
+    data: Vec<u8>,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let total = data.len() as i64;
+    let labels2 = labels.clone();
+    let r#ref = format!("arbor-pull-{digest}");
+    let msgs = vec![
+        WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: r#ref.clone(),
+            total,
+            expected: digest.into(),
+            ..Default::default()
+        },
+        WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref,
+            total,
+            expected: digest.into(),
+            offset: 0,
+            data,
+            labels,
+        },
+    ];
+    drain_write(ch, t, lease, tokio_stream::iter(msgs)).await?;
+    // The blob may have been there already (an image sharing it, an earlier pull), without
+    // these labels: set them, as containerd's own pull does.
+    let mut c = ContentClient::new(ch.clone());
+    c.update(req(
+        t,
+        Some(lease),
+        ContentUpdate {
+            update_mask: Some(prost_types::FieldMask {
+                paths: labels2.keys().map(|k| format!("labels.{k}")).collect(),
+            }),
+            info: Some(ContentInfo {
+                digest: digest.to_string(),
+                labels: labels2,
+                ..Default::default()
+            }),
+        },
+    )?)
+    .await
+    .with_context(|| format!("labelling {digest}"))?;
+    Ok(())
+}
+
+async fn drain_write(
+    ch: &Channel,
+    t: &Target,
+    lease: &str,
+    msgs: impl tokio_stream::Stream<Item = WriteContentRequest> + Send + 'static,
+) -> Result<()> {
+    let mut c = ContentClient::new(ch.clone());
+    match c.write(req(t, Some(lease), msgs)?).await {
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
+                    Err(e) => return Err(e).context("writing content"),
+                }
+            }
+        }
+        Err(e) if e.code() == Code::AlreadyExists => Ok(()),
+        Err(e) => Err(e).context("writing content"),
+    }
+}
+
+/// Streams a layer blob from the store into containerd's content store (digest-verified on
+/// both sides). Returns the bytes written.
+async fn fetch_blob_into_content(
+    ch: &Channel,
+    t: &Target,
+    lease: &str,
+    store: &Store,
+    d: &Descriptor,
+) -> Result<u64> {
+    let mut cc = ContentClient::new(ch.clone());
+    if cc
+        .info(req(
+            t,
+            Some(lease),
+            InfoRequest {
+                digest: d.digest.clone(),
+            },
+        )?)
+        .await
+        .is_ok()
+    {
+        return Ok(0);
+    }
+    let mut reader = store
+        .blob_reader(&d.digest, Some(d.size))
+        .await
+        .with_context(|| format!("downloading layer {}", d.digest))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+    let (digest, size) = (d.digest.clone(), d.size as i64);
+    let r#ref = format!("arbor-pull-{}", d.digest);
+    let producer = tokio::task::spawn_blocking(move || -> Result<u64> {
+        use std::io::Read;
+        let stat = WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: r#ref.clone(),
+            total: size,
+            expected: digest.clone(),
+            ..Default::default()
+        };
+        tx.blocking_send(stat).ok();
+        let mut off = 0i64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).context("reading the layer blob")?;
+            if n == 0 {
+                break;
+            }
+            let m = WriteContentRequest {
+                action: WriteAction::Write as i32,
+                r#ref: r#ref.clone(),
+                total: size,
+                expected: digest.clone(),
+                offset: off,
+                data: buf[..n].to_vec(),
+                ..Default::default()
+            };
+            off += n as i64;
+            if tx.blocking_send(m).is_err() {
+                bail!("containerd closed the content write");
+            }
+        }
+        // The reader verified the digest before reporting end-of-file.
+        let commit = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref,
+            total: size,
+            expected: digest,
+            offset: off,
+            ..Default::default()
+        };
+        tx.blocking_send(commit).ok();
+        Ok(off as u64)
+    });
+    let written = drain_write(
+        ch,
+        t,
+        lease,
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )
+    .await;
+    let n = producer.await.context("download thread")??;
+    written?;
+    Ok(n)
+}
+
+/// Whether containerd has an image record named `name`.
+pub async fn has_image(t: &Target, name: &str) -> Result<bool> {
+    let ch = connect(t).await?;
+    let mut ic = ImagesClient::new(ch);
+    match ic
+        .get(req(
+            t,
+            None,
+            containerd_client::services::v1::GetImageRequest { name: name.into() },
+        )?)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Code::NotFound => Ok(false),
+        Err(e) => Err(e).context("asking containerd for the image"),
+    }
+}
+
+fn default_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+/// Pulls `name` (read from `store`) into containerd.
+pub async fn pull(
+    store: &Store,
+    name: &str,
+    platforms: &[String],
+    t: &Target,
+) -> Result<PullReport> {
+    let started = Instant::now();
+    let platforms = if platforms.is_empty() {
+        vec![default_platform()]
+    } else {
+        platforms.to_vec()
+    };
+    let resolved = image::resolve(store, &platforms).await?;
+    let Some(img) = resolved.images.first() else {
+        bail!("{name} has no manifest for {}", platforms.join(", "));
+    };
+    let m = &img.manifest;
+    let config = store
+        .blob_bytes(
+            &m.config.digest,
+            arbor_oci::manifest::MAX_CONFIG_OR_MANIFEST,
+        )
+        .await
+        .context("reading the image config")?;
+    let config_json: serde_json::Value =
+        serde_json::from_slice(&config).context("parsing the image config")?;
+    let diff_ids = image::diff_ids(&config_json)?;
+    if diff_ids.len() != m.layers.len() {
+        bail!(
+            "the config lists {} diff_ids for {} layers",
+            diff_ids.len(),
+            m.layers.len()
+        );
+    }
+    let chains = chain_ids(&diff_ids);
+
+    let ch = connect(t).await?;
+    let lease_id = format!(
+        "arbor-pull-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let expire = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    let mut lc = LeasesClient::new(ch.clone());
+    lc.create(req(
+        t,
+        None,
+        LeaseCreate {
+            id: lease_id.clone(),
+            labels: [(
+                "containerd.io/gc.expire".to_string(),
+                expire
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            )]
+            .into(),
+        },
+    )?)
+    .await
+    .context("creating a lease")?;
+
+    let result = pull_under_lease(store, name, img, &config, &chains, t, &ch, &lease_id)
+        .instrument(info_span!("pull", image = name))
+        .await;
+    let _ = lc
+        .delete(req(
+            t,
+            None,
+            LeaseDelete {
+                id: lease_id,
+                sync: false,
+            },
+        )?)
+        .await;
+    let layers = result?;
+    Ok(PullReport {
+        image: name.to_string(),
+        manifest_digest: img.digest.clone(),
+        snapshotter: t.snapshotter.clone(),
+        layers,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_under_lease(
+    store: &Store,
+    name: &str,
+    img: &image::PlatformImage,
+    config: &[u8],
+    chains: &[String],
+    t: &Target,
+    ch: &Channel,
+    lease: &str,
+) -> Result<Vec<LayerReport>> {
+    let m = &img.manifest;
+    let top = chains.last().cloned().unwrap_or_default();
+    // The config keeps the unpacked snapshots alive; the manifest keeps config and layers.
+    write_content(
+        ch,
+        t,
+        lease,
+        &m.config.digest,
+        config.to_vec(),
+        [(
+            format!("containerd.io/gc.ref.snapshot.{}", t.snapshotter),
+            top,
+        )]
+        .into(),
+    )
+    .await
+    .context("storing the config")?;
+    let mut labels: HashMap<String, String> = [(
+        "containerd.io/gc.ref.content.config".to_string(),
+        m.config.digest.clone(),
+    )]
+    .into();
+    for (i, l) in m.layers.iter().enumerate() {
+        labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
+    }
+    write_content(ch, t, lease, &img.digest, img.bytes.to_vec(), labels)
+        .await
+        .context("storing the manifest")?;
+
+    let mut sc = SnapshotsClient::new(ch.clone());
+    let mut reports = Vec::new();
+    for (i, l) in m.layers.iter().enumerate() {
+        let t0 = Instant::now();
+        let chain = &chains[i];
+        let parent = if i == 0 {
+            String::new()
+        } else {
+            chains[i - 1].clone()
+        };
+        let stat = sc
+            .stat(req(
+                t,
+                Some(lease),
+                StatSnapshotRequest {
+                    snapshotter: t.snapshotter.clone(),
+                    key: chain.clone(),
+                },
+            )?)
+            .await;
+        if stat.is_ok() {
+            reports.push(LayerReport {
+                digest: l.digest.clone(),
+                chain_id: chain.clone(),
+                how: "present",
+                bytes_downloaded: 0,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+            continue;
+        }
+        let mut labels: HashMap<String, String> = l
+            .annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with(arbor_format::SNAPSHOT_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(snaplabels::TARGET.into(), chain.clone());
+        labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
+        labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
+        let key = format!(
+            "extract-{}-{} {chain}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        let prepared = sc
+            .prepare(req(
+                t,
+                Some(lease),
+                PrepareSnapshotRequest {
+                    snapshotter: t.snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.clone(),
+                    labels,
+                },
+            )?)
+            .await;
+        let mounts = match prepared {
+            Err(e) if e.code() == Code::AlreadyExists => {
+                info!(layer = %l.digest, chain = %chain, "mounted lazily");
+                reports.push(LayerReport {
+                    digest: l.digest.clone(),
+                    chain_id: chain.clone(),
+                    how: "lazy",
+                    bytes_downloaded: 0,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("preparing layer {i} ({})", l.digest));
+            }
+            Ok(r) => r.into_inner().mounts,
+        };
+        // Not mounted lazily: download, apply, commit, like containerd's unpacker.
+        let unpacked = async {
+            let n = fetch_blob_into_content(ch, t, lease, store, l).await?;
+            let mut dc = DiffClient::new(ch.clone());
+            dc.apply(req(
+                t,
+                Some(lease),
+                ApplyRequest {
+                    diff: Some(ctd_desc(l)),
+                    mounts,
+                    ..Default::default()
+                },
+            )?)
+            .await
+            .context("applying the layer")?;
+            sc.clone()
+                .commit(req(
+                    t,
+                    Some(lease),
+                    CommitSnapshotRequest {
+                        snapshotter: t.snapshotter.clone(),
+                        name: chain.clone(),
+                        key: key.clone(),
+                        ..Default::default()
+                    },
+                )?)
+                .await
+                .context("committing the snapshot")?;
+            anyhow::Ok(n)
+        }
+        .await;
+        match unpacked {
+            Ok(n) => {
+                info!(layer = %l.digest, chain = %chain, bytes = n, "unpacked");
+                reports.push(LayerReport {
+                    digest: l.digest.clone(),
+                    chain_id: chain.clone(),
+                    how: "unpacked",
+                    bytes_downloaded: n,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+            Err(e) => {
+                let _ = sc
+                    .remove(req(
+                        t,
+                        Some(lease),
+                        RemoveSnapshotRequest {
+                            snapshotter: t.snapshotter.clone(),
+                            key,
+                        },
+                    )?)
+                    .await;
+                return Err(e).with_context(|| format!("unpacking layer {i} ({})", l.digest));
+            }
+        }
+    }
+
+    let record = Image {
+        name: name.to_string(),
+        labels: HashMap::new(),
+        target: Some(CtdDescriptor {
+            media_type: img.media_type.clone(),
+            digest: img.digest.clone(),
+            size: img.bytes.len() as i64,
+            annotations: HashMap::new(),
+        }),
+        created_at: None,
+        updated_at: None,
+    };
+    let mut ic = ImagesClient::new(ch.clone());
+    let created = ic
+        .create(req(
+            t,
+            Some(lease),
+            CreateImageRequest {
+                image: Some(record.clone()),
+                source_date_epoch: None,
+            },
+        )?)
+        .await;
+    match created {
+        Ok(_) => {}
+        Err(e) if e.code() == Code::AlreadyExists => {
+            ic.update(req(
+                t,
+                Some(lease),
+                UpdateImageRequest {
+                    image: Some(record),
+                    update_mask: None,
+                    source_date_epoch: None,
+                },
+            )?)
+            .await
+            .context("updating the image record")?;
+        }
+        Err(e) => return Err(e).context("creating the image record"),
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        let want = hex::encode(Sha256::digest(format!("{a} {b}").as_bytes()));
+        assert_eq!(c[1], format!("sha256:{want}"));
+        assert!(chain_ids(&[]).is_empty());
+    }
+}
