@@ -114,6 +114,16 @@ pub fn run_quiet(cmd: &mut Command) -> Result<String> {
 
 /// Runs `cmd`, killing it after `timeout`; returns (status, stdout, stderr).
 pub fn run_timed(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
+    run_timed_until(cmd, timeout, &|| false)
+}
+
+/// Like [`run_timed`], also killing the child (with an "interrupted" error) as soon as `stop`
+/// returns true.
+pub fn run_timed_until(
+    cmd: &mut Command,
+    timeout: Duration,
+    stop: &dyn Fn() -> bool,
+) -> Result<(ExitStatus, String, String)> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -134,15 +144,20 @@ pub fn run_timed(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, St
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "timed out after {timeout:?}; stderr: {}",
-                tail(&err.join().unwrap_or_default(), 20)
-            );
-        }
-        thread::sleep(Duration::from_millis(5));
+        let why = if stop() {
+            "interrupted".to_string()
+        } else if Instant::now() >= deadline {
+            format!("timed out after {timeout:?}")
+        } else {
+            thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "{why}; stderr: {}",
+            tail(&err.join().unwrap_or_default(), 20)
+        );
     };
     Ok((
         status,

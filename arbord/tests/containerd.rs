@@ -106,6 +106,23 @@ impl Node {
             })
     }
 
+    /// Waits (20 s) until containerd's connection to a restarted arbord works again (gRPC
+    /// reconnects with backoff).
+    fn wait_reconnected(&self) {
+        for _ in 0..200 {
+            // Listing stats every snapshot in the backend.
+            if self
+                .ctd
+                .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+                .is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("containerd did not reconnect to arbord within 20 s");
+    }
+
     fn metric(&self, sample: &str) -> f64 {
         self.arbord.metric(sample).expect("reading arbord metrics")
     }
@@ -388,4 +405,298 @@ fn arbor_testkit_wait(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
+}
+
+/// Pulls `image` through containerd's CRI image service (`runtime.v1.ImageService/PullImage`).
+fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
+    use arbor_proto::cri::image_service_client::ImageServiceClient;
+    use arbor_proto::cri::{ImageSpec as CriImage, PullImageRequest};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = arbor_proto::containerd_client::connect(socket)
+            .await
+            .expect("connecting to containerd");
+        let mut c = ImageServiceClient::new(ch);
+        let r = c
+            .pull_image(PullImageRequest {
+                image: Some(CriImage {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                auth: None,
+            })
+            .await?;
+        Ok(r.into_inner().image_ref)
+    })
+}
+
+#[test]
+fn cri_pull_gets_lazy_layers() {
+    if skip("cri_pull_gets_lazy_layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    // CRI's registry config: plain HTTP to the local registry.
+    let certs = tmp.path().join("certs.d");
+    let host_dir = certs.join(reg.addr());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            a = reg.addr()
+        ),
+    )
+    .unwrap();
+    let node = Node::start_with(|_| ContainerdOptions {
+        cri: true,
+        extra_config: format!(
+            r#"[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "arbor"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{}"
+"#,
+            certs.display()
+        ),
+    });
+    let image_ref = cri_pull(node.ctd.socket(), &dst).unwrap_or_else(|e| {
+        panic!(
+            "CRI PullImage failed: {e}\ncontainerd log:\n{}",
+            node.ctd.log_tail(40)
+        )
+    });
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    assert_eq!(
+        node.metric("arbor_snapshotter_remote_mounts_total"),
+        3.0,
+        "CRI's pull did not get lazy layers; arbord log:\n{}",
+        node.arbord.log_tail(30)
+    );
+    assert_eq!(node.layer_mounts(), 3);
+    // The snapshots carry CRI's labels, which told arbord where to fetch from.
+    let ls = node
+        .ctd
+        .ctr_in("k8s.io", &["snapshot", "--snapshotter", "arbor", "ls"])
+        .unwrap();
+    let top = ls
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(top.len(), 3, "{ls}");
+    let labelled = top.iter().any(|k| {
+        node.ctd
+            .ctr_in("k8s.io", &["snapshot", "--snapshotter", "arbor", "info", k])
+            .is_ok_and(|i| i.contains("containerd.io/snapshot/cri.layer-digest"))
+    });
+    assert!(labelled, "no snapshot carries CRI's layer-digest label");
+    // And the image CRI pulled runs from them.
+    let out = node
+        .ctd
+        .ctr_in(
+            "k8s.io",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "arbor",
+                &dst,
+                "cri-run",
+                "/app/run.sh",
+            ],
+        )
+        .unwrap();
+    assert_eq!(out, "hello from arbor\n");
+    let _ = node.ctd.ctr_in("k8s.io", &["image", "rm", &dst]);
+}
+
+/// Waits until arbord has fetched nothing from the registry for a second (prefetch done).
+fn wait_fetch_idle(node: &Node) {
+    let sample = "arbor_fetch_bytes_total{source=\"registry\"}";
+    let mut last = -1.0;
+    for _ in 0..120 {
+        let now = node.metric(sample);
+        if now == last {
+            return;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("arbord kept fetching for two minutes");
+}
+
+#[test]
+fn restart_restores_mounts_without_the_registry() {
+    if skip("restart_restores_mounts_without_the_registry") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let mut node = Node::start();
+    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+    node.pull(&dst);
+    assert_eq!(node.run_arbor(&dst, PROBE), want);
+    // Background prefetch brings in the rest of every layer; then the registry goes away.
+    wait_fetch_idle(&node);
+    let status = node.arbord.stop().expect("stopping arbord");
+    assert!(status.success(), "arbord exited with {status}");
+    assert_eq!(
+        node.layer_mounts(),
+        0,
+        "arbord left mounts behind at shutdown"
+    );
+    drop(reg);
+
+    node.arbord.restart().expect("restarting arbord");
+    node.wait_reconnected();
+    assert_eq!(node.metric("arbor_snapshotter_restored_total"), 3.0);
+    assert_eq!(node.layer_mounts(), 3);
+    // No new pull: containerd still has the image and its snapshots.
+    assert_eq!(node.run_arbor(&dst, PROBE), want);
+    assert_eq!(node.metric("arbor_read_errors_total"), 0.0);
+    assert_eq!(
+        node.metric("arbor_fetch_requests_total{source=\"registry\"}"),
+        0.0
+    );
+
+    // A crash (SIGKILL) leaves dead FUSE mounts ("transport endpoint is not connected");
+    // the next start replaces them.
+    node.arbord.kill().unwrap();
+    node.arbord
+        .restart()
+        .expect("restarting arbord after a crash");
+    node.wait_reconnected();
+    assert_eq!(node.metric("arbor_snapshotter_restored_total"), 3.0);
+    assert_eq!(node.run_arbor(&dst, PROBE), want);
+}
+
+/// Rewrites `reference`'s manifest with `edit` and pushes it as `repo:tag`; returns the new
+/// reference.
+fn push_edited_manifest(
+    reg: &Registry,
+    repo: &str,
+    from_tag: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Value),
+) -> String {
+    let accept = vec![(
+        "Accept".to_string(),
+        "application/vnd.oci.image.manifest.v1+json".to_string(),
+    )];
+    let (code, body) = arbor_testkit::http_request(
+        &reg.addr(),
+        "GET",
+        &format!("/v2/{repo}/manifests/{from_tag}"),
+        &accept,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let mut m: Value = serde_json::from_slice(&body).unwrap();
+    edit(&mut m);
+    let (code, body) = arbor_testkit::http_request(
+        &reg.addr(),
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[(
+            "Content-Type".to_string(),
+            "application/vnd.oci.image.manifest.v1+json".to_string(),
+        )],
+        &serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    reg.reference(&format!("{repo}:{tag}"))
+}
+
+#[test]
+fn corrupt_toc_falls_back_to_a_normal_pull_and_is_counted() {
+    if skip("corrupt_toc_falls_back_to_a_normal_pull_and_is_counted") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (src, _) = push_sample(&reg, tmp.path(), "fn/app");
+    // The middle layer's annotations claim another TOC digest: its TOC fails verification.
+    let bad = push_edited_manifest(&reg, "fn/app", "v1-arbor", "badtoc", |m| {
+        m["layers"][1]["annotations"]["containerd.io/snapshot/arbor.toc-digest"] =
+            Value::String(format!("sha256:{}", "0".repeat(64)));
+    });
+    let node = Node::start();
+    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+    let report = node.pull(&bad);
+    assert_eq!(hows(&report), ["lazy", "unpacked", "lazy"], "{report}");
+    assert_eq!(
+        node.metric("arbor_snapshotter_fallbacks_total{reason=\"mount_failed\"}"),
+        1.0
+    );
+    let log = std::fs::read_to_string(node.arbord.log_path()).unwrap();
+    assert!(log.contains("lazy mount failed"), "fallback not logged");
+    // A lazy layer on top of an unpacked one: the stack still reads right.
+    assert_eq!(node.run_arbor(&bad, PROBE), want);
+}
+
+#[test]
+fn registry_disappearing_mid_pull_fails_cleanly() {
+    if skip("registry_disappearing_mid_pull_fails_cleanly")
+        || skip_unless_tools(
+            "registry_disappearing_mid_pull_fails_cleanly",
+            &["tc", "ip"],
+        )
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // 20 Mbit/s: a 24 MiB layer takes ~10 s, so the registry dies mid-download.
+    let ns = arbor_testkit::netns::Namespace::new(20_000_000).unwrap();
+    let reg = Registry::start_in_netns(&ns).unwrap();
+    let big = arbor_testkit::pseudo_random_bytes(7, 24 << 20);
+    let spec = busybox_image(
+        vec![Entry::dir("data"), Entry::file("data/blob", big)],
+        &["/bin/true"],
+    );
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layout, "v1", &spec).unwrap();
+    let reference = reg.reference("fn/big:v1");
+    skopeo_push(&layout, "v1", &reference, None).expect("skopeo push");
+    let node = Node::start();
+
+    let mut args = vec![
+        "pull".to_string(),
+        "--plain-http".into(),
+        "--retries".into(),
+        "1".into(),
+    ];
+    args.extend(node.ctd_args());
+    args.push(reference.clone());
+    let child = Command::new(arbor_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    drop(reg);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pull succeeded without its registry");
+    assert!(err.contains("error: pulling"), "{err}");
+    assert!(
+        err.contains("layer"),
+        "the error does not name the layer: {err}"
+    );
+    // Nothing half-done is left: no image record, no active snapshot, arbord healthy.
+    let images = node.ctd.ctr(&["image", "ls", "-q"]).unwrap();
+    assert!(!images.contains("fn/big"), "{images}");
+    let ls = node
+        .ctd
+        .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+        .unwrap();
+    assert!(!ls.contains("Active"), "{ls}");
+    node.arbord.metrics().expect("arbord still serving");
+    drop(ns);
 }

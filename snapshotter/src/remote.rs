@@ -222,7 +222,8 @@ impl Remote {
         Ok(Arc::new(index))
     }
 
-    /// Mounts the layer at `dir` for snapshot `id` and starts its prefetch. Blocking (mount).
+    /// Mounts the layer at `dir` (created if needed; a dead mount left there by an earlier
+    /// run is detached first) for snapshot `id` and starts its prefetch. Blocking (mount).
     pub fn mount(
         &self,
         id: u64,
@@ -247,6 +248,7 @@ impl Remote {
             // connected"); detach it before mounting again.
             detach(dir);
         }
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         let opts = MountOptions {
             threads: self.opts.fuse_threads,
             allow_other: true,

@@ -173,12 +173,7 @@ impl Snapshotter {
         dir: PathBuf,
     ) -> Result<()> {
         let remote = Arc::clone(&self.remote);
-        blocking(move || {
-            std::fs::create_dir_all(&dir)
-                .map_err(Error::io(format!("creating {}", dir.display())))?;
-            remote.mount(id, &layer, index, &dir)
-        })
-        .await
+        blocking(move || remote.mount(id, &layer, index, &dir)).await
     }
 
     pub async fn prepare(

@@ -242,11 +242,15 @@ state = "{state}"
     }
 
     fn ctr_command(&self) -> Command {
+        self.ctr_command_in(&self.namespace)
+    }
+
+    fn ctr_command_in(&self, namespace: &str) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(&self.namespace)
+            .arg(namespace)
             // Flags win over these, but clear them so nothing from the caller's env leaks in.
             .env_remove("CONTAINERD_SNAPSHOTTER")
             .env_remove("CONTAINERD_NAMESPACE")
@@ -258,6 +262,13 @@ state = "{state}"
     /// stderr) on non-zero exit or after 10 minutes.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         util::run_checked(self.ctr_command().args(args), CTR_TIMEOUT)
+    }
+
+    /// Like [`Containerd::ctr`], in namespace `namespace` (e.g. CRI's `k8s.io`).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = self.ctr_command_in(namespace);
+        cmd.args(args);
+        util::run_checked(&mut cmd, CTR_TIMEOUT)
     }
 
     /// `ctr image pull [--plain-http] <extra_args> REF` with the overlayfs snapshotter unless

@@ -45,7 +45,7 @@ pub use layer::{
 };
 pub use proxy::{Fault, FaultProxy};
 pub use registry::Registry;
-pub use util::{find_in_path, http_get, is_mounted, log_tail, mounts_below};
+pub use util::{find_in_path, http_get, http_request, is_mounted, log_tail, mounts_below};
 
 /// True if running as root (effective uid 0).
 pub fn is_root() -> bool {

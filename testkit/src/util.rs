@@ -362,32 +362,53 @@ fn unescape_mountinfo(s: &str) -> String {
 /// A minimal HTTP/1.0 GET against `addr` ("host:port"), optionally with basic auth.
 /// Returns (status code, body). Meant for health checks and small API calls in tests.
 pub fn http_get(addr: &str, path: &str, basic_auth: Option<(&str, &str)>) -> Result<(u16, String)> {
+    let mut headers = vec![("Accept".to_string(), "*/*".to_string())];
+    if let Some((u, p)) = basic_auth {
+        headers.push((
+            "Authorization".into(),
+            format!("Basic {}", base64(format!("{u}:{p}").as_bytes())),
+        ));
+    }
+    let (status, body) = http_request(addr, "GET", path, &headers, &[])?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A minimal HTTP/1.0 request: `method path` with `headers` and `body` (Content-Length is
+/// added). Returns (status code, body bytes).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n");
-    if let Some((u, p)) = basic_auth {
-        req.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            base64(format!("{u}:{p}").as_bytes())
-        ));
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)
         .with_context(|| format!("reading response from {addr}"))?;
-    let text = String::from_utf8_lossy(&resp);
-    let status = text
+    let head_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(resp.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&resp[..head_end]);
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
-        .with_context(|| format!("malformed HTTP response from {addr}: {:.200}", text))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+        .with_context(|| format!("malformed HTTP response from {addr}: {:.200}", head))?;
+    Ok((status, resp[head_end..].to_vec()))
 }
 
 /// Standard base64 with padding.

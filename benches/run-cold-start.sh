@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds arbor, arbord and the cold-start benchmark in release mode and runs it; arguments go to
+# bench-cold-start (see `benches/run-cold-start.sh --help`). Needs root (see the bench's --help).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+cargo build --release -p arbor-cli -p arbord -p arbor-benches
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-cold-start" "$@"
