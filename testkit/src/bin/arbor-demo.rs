@@ -1,18 +1,22 @@
-//! The README's main job: starts a private registry and containerd, builds a sample function
-//! image, converts it with `arbor convert`, inspects and checks the result, and runs both the
-//! original and the converted image through stock containerd, printing what happened.
+//! The README's main job: starts a private registry (behind a 1 Gbit/s shaped link in its own
+//! network namespace), builds a sample HTTP function image, converts it with `arbor convert`
+//! and checks it, then cold-starts the function twice and prints how long each took to give
+//! its first HTTP answer: through stock containerd with overlayfs (pull, then run), and
+//! through a private containerd whose `arbor` snapshotter is a private `arbord` (`arbor pull`,
+//! then `ctr run --snapshotter arbor`, layers mounted lazily).
 //!
 //! Everything lives under one directory (`ARBOR_TESTKIT_TMPDIR`, default `./.arbor-state`)
 //! and is removed at the end; nothing else on the machine is touched.
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use arbor_testkit::netns::Namespace;
 use arbor_testkit::{
-    Containerd, Entry, LayerSource, Registry, busybox_image, layer_tar, pseudo_random_bytes,
-    skopeo_push, write_oci_layout,
+    Arbord, ArbordOptions, Containerd, Entry, LayerSource, Registry, busybox_image, layer_tar,
+    pseudo_random_bytes, skopeo_push, write_oci_layout,
 };
 
 fn arbor_bin() -> Result<PathBuf> {
@@ -39,9 +43,72 @@ fn arbor(args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
+/// Size of the sample function's model file, which it does not read to answer.
+const MODEL_BYTES: usize = 192 << 20;
+/// The link between the node and the registry.
+const LINK_BITS: u64 = 1_000_000_000;
+
+/// Runs `ctr run -d --net-host` of `reference` serving HTTP on `port` and waits for the first
+/// answer; returns (seconds to the container started, seconds to the answer, the answer).
+fn start_function(
+    ctd: &Containerd,
+    reference: &str,
+    snapshotter: &str,
+    id: &str,
+    port: u16,
+    t0: Instant,
+) -> Result<(f64, f64, String)> {
+    let listen = format!("127.0.0.1:{port}");
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--net-host",
+        "--snapshotter",
+        snapshotter,
+        reference,
+        id,
+        "/bin/busybox",
+        "httpd",
+        "-f",
+        "-p",
+        &listen,
+        "-h",
+        "/app/www",
+    ])
+    .with_context(|| format!("starting the function from {reference}"))?;
+    let created = t0.elapsed().as_secs_f64();
+    loop {
+        if let Ok((200, body)) = arbor_testkit::http_get(&listen, "/cgi-bin/fn", None) {
+            if !body.starts_with("hello from a lazily started function\n") {
+                bail!("the function answered {body:?}");
+            }
+            return Ok((created, t0.elapsed().as_secs_f64(), body));
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("the function did not answer within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stop_function(ctd: &Containerd, id: &str) {
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    for _ in 0..50 {
+        if ctd.ctr(&["task", "delete", id]).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctd.ctr(&["container", "rm", id]);
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
 fn main() -> Result<()> {
     if !arbor_testkit::is_root() {
-        bail!("the demo runs containerd and needs root");
+        bail!("the demo runs containerd, arbord and network namespaces and needs root");
     }
     if std::env::var_os("ARBOR_TESTKIT_TMPDIR").is_none() {
         let dir = std::env::current_dir()?.join(".arbor-state");
@@ -49,33 +116,48 @@ fn main() -> Result<()> {
         // SAFETY: single-threaded at this point; no other thread reads the environment.
         unsafe { std::env::set_var("ARBOR_TESTKIT_TMPDIR", &dir) };
     }
-    println!("== starting a private registry");
-    let reg = Registry::start().context("starting docker-registry")?;
+    println!("== starting a private registry behind a 1 Gbit/s link (network namespace, tc tbf)");
+    let ns = Namespace::new(LINK_BITS).context("creating the network namespace")?;
+    let reg = Registry::start_in_netns(&ns).context("starting docker-registry")?;
     println!("   {}", reg.url());
 
-    println!("== building the sample function image (busybox + handler + 2,000 data files)");
+    println!(
+        "== building the sample function: busybox httpd + a CGI handler + {} MB model it does not read to answer",
+        MODEL_BYTES >> 20
+    );
     let mut spec = busybox_image(
         vec![
             Entry::dir("app"),
+            Entry::dir("app/www"),
+            Entry::dir("app/www/cgi-bin"),
             Entry::executable(
-                "app/handler.sh",
-                "#!/bin/sh\n# A function: answers with a greeting and a digest of some of its data.\n\
-                 echo \"hello from a lazily pulled function\"\n\
-                 echo \"data files: $(ls /app/data | wc -l)\"\n\
-                 cat /app/data/00[0-4]* | sha256sum\n",
+                "app/www/cgi-bin/fn",
+                "#!/bin/sh\n# The function: a greeting and a digest of its config.\n\
+                 printf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+                 echo \"hello from a lazily started function\"\n\
+                 sha256sum /app/config/*.json | sha256sum\n",
             ),
+            Entry::dir("app/config"),
+            Entry::file("app/config/settings.json", "{\"greeting\": \"hello\"}\n"),
         ],
-        &["/bin/sh", "/app/handler.sh"],
+        &[
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:8080",
+            "-h",
+            "/app/www",
+        ],
     );
-    let mut data = vec![Entry::dir("app"), Entry::dir("app/data")];
-    for i in 0..2000u64 {
-        let len = 200 + (i * 7919 % 20_000) as usize;
-        data.push(Entry::file(
-            format!("app/data/{i:04}.bin"),
-            pseudo_random_bytes(i, len),
-        ));
-    }
-    spec.layers.push(LayerSource::Tar(layer_tar(&data)));
+    spec.layers.push(LayerSource::Tar(layer_tar(&[
+        Entry::dir("app"),
+        Entry::dir("app/model"),
+        Entry::file(
+            "app/model/weights.bin",
+            pseudo_random_bytes(42, MODEL_BYTES),
+        ),
+    ])));
     let work = tempfile::tempdir()?;
     let layout = work.path().join("layout");
     write_oci_layout(&layout, "v1", &spec)?;
@@ -84,87 +166,100 @@ fn main() -> Result<()> {
     skopeo_push(&layout, "v1", &src, None)?;
     println!("   pushed {src}");
 
-    println!("== arbor convert");
+    println!("== arbor convert (the handler is the prefetch list)");
+    let list = work.path().join("prefetch.txt");
+    std::fs::write(
+        &list,
+        "bin/busybox\napp/www/cgi-bin/fn\napp/config/settings.json\n",
+    )?;
     let t = Instant::now();
-    print!("{}", arbor(&["convert", "--plain-http", &src, &dst])?);
+    print!(
+        "{}",
+        arbor(&[
+            "convert",
+            "--plain-http",
+            "--prefetch-list",
+            list.to_str().unwrap_or(""),
+            &src,
+            &dst
+        ])?
+    );
     println!("   ({:.2} s)", t.elapsed().as_secs_f64());
-
-    println!("== arbor inspect");
-    print!("{}", arbor(&["inspect", "--plain-http", &dst])?);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&arbor(&["inspect", "--plain-http", "--json", &dst])?)?;
-    let image_bytes: u64 = inspect["images"][0]["layers"]
-        .as_array()
-        .map(|ls| ls.iter().filter_map(|l| l["size"].as_u64()).sum())
-        .unwrap_or(0);
-
     println!("== arbor check (same files, same metadata, every chunk verified)");
     print!("{}", arbor(&["check", "--plain-http", &src, &dst])?);
+    let port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
 
-    println!("== running both images with stock containerd (overlayfs)");
-    let ctd = Containerd::start().context("starting containerd")?;
-    for (name, reference) in [("original", &src), ("converted", &dst)] {
-        let t = Instant::now();
-        let out = ctd.pull_and_run(reference, &["/bin/sh", "/app/handler.sh"])?;
-        println!(
-            "-- {name} ({:.2} s pull + run):\n{out}",
-            t.elapsed().as_secs_f64()
-        );
-    }
+    println!("== cold start through stock containerd + overlayfs (pull everything, then run)");
+    let stock = {
+        let ctd = Containerd::start().context("starting containerd")?;
+        drop_caches();
+        let t0 = Instant::now();
+        ctd.pull(&src, &["--plain-http"])?;
+        let pulled = t0.elapsed().as_secs_f64();
+        let (created, ready, answer) =
+            start_function(&ctd, &src, "overlayfs", "fn-stock", port()?, t0)?;
+        stop_function(&ctd, "fn-stock");
+        print!("{answer}");
+        (pulled, created, ready)
+    };
+
+    println!("== cold start through arbord (containerd's arbor snapshotter, lazy layers)");
+    let arbord_bin = arbor_bin()?.with_file_name("arbord");
+    let arbord = Arbord::start(&ArbordOptions {
+        bin: arbord_bin,
+        extra_args: vec!["--plain-http-host".into(), ns.ns_addr().to_string()],
+        ..Default::default()
+    })
+    .context("starting arbord")?;
+    let ctd = Containerd::start_with_config(&arbord.containerd_config())
+        .context("starting containerd")?;
+    drop_caches();
+    let t0 = Instant::now();
+    arbor(&[
+        "pull",
+        "--plain-http",
+        "--address",
+        ctd.socket().to_str().unwrap_or(""),
+        "--namespace",
+        ctd.namespace(),
+        &dst,
+    ])?;
+    let pulled = t0.elapsed().as_secs_f64();
+    let (created, ready, answer) = start_function(&ctd, &dst, "arbor", "fn-arbor", port()?, t0)?;
+    let fetched = arbord.metric("arbor_fetch_bytes_total{source=\"registry\"}")?;
+    stop_function(&ctd, "fn-arbor");
+    print!("{answer}");
     drop(ctd);
+    drop(arbord);
 
-    println!("== lazily: arbor mount, then run the function from the mount");
-    let rootfs = work.path().join("rootfs");
-    std::fs::create_dir(&rootfs)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
-    let t = Instant::now();
-    let mut mount = Command::new(arbor_bin()?)
-        .args([
-            "mount",
-            "--plain-http",
-            "--no-prefetch",
-            "--metrics-addr",
-            &metrics,
-        ])
-        .arg("--cache-dir")
-        .arg(work.path().join("cache"))
-        .arg("--state-dir")
-        .arg(work.path().join("state"))
-        .arg(&dst)
-        .arg(&rootfs)
-        .spawn()?;
-    while !arbor_testkit::is_mounted(&rootfs) {
-        if t.elapsed().as_secs() > 30 || mount.try_wait()?.is_some() {
-            let _ = mount.kill();
-            bail!("arbor mount did not come up");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let mounted_after = t.elapsed().as_secs_f64();
-    let out = Command::new("chroot")
-        .arg(&rootfs)
-        .args(["/bin/sh", "/app/handler.sh"])
-        .output()?;
-    let ran_after = t.elapsed().as_secs_f64();
-    let (_, body) = arbor_testkit::http_get(&metrics, "/metrics", None)?;
-    let fetched: f64 = body
-        .lines()
-        .find(|l| l.starts_with("arbor_fetch_bytes_total{source=\"registry\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let _ = Command::new("umount").arg(&rootfs).status();
-    let _ = mount.wait();
+    let image_mb = (MODEL_BYTES as f64 + 1.2e6) / 1e6;
+    println!();
     println!(
-        "-- converted, lazily ({mounted_after:.2} s to mount, {ran_after:.2} s to the function's answer, \
-         {:.1} MB fetched of a {:.1} MB image):\n{}",
-        fetched / 1e6,
-        image_bytes as f64 / 1e6,
-        String::from_utf8_lossy(&out.stdout)
+        "cold start of a {image_mb:.0} MB function image over a 1 Gbit/s link (seconds from the start of the pull):"
     );
-    println!("== done; the registry, containerd, the mount and their state are removed");
+    println!(
+        "  {:<22} {:>8} {:>9} {:>15}",
+        "", "pulled", "started", "first answer"
+    );
+    println!(
+        "  {:<22} {:>8.2} {:>9.2} {:>15.2}",
+        "containerd + overlayfs", stock.0, stock.1, stock.2
+    );
+    println!(
+        "  {:<22} {:>8.2} {:>9.2} {:>15.2}",
+        "arbor (lazy)", pulled, created, ready
+    );
+    println!(
+        "  arbor answered {:.1}x sooner and had fetched {:.1} MB from the registry by then (background prefetch continues)",
+        stock.2 / ready.max(1e-9),
+        fetched / 1e6
+    );
+    println!("== done; the registry, containerd, arbord, mounts and their state are removed");
+    drop(reg);
+    drop(ns);
     Ok(())
 }
