@@ -60,7 +60,10 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
-        Self::start_with(|_| ContainerdOptions::default())
+        Self::start_with(|a| ContainerdOptions {
+            extra_config: a.containerd_config(),
+            cri: false,
+        })
     }
 
     fn start_with(opts: impl FnOnce(&Arbord) -> ContainerdOptions) -> Node {
@@ -69,8 +72,7 @@ impl Node {
             ..Default::default()
         })
         .expect("starting arbord");
-        let mut o = opts(&arbord);
-        o.extra_config = format!("{}\n{}", arbord.containerd_config(), o.extra_config);
+        let o = opts(&arbord);
         let ctd = Containerd::start_with(&o).expect("starting containerd");
         Node { arbord, ctd }
     }
@@ -450,15 +452,18 @@ fn cri_pull_gets_lazy_layers() {
         ),
     )
     .unwrap();
-    let node = Node::start_with(|_| ContainerdOptions {
+    // The shipped containerd 1.6/1.7 snippet, pointed at this arbord.
+    let snippet = include_str!("../../packaging/containerd/config-1.6-1.7.toml");
+    let node = Node::start_with(|a| ContainerdOptions {
         cri: true,
         extra_config: format!(
-            r#"[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "arbor"
-  disable_snapshot_annotations = false
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "{}"
-"#,
+            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            snippet
+                .replace(
+                    "/run/arbor/snapshotter.sock",
+                    &a.socket().display().to_string()
+                )
+                .replace("/var/lib/arbor/", &a.root().display().to_string()),
             certs.display()
         ),
     });
