@@ -61,6 +61,9 @@ impl Default for RemoteOptions {
     }
 }
 
+/// A repository's store (for TOC reads) and fetch source (for chunks).
+type RepoSource = (Store, Arc<dyn BlobSource>);
+
 struct Active {
     mounted: Mounted,
     prefetch: Option<JoinHandle<()>>,
@@ -74,7 +77,7 @@ pub struct Remote {
     tls: RegistryClient,
     plain: RegistryClient,
     limits: Arc<Limits>,
-    stores: Mutex<HashMap<String, (Store, Arc<dyn BlobSource>)>>,
+    stores: Mutex<HashMap<String, RepoSource>>,
     mounts: Mutex<HashMap<u64, Active>>,
     rt: tokio::runtime::Handle,
 }
@@ -137,7 +140,7 @@ impl Remote {
     }
 
     /// The store and fetch source for the repository of `image_ref` (no network traffic).
-    fn store(&self, image_ref: &str) -> Result<(Store, Arc<dyn BlobSource>)> {
+    fn store(&self, image_ref: &str) -> Result<RepoSource> {
         let r = Reference::parse(image_ref)
             .map_err(|e| Error::InvalidArgument(format!("image reference: {e}")))?;
         let key = format!("{}/{}", r.registry, r.repository);
