@@ -8,9 +8,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use arbor_testkit::{
-    Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, ImageSpec, LayerSource, Registry,
-    busybox_image, corpus, layer_tar, mounts_below, skip_unless_root, skip_unless_tools,
-    skopeo_push, write_oci_layout,
+    Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, Registry, SAMPLE_PROBE as PROBE,
+    busybox_image, mounts_below, sample_image, skip_unless_root, skip_unless_tools, skopeo_push,
+    write_oci_layout,
 };
 use serde_json::Value;
 
@@ -141,32 +141,6 @@ impl Node {
     }
 }
 
-/// A three-layer runnable image: busybox, an app layer, and a layer holding the whole tar
-/// feature corpus plus whiteouts of app files.
-fn sample_image() -> ImageSpec {
-    let mut spec = busybox_image(
-        vec![
-            Entry::dir("app"),
-            Entry::file("app/hello.txt", "hello from arbor\n"),
-            Entry::file("app/removed.txt", "whited out by the next layer\n"),
-            Entry::dir("app/opaque"),
-            Entry::file("app/opaque/old.txt", "hidden by an opaque dir\n"),
-            Entry::executable("app/run.sh", "#!/bin/sh\ncat /app/hello.txt\n"),
-        ],
-        &["/bin/sh", "/app/run.sh"],
-    );
-    let mut top = corpus();
-    top.extend([
-        Entry::dir("app"),
-        Entry::whiteout("app", "removed.txt"),
-        Entry::dir("app/opaque"),
-        Entry::opaque("app/opaque"),
-        Entry::file("app/opaque/new.txt", "new\n"),
-    ]);
-    spec.layers.push(LayerSource::Tar(layer_tar(&top)));
-    spec
-}
-
 /// Pushes the sample image as `repo:v1` and its conversion as `repo:v1-arbor`.
 fn push_sample(reg: &Registry, dir: &Path, repo: &str) -> (String, String) {
     let layout = dir.join("layout");
@@ -181,15 +155,44 @@ fn push_sample(reg: &Registry, dir: &Path, repo: &str) -> (String, String) {
     (src, dst)
 }
 
-/// What a container sees of the image: contents, whiteout effects, and a digest of every file.
-const PROBE: &[&str] = &[
-    "/bin/sh",
-    "-c",
-    "cat /app/hello.txt; ls /app /app/opaque; \
-     test -e /app/removed.txt && echo REMOVED-VISIBLE; \
-     find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -print \
-       | sort | xargs sha256sum | sha256sum",
-];
+/// The sample image and its conversion in a fresh registry, a fresh node, and what the
+/// original shows through stock containerd with overlayfs (the reference output).
+struct Sample {
+    _tmp: tempfile::TempDir,
+    reg: Option<Registry>,
+    src: String,
+    dst: String,
+    node: Node,
+    want: String,
+}
+
+impl Sample {
+    /// `None` (after printing why) when the test must skip.
+    fn start(test: &str) -> Option<Sample> {
+        if skip(test) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::start().unwrap();
+        let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
+        let node = Node::start();
+        let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+        assert!(want.starts_with("hello from arbor\n"), "{want}");
+        assert!(!want.contains("REMOVED-VISIBLE"), "{want}");
+        Some(Sample {
+            _tmp: tmp,
+            reg: Some(reg),
+            src,
+            dst,
+            node,
+            want,
+        })
+    }
+
+    fn reg(&self) -> &Registry {
+        self.reg.as_ref().expect("registry stopped")
+    }
+}
 
 fn hows(report: &Value) -> Vec<String> {
     report["layers"]
@@ -202,18 +205,10 @@ fn hows(report: &Value) -> Vec<String> {
 
 #[test]
 fn converted_image_pulled_lazily_runs_like_the_original() {
-    if skip("converted_image_pulled_lazily_runs_like_the_original") {
+    let Some(sample) = Sample::start("converted_image_pulled_lazily_runs_like_the_original") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
-    let node = Node::start();
-
-    // The reference: the original image through stock containerd and overlayfs.
-    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
-    assert!(want.starts_with("hello from arbor\n"), "{want}");
-    assert!(!want.contains("REMOVED-VISIBLE"), "{want}");
+    };
+    let (node, dst, want) = (&sample.node, &sample.dst, sample.want.as_str());
 
     let report = node.pull(&dst);
     assert_eq!(hows(&report), ["lazy", "lazy", "lazy"], "{report}");
@@ -266,14 +261,12 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
 
 #[test]
 fn unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots() {
-    if skip("unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots") {
+    let Some(sample) =
+        Sample::start("unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
-    let node = Node::start();
-    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+    };
+    let (node, src, dst, want) = (&sample.node, &sample.src, &sample.dst, sample.want.as_str());
 
     // The converted image through `ctr image pull --snapshotter arbor`: containerd 1.6's ctr
     // passes no remote-snapshot labels, so containerd downloads and unpacks every layer into
@@ -535,14 +528,13 @@ fn wait_fetch_idle(node: &Node) {
 
 #[test]
 fn restart_restores_mounts_without_the_registry() {
-    if skip("restart_restores_mounts_without_the_registry") {
+    let Some(sample) = Sample::start("restart_restores_mounts_without_the_registry") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let (src, dst) = push_sample(&reg, tmp.path(), "fn/app");
-    let mut node = Node::start();
-    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
+    };
+    let mut sample = sample;
+    let (dst, want) = (sample.dst.clone(), sample.want.clone());
+    let reg = sample.reg.take();
+    let node = &mut sample.node;
     node.pull(&dst);
     assert_eq!(node.run_arbor(&dst, PROBE), want);
     // Background prefetch brings in the rest of every layer; then the registry goes away.
@@ -620,19 +612,16 @@ fn push_edited_manifest(
 
 #[test]
 fn corrupt_toc_falls_back_to_a_normal_pull_and_is_counted() {
-    if skip("corrupt_toc_falls_back_to_a_normal_pull_and_is_counted") {
+    let Some(sample) = Sample::start("corrupt_toc_falls_back_to_a_normal_pull_and_is_counted")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let (src, _) = push_sample(&reg, tmp.path(), "fn/app");
+    };
+    let (node, want) = (&sample.node, sample.want.as_str());
     // The middle layer's annotations claim another TOC digest: its TOC fails verification.
-    let bad = push_edited_manifest(&reg, "fn/app", "v1-arbor", "badtoc", |m| {
+    let bad = push_edited_manifest(sample.reg(), "fn/app", "v1-arbor", "badtoc", |m| {
         m["layers"][1]["annotations"]["containerd.io/snapshot/arbor.toc-digest"] =
             Value::String(format!("sha256:{}", "0".repeat(64)));
     });
-    let node = Node::start();
-    let want = node.ctd.pull_and_run(&src, PROBE).expect("stock run");
     let report = node.pull(&bad);
     assert_eq!(hows(&report), ["lazy", "unpacked", "lazy"], "{report}");
     assert_eq!(

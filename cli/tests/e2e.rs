@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use arbor_testkit::{
-    Containerd, Entry, ImageSpec, LayerSource, Registry, busybox_image, corpus, layer_tar,
+    Containerd, Entry, Registry, SAMPLE_PROBE as PROBE, busybox_image, sample_image,
     skip_unless_root, skip_unless_tools, skopeo_push, write_oci_layout,
 };
 use serde_json::Value;
@@ -48,35 +48,6 @@ fn arbor_json(args: &[&str]) -> Value {
     })
 }
 
-/// A three-layer runnable image: busybox, an app layer, and a layer holding the whole tar
-/// feature corpus plus whiteouts of app files.
-fn sample_image() -> ImageSpec {
-    let mut spec = busybox_image(
-        vec![
-            Entry::dir("app"),
-            Entry::file("app/hello.txt", "hello from arbor\n"),
-            Entry::file(
-                "app/removed.txt",
-                "this file is whited out by the next layer\n",
-            ),
-            Entry::dir("app/opaque"),
-            Entry::file("app/opaque/old.txt", "hidden by an opaque dir\n"),
-            Entry::executable("app/run.sh", "#!/bin/sh\ncat /app/hello.txt\n"),
-        ],
-        &["/bin/sh", "/app/run.sh"],
-    );
-    let mut top = corpus();
-    top.extend([
-        Entry::dir("app"),
-        Entry::whiteout("app", "removed.txt"),
-        Entry::dir("app/opaque"),
-        Entry::opaque("app/opaque"),
-        Entry::file("app/opaque/new.txt", "new\n"),
-    ]);
-    spec.layers.push(LayerSource::Tar(layer_tar(&top)));
-    spec
-}
-
 fn push_sample(reg: &Registry, dir: &Path, repo_tag: &str) -> String {
     let layout = dir.join("layout");
     write_oci_layout(&layout, "v1", &sample_image()).expect("writing layout");
@@ -84,16 +55,6 @@ fn push_sample(reg: &Registry, dir: &Path, repo_tag: &str) -> String {
     skopeo_push(&layout, "v1", &reference, None).expect("skopeo push");
     reference
 }
-
-/// What a container sees of the image: listing, contents and whiteout effects.
-const PROBE: &[&str] = &[
-    "/bin/sh",
-    "-c",
-    "cat /app/hello.txt; ls /app /app/opaque; \
-     test -e /app/removed.txt && echo REMOVED-VISIBLE; \
-     find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -print \
-       | sort | xargs sha256sum | sha256sum",
-];
 
 #[test]
 fn converted_image_checks_identical_and_runs_in_stock_containerd() {

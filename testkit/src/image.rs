@@ -358,3 +358,45 @@ pub fn busybox_image(app: Vec<Entry>, cmd: &[&str]) -> ImageSpec {
         labels: Vec::new(),
     }
 }
+
+/// A three-layer runnable image for end-to-end tests: busybox, an app layer
+/// (`/app/hello.txt` = "hello from arbor\n", `/app/run.sh` printing it, a file and an opaque
+/// dir the next layer hides), and a layer holding the whole tar feature [`crate::corpus`]
+/// plus a whiteout and an opaque directory over the app layer.
+pub fn sample_image() -> ImageSpec {
+    let mut spec = busybox_image(
+        vec![
+            Entry::dir("app"),
+            Entry::file("app/hello.txt", "hello from arbor\n"),
+            Entry::file(
+                "app/removed.txt",
+                "this file is whited out by the next layer\n",
+            ),
+            Entry::dir("app/opaque"),
+            Entry::file("app/opaque/old.txt", "hidden by an opaque dir\n"),
+            Entry::executable("app/run.sh", "#!/bin/sh\ncat /app/hello.txt\n"),
+        ],
+        &["/bin/sh", "/app/run.sh"],
+    );
+    let mut top = crate::corpus();
+    top.extend([
+        Entry::dir("app"),
+        Entry::whiteout("app", "removed.txt"),
+        Entry::dir("app/opaque"),
+        Entry::opaque("app/opaque"),
+        Entry::file("app/opaque/new.txt", "new\n"),
+    ]);
+    spec.layers.push(LayerSource::Tar(crate::layer_tar(&top)));
+    spec
+}
+
+/// A command that prints what a container sees of [`sample_image`]: contents, the effect of
+/// the whiteouts, and one digest over every file's digest. Equal output, equal image.
+pub const SAMPLE_PROBE: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "cat /app/hello.txt; ls /app /app/opaque; \
+     test -e /app/removed.txt && echo REMOVED-VISIBLE; \
+     find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -print \
+       | sort | xargs sha256sum | sha256sum",
+];

@@ -37,7 +37,8 @@ mod tests;
 pub use arbord::{Arbord, ArbordOptions};
 pub use containerd::{Containerd, ContainerdOptions};
 pub use image::{
-    BUSYBOX_APPLETS, ImageSpec, LayerSource, busybox_image, skopeo_push, write_oci_layout,
+    BUSYBOX_APPLETS, ImageSpec, LayerSource, SAMPLE_PROBE, busybox_image, sample_image,
+    skopeo_push, write_oci_layout,
 };
 pub use layer::{
     DEFAULT_MTIME, Entry, EntryKind, XorShift64, corpus, layer_tar, layer_tar_gnu,
