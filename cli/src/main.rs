@@ -1,4 +1,5 @@
-//! `arbor`: converts, inspects and checks Arbor images. A thin shell over `arbor-convert`.
+//! `arbor`: converts, inspects and checks Arbor images (a thin shell over `arbor-convert`), and
+//! pulls and runs them through containerd ([`pull`]).
 
 mod bars;
 mod mount;
@@ -27,16 +28,19 @@ Examples:
   arbor convert --prefetch-list startup.txt oci:./app:v1 oci:./app:v1-arbor
   arbor inspect --plain-http 127.0.0.1:5000/fn/app:v1-arbor
   arbor check --plain-http 127.0.0.1:5000/fn/app:v1 127.0.0.1:5000/fn/app:v1-arbor
+  arbor pull 127.0.0.1:5000/fn/app:v1-arbor        # into containerd, layers mounted lazily by arbord
+  arbor run --net-host 127.0.0.1:5000/fn/app:v1-arbor
 
 Credentials come from ~/.docker/config.json ($DOCKER_CONFIG, or --authfile), including
 credential helpers. Set RUST_LOG=debug for detailed logs on stderr.";
 
 #[derive(Parser)]
-#[command(name = "arbor", version, about = "Convert, inspect and check lazily-pullable Arbor images",
+#[command(name = "arbor", version, about = "Convert, inspect, check, pull and run lazily-pullable Arbor images",
           long_about = "Arbor starts container-image functions in seconds by pulling only the chunks \
                         they read. `arbor convert` rewrites an image's layers into Arbor's format \
                         (zstd:chunked, readable by any OCI runtime); `inspect` and `check` look at \
-                        the result.",
+                        the result; `pull` and `run` start it through containerd and the node \
+                        daemon arbord, which mounts its layers lazily.",
           after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]

@@ -469,7 +469,12 @@ async fn pull_under_lease(
         let mut labels: HashMap<String, String> = l
             .annotations
             .iter()
-            .filter(|(k, _)| k.starts_with(arbor_format::SNAPSHOT_LABEL_PREFIX))
+            // The image's own snapshot annotations (the TOC location), but never labels that
+            // name where to fetch from: those are ours (below) or CRI's.
+            .filter(|(k, _)| {
+                k.starts_with(arbor_format::SNAPSHOT_LABEL_PREFIX)
+                    && !k.starts_with("containerd.io/snapshot/cri.")
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         labels.insert(snaplabels::TARGET.into(), chain.clone());

@@ -65,10 +65,13 @@ pub fn remote_layer(labels: &BTreeMap<String, String>) -> Result<RemoteLayer, No
     let blob_size: u64 = size
         .parse()
         .map_err(|_| NotRemote::Bad(format!("blob size {size:?} is not a number")))?;
+    // CRI's labels are set by containerd itself; Arbor's come from `arbor pull` (which sets
+    // them over any same-named annotation of the image). An image's own annotations must not
+    // redirect CRI's pull to another blob or registry, so CRI's win.
     let get = |a: &str, b: &str| labels.get(a).or_else(|| labels.get(b)).cloned();
     let (Some(digest), Some(image_ref)) = (
-        get(ARBOR_LAYER_DIGEST, CRI_LAYER_DIGEST),
-        get(ARBOR_IMAGE_REF, CRI_IMAGE_REF),
+        get(CRI_LAYER_DIGEST, ARBOR_LAYER_DIGEST),
+        get(CRI_IMAGE_REF, ARBOR_IMAGE_REF),
     ) else {
         return Err(NotRemote::NoSource);
     };
@@ -85,4 +88,45 @@ pub fn remote_layer(labels: &BTreeMap<String, String>) -> Result<RemoteLayer, No
         toc_position: locator.position.annotation(),
         toc_digest: locator.digest.map(|d| d.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn what_makes_a_layer_remote() {
+        let toc = [
+            (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
+            (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
+        ];
+        assert!(matches!(remote_layer(&labels(&[(TARGET, D1)])), Err(NotRemote::Plain)));
+        assert!(matches!(remote_layer(&labels(&toc)), Err(NotRemote::NoSource)));
+        let mut l = labels(&toc);
+        l.extend(labels(&[(ARBOR_LAYER_DIGEST, D1), (ARBOR_IMAGE_REF, "r.example/a:1")]));
+        let r = remote_layer(&l).unwrap();
+        assert_eq!((r.digest.as_str(), r.blob_size), (D1, 2000));
+        // CRI's labels (containerd's own) win over same-named image annotations.
+        l.extend(labels(&[(CRI_LAYER_DIGEST, D2), (CRI_IMAGE_REF, "r.example/b:1")]));
+        let r = remote_layer(&l).unwrap();
+        assert_eq!((r.digest.as_str(), r.image_ref.as_str()), (D2, "r.example/b:1"));
+        // A TOC outside the blob, a bad size or digest: refused.
+        l.insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "1100".into());
+        assert!(matches!(remote_layer(&l), Err(NotRemote::Bad(_))));
+        l.insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "x".into());
+        assert!(matches!(remote_layer(&l), Err(NotRemote::Bad(_))));
+        l.insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "2000".into());
+        l.insert(CRI_LAYER_DIGEST.into(), "sha256:zz".into());
+        assert!(matches!(remote_layer(&l), Err(NotRemote::Bad(_))));
+    }
 }
