@@ -1254,13 +1254,20 @@ fn print_summary(summary: &Value, rows: &[Mode], image: &Image, rate: u64, reps:
     for m in [Mode::Arbor, Mode::ArborPrefetch] {
         let c = summary_f64(summary, m, "/restart_create_seconds/median");
         if c.is_finite() {
+            let floor_create = summary_f64(summary, Mode::Floor, "/create_seconds/median");
             println!(
                 "{} started again on the same node (chunks fetched, page cache warm): create \
-                 {c:.2} s, ready {:.2} s (floor's warm start: {:.2} s, {:.2} s)",
+                 {c:.2} s, ready {:.2} s{}",
                 m.key(),
                 summary_f64(summary, m, "/restart_ready_seconds/median"),
-                summary_f64(summary, Mode::Floor, "/create_seconds/median"),
-                summary_f64(summary, Mode::Floor, "/ready_seconds/median"),
+                if floor_create.is_finite() {
+                    format!(
+                        " (floor's warm start: {floor_create:.2} s, {:.2} s)",
+                        summary_f64(summary, Mode::Floor, "/ready_seconds/median")
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
     }
