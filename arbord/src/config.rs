@@ -91,6 +91,9 @@ pub struct Prefetch {
     pub rest: bool,
     /// Bytes per second for the rest (0: unlimited).
     pub rest_rate: Size,
+    /// Fetch the rest while containers are reading (paced, one window at a time) instead of
+    /// waiting until reads pause.
+    pub rest_while_active: bool,
     /// Windows fetched at the same time per layer.
     pub concurrency: usize,
 }
@@ -163,6 +166,7 @@ impl Default for Prefetch {
             enabled: true,
             rest: true,
             rest_rate: Size(0),
+            rest_while_active: false,
             concurrency: 4,
         }
     }

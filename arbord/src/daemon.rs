@@ -90,6 +90,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             fetch_unit: cfg.fetch.unit.0,
             memory_budget: cfg.cache.memory_size.0,
             fetch_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
+            background_while_active: cfg.prefetch.rest_while_active,
         },
     );
     let remote = Arc::new(Remote::new(

@@ -1,7 +1,7 @@
 //! The fetcher: file reads → chunks → caches or sources, with single flight and verification.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,10 @@ pub struct FetcherOptions {
     pub memory_budget: u64,
     /// Longest a source request may take before the read fails.
     pub fetch_timeout: Duration,
+    /// Let background fetching (the rest of a layer) run while a workload is reading, one
+    /// paced window at a time; otherwise it waits until reads pause for [`ACTIVE_WITHIN`].
+    /// On small machines its CPU (decompression, hashing, cache writes) slows start-ups.
+    pub background_while_active: bool,
 }
 
 impl Default for FetcherOptions {
@@ -63,6 +67,7 @@ impl Default for FetcherOptions {
             fetch_unit: 1 << 20,
             memory_budget: 256 << 20,
             fetch_timeout: Duration::from_secs(60),
+            background_while_active: false,
         }
     }
 }
@@ -178,6 +183,39 @@ pub struct Fetcher {
     opts: FetcherOptions,
     inflight: Mutex<HashMap<WindowKey, Arc<OnceCell<WindowResult>>>>,
     pending_writes: Arc<AtomicUsize>,
+    /// Urgent (demand or prefetch-section) window fetches in flight; background fetches wait
+    /// while there are any, and for [`QUIET_BEFORE_BACKGROUND`] after the last one.
+    urgent: AtomicUsize,
+    last_urgent_ms: AtomicU64,
+    /// Last file read (any origin): a workload is running.
+    last_read_ms: AtomicU64,
+    /// While a workload reads, one background window at a time, paced.
+    background_slot: tokio::sync::Semaphore,
+    epoch: Instant,
+}
+
+/// Reads within this long mean a workload is active: background fetching then waits (or,
+/// with [`FetcherOptions::background_while_active`], runs one window at a time with
+/// [`BACKGROUND_PACE_WHILE_ACTIVE`] between windows), so it does not take CPU
+/// (decompression, hashing, cache writes) from a starting function.
+pub const ACTIVE_WITHIN: Duration = Duration::from_millis(250);
+/// Pause after each background window while a workload is active.
+pub const BACKGROUND_PACE_WHILE_ACTIVE: Duration = Duration::from_millis(25);
+
+/// How long background fetching stays paused after the last urgent fetch, so that a
+/// workload's next read (after a short burst of CPU work) does not queue behind it.
+pub const QUIET_BEFORE_BACKGROUND: Duration = Duration::from_millis(100);
+
+/// Counts an urgent fetch in flight for as long as it lives.
+struct UrgentGuard<'a>(&'a Fetcher);
+
+impl Drop for UrgentGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .last_urgent_ms
+            .store(self.0.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.urgent.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn blocking<T: Send + 'static>(
@@ -200,6 +238,11 @@ impl Fetcher {
             opts,
             inflight: Mutex::new(HashMap::new()),
             pending_writes: Arc::new(AtomicUsize::new(0)),
+            urgent: AtomicUsize::new(0),
+            last_urgent_ms: AtomicU64::new(0),
+            last_read_ms: AtomicU64::new(0),
+            background_slot: tokio::sync::Semaphore::new(1),
+            epoch: Instant::now(),
         })
     }
 
@@ -223,6 +266,7 @@ impl Fetcher {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, FetchError> {
+        self.last_read_ms.store(self.now_ms(), Ordering::Relaxed);
         let e = layer
             .index
             .entries
@@ -353,7 +397,48 @@ impl Fetcher {
     /// Fetches window `w` of the layer once however many callers ask at the same time,
     /// decodes and verifies each of its chunks, and stores the good ones in the cache. A chunk
     /// that does not verify is left out of the result (the caller refetches it alone).
+    /// Urgent: while it runs (and shortly after), background fetches wait.
     pub async fn window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        let _guard = UrgentGuard(self);
+        self.window_once(layer, w).await
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// [`Fetcher::window`] for background work (prefetching the rest of a layer): starts only
+    /// when no urgent fetch has been in flight for [`QUIET_BEFORE_BACKGROUND`], so reads a
+    /// workload is waiting for never queue behind it for the link or the registry; and not
+    /// while the workload reads at all (see [`ACTIVE_WITHIN`]).
+    pub async fn background_window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
+        loop {
+            let quiet_ms = self
+                .now_ms()
+                .saturating_sub(self.last_urgent_ms.load(Ordering::Relaxed));
+            if self.urgent.load(Ordering::Acquire) == 0
+                && quiet_ms >= QUIET_BEFORE_BACKGROUND.as_millis() as u64
+            {
+                let read_ago = self
+                    .now_ms()
+                    .saturating_sub(self.last_read_ms.load(Ordering::Relaxed));
+                if read_ago >= ACTIVE_WITHIN.as_millis() as u64 {
+                    return self.window_once(layer, w).await;
+                }
+                if self.opts.background_while_active
+                    && let Ok(_slot) = self.background_slot.try_acquire()
+                {
+                    let r = self.window_once(layer, w).await;
+                    tokio::time::sleep(BACKGROUND_PACE_WHILE_ACTIVE).await;
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn window_once(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
         let key = (layer.digest.clone(), w);
         let cell = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());

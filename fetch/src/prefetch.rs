@@ -69,8 +69,15 @@ pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts
                     continue;
                 }
                 let (f, l) = (Arc::clone(&fetcher), Arc::clone(&layer));
+                let background = phase == "rest";
                 set.spawn(async move {
-                    let r = f.window(&l, w).await;
+                    // The prefetch section is what the workload reads first: as urgent as
+                    // its own reads. The rest yields to both.
+                    let r = if background {
+                        f.background_window(&l, w).await
+                    } else {
+                        f.window(&l, w).await
+                    };
                     let n = l.windows()[w].end - l.windows()[w].start;
                     (n, r.is_ok())
                 });

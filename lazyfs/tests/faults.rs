@@ -58,6 +58,7 @@ fn faulty_registry_gives_right_bytes_or_eio_then_recovers() {
             fetch_unit: 64 << 10,
             memory_budget: 4 << 20,
             fetch_timeout: Duration::from_secs(1),
+            ..Default::default()
         },
     );
     let (d, idx) = &layers[0];
