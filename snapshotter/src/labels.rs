@@ -110,16 +110,31 @@ mod tests {
             (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
             (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
         ];
-        assert!(matches!(remote_layer(&labels(&[(TARGET, D1)])), Err(NotRemote::Plain)));
-        assert!(matches!(remote_layer(&labels(&toc)), Err(NotRemote::NoSource)));
+        assert!(matches!(
+            remote_layer(&labels(&[(TARGET, D1)])),
+            Err(NotRemote::Plain)
+        ));
+        assert!(matches!(
+            remote_layer(&labels(&toc)),
+            Err(NotRemote::NoSource)
+        ));
         let mut l = labels(&toc);
-        l.extend(labels(&[(ARBOR_LAYER_DIGEST, D1), (ARBOR_IMAGE_REF, "r.example/a:1")]));
+        l.extend(labels(&[
+            (ARBOR_LAYER_DIGEST, D1),
+            (ARBOR_IMAGE_REF, "r.example/a:1"),
+        ]));
         let r = remote_layer(&l).unwrap();
         assert_eq!((r.digest.as_str(), r.blob_size), (D1, 2000));
         // CRI's labels (containerd's own) win over same-named image annotations.
-        l.extend(labels(&[(CRI_LAYER_DIGEST, D2), (CRI_IMAGE_REF, "r.example/b:1")]));
+        l.extend(labels(&[
+            (CRI_LAYER_DIGEST, D2),
+            (CRI_IMAGE_REF, "r.example/b:1"),
+        ]));
         let r = remote_layer(&l).unwrap();
-        assert_eq!((r.digest.as_str(), r.image_ref.as_str()), (D2, "r.example/b:1"));
+        assert_eq!(
+            (r.digest.as_str(), r.image_ref.as_str()),
+            (D2, "r.example/b:1")
+        );
         // A TOC outside the blob, a bad size or digest: refused.
         l.insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "1100".into());
         assert!(matches!(remote_layer(&l), Err(NotRemote::Bad(_))));
