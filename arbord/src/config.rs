@@ -94,6 +94,8 @@ pub struct Prefetch {
     /// Fetch the rest while containers are reading (paced, one window at a time) instead of
     /// waiting until reads pause.
     pub rest_while_active: bool,
+    /// Seconds after a layer is mounted before its rest is fetched.
+    pub rest_delay_secs: u64,
     /// Windows fetched at the same time per layer.
     pub concurrency: usize,
 }
@@ -167,6 +169,7 @@ impl Default for Prefetch {
             rest: true,
             rest_rate: Size(0),
             rest_while_active: false,
+            rest_delay_secs: 3,
             concurrency: 4,
         }
     }

@@ -102,6 +102,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 rest: cfg.prefetch.rest,
                 rest_rate: cfg.prefetch.rest_rate.0,
                 concurrency: cfg.prefetch.concurrency,
+                rest_delay: Duration::from_secs(cfg.prefetch.rest_delay_secs),
             },
             plain_http_hosts: cfg.registry.plain_http.clone(),
             registry_concurrency: cfg.fetch.registry_concurrency,

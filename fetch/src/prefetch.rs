@@ -20,6 +20,10 @@ pub struct PrefetchOptions {
     pub rest_rate: u64,
     /// Windows fetched at the same time.
     pub concurrency: usize,
+    /// The rest starts no sooner than this after the layer was mounted: a container is
+    /// usually created and starts reading a moment after its layers are mounted, and that
+    /// gap is not idle time.
+    pub rest_delay: Duration,
 }
 
 impl Default for PrefetchOptions {
@@ -28,6 +32,7 @@ impl Default for PrefetchOptions {
             rest: true,
             rest_rate: 0,
             concurrency: 4,
+            rest_delay: Duration::from_secs(3),
         }
     }
 }
@@ -56,8 +61,14 @@ pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts
         ("prefetch section", front, 0u64),
         ("rest", rest, opts.rest_rate),
     ] {
-        if phase == "rest" && !opts.rest {
-            break;
+        if phase == "rest" {
+            if !opts.rest {
+                break;
+            }
+            let since = started.elapsed();
+            if since < opts.rest_delay {
+                tokio::time::sleep(opts.rest_delay - since).await;
+            }
         }
         let phase_start = Instant::now();
         let mut phase_bytes = 0u64;
