@@ -80,6 +80,8 @@ pub struct Fetch {
     pub registry_concurrency: usize,
     /// Retries of a failed registry request.
     pub retries: u32,
+    /// Windows after a missed one fetched along with it.
+    pub read_ahead: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -158,6 +160,7 @@ impl Default for Fetch {
             timeout_secs: 60,
             registry_concurrency: 8,
             retries: 4,
+            read_ahead: 0,
         }
     }
 }

@@ -91,6 +91,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             memory_budget: cfg.cache.memory_size.0,
             fetch_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
             background_while_active: cfg.prefetch.rest_while_active,
+            read_ahead: cfg.fetch.read_ahead,
         },
     );
     let remote = Arc::new(Remote::new(

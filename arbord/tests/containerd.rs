@@ -210,7 +210,7 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
     };
     let (node, dst, want) = (&sample.node, &sample.dst, sample.want.as_str());
 
-    let report = node.pull(&dst);
+    let report = node.pull(dst);
     assert_eq!(hows(&report), ["lazy", "lazy", "lazy"], "{report}");
     assert_eq!(node.metric("arbor_snapshotter_remote_mounts_total"), 3.0);
     assert_eq!(node.layer_mounts(), 3, "one FUSE mount per layer");
@@ -220,7 +220,7 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
         let d = l["digest"].as_str().unwrap();
         assert!(!content.contains(d), "layer {d} was downloaded");
     }
-    let got = node.run_arbor(&dst, PROBE);
+    let got = node.run_arbor(dst, PROBE);
     assert_eq!(
         got, want,
         "the lazily mounted image differs from the original"
@@ -241,7 +241,7 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
         "{info}"
     );
     // Pulling again finds everything present.
-    assert_eq!(hows(&node.pull(&dst)), ["present", "present", "present"]);
+    assert_eq!(hows(&node.pull(dst)), ["present", "present", "present"]);
     // `arbor run` runs it too (image present: no pull).
     let out = ok(
         arbor(&[
@@ -250,7 +250,7 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
             node.ctd.socket().to_str().unwrap(),
             "--namespace",
             node.ctd.namespace(),
-            &dst,
+            dst,
             "/app/run.sh",
         ]),
         "arbor run",
@@ -272,22 +272,22 @@ fn unconverted_and_unlabelled_images_fall_back_to_ordinary_snapshots() {
     // passes no remote-snapshot labels, so containerd downloads and unpacks every layer into
     // ordinary arbord snapshots (a zstd:chunked layer is a valid tar+zstd layer).
     node.ctd
-        .pull(&dst, &["--snapshotter", "arbor"])
+        .pull(dst, &["--snapshotter", "arbor"])
         .expect("ctr pull");
     assert_eq!(node.snapshot_dirs(), 3);
-    assert_eq!(node.run_arbor(&dst, PROBE), want);
+    assert_eq!(node.run_arbor(dst, PROBE), want);
     assert_eq!(node.layer_mounts(), 0, "no FUSE mounts for unpacked layers");
 
     // The unconverted image through `arbor pull` on a fresh node: downloaded, verified and
     // unpacked by containerd into ordinary arbord snapshots.
     let node2 = Node::start();
-    let report = node2.pull(&src);
+    let report = node2.pull(src);
     assert_eq!(
         hows(&report),
         ["unpacked", "unpacked", "unpacked"],
         "{report}"
     );
-    assert_eq!(node2.run_arbor(&src, PROBE), want);
+    assert_eq!(node2.run_arbor(src, PROBE), want);
     assert_eq!(node2.layer_mounts(), 0, "no FUSE mounts for plain layers");
     assert_eq!(node2.metric("arbor_snapshotter_remote_mounts_total"), 0.0);
     assert_eq!(
@@ -538,7 +538,7 @@ fn restart_restores_mounts_without_the_registry() {
     node.pull(&dst);
     assert_eq!(node.run_arbor(&dst, PROBE), want);
     // Background prefetch brings in the rest of every layer; then the registry goes away.
-    wait_fetch_idle(&node);
+    wait_fetch_idle(node);
     let status = node.arbord.stop().expect("stopping arbord");
     assert!(status.success(), "arbord exited with {status}");
     assert_eq!(

@@ -59,6 +59,8 @@ pub struct FetcherOptions {
     /// paced window at a time; otherwise it waits until reads pause for [`ACTIVE_WITHIN`].
     /// On small machines its CPU (decompression, hashing, cache writes) slows start-ups.
     pub background_while_active: bool,
+    /// Windows after a missed one fetched along with it (0: none).
+    pub read_ahead: usize,
 }
 
 impl Default for FetcherOptions {
@@ -68,6 +70,7 @@ impl Default for FetcherOptions {
             memory_budget: 256 << 20,
             fetch_timeout: Duration::from_secs(60),
             background_while_active: false,
+            read_ahead: 0,
         }
     }
 }
@@ -260,7 +263,7 @@ impl Fetcher {
 
     /// Bytes `[offset, offset + len)` of file entry `entry` (clamped to the file's end).
     pub async fn read_file(
-        &self,
+        self: &Arc<Self>,
         layer: &Arc<LayerHandle>,
         entry: usize,
         offset: u64,
@@ -301,7 +304,11 @@ impl Fetcher {
     }
 
     /// One verified chunk.
-    pub async fn chunk(&self, layer: &Arc<LayerHandle>, r: ChunkRef) -> Result<Bytes, FetchError> {
+    pub async fn chunk(
+        self: &Arc<Self>,
+        layer: &Arc<LayerHandle>,
+        r: ChunkRef,
+    ) -> Result<Bytes, FetchError> {
         let (name, c) = layer
             .chunk(r)
             .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;
@@ -350,6 +357,7 @@ impl Fetcher {
         let w = layer
             .window_of(r)
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
+        self.read_ahead(layer, w);
         let window = self.window(layer, w).await;
         match window.as_ref() {
             Ok(chunks) => {
@@ -406,6 +414,30 @@ impl Fetcher {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// After a read had to fetch window `w`, fetches the next [`FetcherOptions::read_ahead`]
+    /// windows too (concurrently, as urgent): tar order keeps a directory's files together,
+    /// and a starting program reads its modules and libraries directory by directory, so
+    /// they are likely its next misses.
+    fn read_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize) {
+        for next in (w + 1..layer.windows.len()).take(self.opts.read_ahead) {
+            if self.window_cached(layer, next) {
+                continue;
+            }
+            let in_flight = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&(layer.digest.clone(), next));
+            if in_flight {
+                continue;
+            }
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            tokio::spawn(async move {
+                let _ = f.window(&l, next).await;
+            });
+        }
     }
 
     /// [`Fetcher::window`] for background work (prefetching the rest of a layer): starts only
