@@ -83,6 +83,14 @@ fn encode(r: &Record) -> Result<Vec<u8>> {
     serde_json::to_vec(r).map_err(|e| Error::Internal(format!("encoding a record: {e}")))
 }
 
+/// The record of `key` in `t`, or NotFound.
+fn existing(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Record> {
+    match t.get(key)? {
+        Some(v) => decode(key, v.value()),
+        None => Err(Error::NotFound(key.into())),
+    }
+}
+
 fn decode(key: &str, b: &[u8]) -> Result<Record> {
     serde_json::from_slice(b)
         .map_err(|e| Error::Store(format!("record of {key:?} is unreadable: {e}")))
@@ -177,10 +185,7 @@ impl Meta {
         let tx = self.db.begin_write()?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS)?;
-            let mut rec = match t.get(key)? {
-                Some(v) => decode(key, v.value())?,
-                None => return Err(Error::NotFound(key.into())),
-            };
+            let mut rec = existing(&t, key)?;
             if rec.kind != Kind::Active {
                 return Err(Error::FailedPrecondition(format!(
                     "snapshot {key:?} is not active"
@@ -206,10 +211,7 @@ impl Meta {
         let tx = self.db.begin_write()?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS)?;
-            let rec = match t.get(key)? {
-                Some(v) => decode(key, v.value())?,
-                None => return Err(Error::NotFound(key.into())),
-            };
+            let rec = existing(&t, key)?;
             for item in t.iter()? {
                 let (k, v) = item?;
                 let child = decode(k.value(), v.value())?;
@@ -236,10 +238,7 @@ impl Meta {
         let tx = self.db.begin_write()?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS)?;
-            let mut rec = match t.get(key)? {
-                Some(v) => decode(key, v.value())?,
-                None => return Err(Error::NotFound(key.into())),
-            };
+            let mut rec = existing(&t, key)?;
             f(&mut rec.labels);
             rec.updated = now_nanos();
             t.insert(key, encode(&rec)?.as_slice())?;
