@@ -176,6 +176,11 @@ enum Command {
         /// Limit background fetching of the rest of the layers (e.g. 50MiB per second; 0: no limit).
         #[arg(long, default_value = "0", value_parser = parse_size)]
         prefetch_rate: u64,
+        /// Fetch the rest of the layers while files are being read too (one paced window at a
+        /// time). By default the rest waits until reads pause for 250 ms, so it does not take
+        /// CPU from a starting program; a workload that reads most of the image may prefer this.
+        #[arg(long)]
+        prefetch_rest_while_active: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
@@ -376,6 +381,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_prefetch,
             no_prefetch_rest,
             prefetch_rate,
+            prefetch_rest_while_active,
             metrics_addr,
             state_dir,
             fuse_threads,
@@ -391,6 +397,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 prefetch: !no_prefetch,
                 prefetch_rest: !no_prefetch_rest,
                 prefetch_rate,
+                prefetch_rest_while_active,
                 metrics_addr,
                 state_dir,
                 fuse_threads,

@@ -24,6 +24,7 @@ pub struct MountArgs {
     pub prefetch: bool,
     pub prefetch_rest: bool,
     pub prefetch_rate: u64,
+    pub prefetch_rest_while_active: bool,
     pub metrics_addr: Option<String>,
     pub state_dir: PathBuf,
     pub fuse_threads: usize,
@@ -60,6 +61,7 @@ pub async fn run(
         Arc::clone(&metrics),
         FetcherOptions {
             fetch_unit: a.fetch_unit,
+            background_while_active: a.prefetch_rest_while_active,
             ..Default::default()
         },
     );
