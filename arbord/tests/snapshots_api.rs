@@ -19,6 +19,16 @@ use arbor_testkit::{
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// A request naming only the snapshotter and a key.
+macro_rules! keyed {
+    ($t:ident, $key:expr) => {
+        $t {
+            snapshotter: "arbor".into(),
+            key: ($key).into(),
+        }
+    };
+}
+
 fn start() -> Arbord {
     Arbord::start(&ArbordOptions {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
@@ -87,43 +97,19 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
     let k = || "default/1/nope".to_string();
     let sn = || "arbor".to_string();
     assert_eq!(
-        code(
-            c.stat(StatSnapshotRequest {
-                snapshotter: sn(),
-                key: k()
-            })
-            .await
-        ),
+        code(c.stat(keyed!(StatSnapshotRequest, k())).await),
         Code::NotFound
     );
     assert_eq!(
-        code(
-            c.mounts(MountsRequest {
-                snapshotter: sn(),
-                key: k()
-            })
-            .await
-        ),
+        code(c.mounts(keyed!(MountsRequest, k())).await),
         Code::NotFound
     );
     assert_eq!(
-        code(
-            c.remove(RemoveSnapshotRequest {
-                snapshotter: sn(),
-                key: k()
-            })
-            .await
-        ),
+        code(c.remove(keyed!(RemoveSnapshotRequest, k())).await),
         Code::NotFound
     );
     assert_eq!(
-        code(
-            c.usage(UsageRequest {
-                snapshotter: sn(),
-                key: k()
-            })
-            .await
-        ),
+        code(c.usage(keyed!(UsageRequest, k())).await),
         Code::NotFound
     );
     assert_eq!(
@@ -172,10 +158,7 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
 
     // Write into the active snapshot through its bind mount source, commit, stack a child.
     let m = c
-        .mounts(MountsRequest {
-            snapshotter: sn(),
-            key: "k1".into(),
-        })
+        .mounts(keyed!(MountsRequest, "k1"))
         .await
         .unwrap()
         .into_inner()
@@ -192,20 +175,11 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
     .await
     .unwrap();
     assert_eq!(
-        code(
-            c.stat(StatSnapshotRequest {
-                snapshotter: sn(),
-                key: "k1".into()
-            })
-            .await
-        ),
+        code(c.stat(keyed!(StatSnapshotRequest, "k1")).await),
         Code::NotFound
     );
     let info = c
-        .stat(StatSnapshotRequest {
-            snapshotter: sn(),
-            key: "l1".into(),
-        })
+        .stat(keyed!(StatSnapshotRequest, "l1"))
         .await
         .unwrap()
         .into_inner()
@@ -213,23 +187,14 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
         .unwrap();
     assert_eq!(info.kind, Kind::Committed as i32);
     let u = c
-        .usage(UsageRequest {
-            snapshotter: sn(),
-            key: "l1".into(),
-        })
+        .usage(keyed!(UsageRequest, "l1"))
         .await
         .unwrap()
         .into_inner();
     assert!(u.size > 0 && u.inodes == 1, "{u:?}");
     // Mounting a committed snapshot is refused; a view of it is a read-only bind.
     assert_eq!(
-        code(
-            c.mounts(MountsRequest {
-                snapshotter: sn(),
-                key: "l1".into()
-            })
-            .await
-        ),
+        code(c.mounts(keyed!(MountsRequest, "l1")).await),
         Code::FailedPrecondition
     );
     let v = c
@@ -264,13 +229,7 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
     );
     // A parent with children cannot go.
     assert_eq!(
-        code(
-            c.remove(RemoveSnapshotRequest {
-                snapshotter: sn(),
-                key: "l1".into()
-            })
-            .await
-        ),
+        code(c.remove(keyed!(RemoveSnapshotRequest, "l1")).await),
         Code::FailedPrecondition
     );
 
@@ -319,12 +278,7 @@ async fn snapshot_semantics_bad_keys_and_concurrent_prepare() {
     assert_eq!(list(&mut c, &[]).await.len(), 3);
 
     for k in ["k2", "v1", "l1"] {
-        c.remove(RemoveSnapshotRequest {
-            snapshotter: sn(),
-            key: k.into(),
-        })
-        .await
-        .unwrap();
+        c.remove(keyed!(RemoveSnapshotRequest, k)).await.unwrap();
     }
     assert!(list(&mut c, &[]).await.is_empty());
     assert_eq!(
@@ -483,11 +437,8 @@ async fn concurrent_remote_prepares_mount_once_and_unlabelled_layers_fall_back()
     );
 
     // Removing the remote snapshot unmounts it.
-    c2.remove(RemoveSnapshotRequest {
-        snapshotter: "arbor".into(),
-        key: chain.into(),
-    })
-    .await
-    .unwrap();
+    c2.remove(keyed!(RemoveSnapshotRequest, chain))
+        .await
+        .unwrap();
     assert_eq!(arbor_testkit::mounts_below(a.root()).len(), 0);
 }
