@@ -1,7 +1,6 @@
-//! Horizontal stacked bar charts as PNG files, with no dependency beyond `flate2` (included with
-//! `#[path = "chart.rs"] mod chart;`): an RGB canvas, a built-in 5x7 bitmap font (with
-//! descenders), and a PNG encoder (8-bit truecolor, one IDAT chunk compressed with zlib, CRC-32
-//! from `flate2::Crc`).
+//! Horizontal stacked bar charts as PNG files, with no dependency beyond `flate2`: an RGB canvas, a
+//! built-in 5x7 bitmap font (with descenders), and a PNG encoder (8-bit truecolor, one IDAT chunk
+//! compressed with zlib, CRC-32 from `flate2::Crc`).
 
 use std::io::Write;
 

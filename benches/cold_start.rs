@@ -41,6 +41,7 @@
 //! Wrong answers, failing tools and arbord problems (a bad exit, mounts left behind) make the
 //! exit status non-zero (1; 2 when the bench itself could not go on); slow results never do.
 
+use arbor_benches::{chart, common, harness, pyimage};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::net::TcpListener;
@@ -56,18 +57,6 @@ use arbor_testkit::netns::LinkBytes;
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
-#[allow(dead_code)]
-#[path = "chart.rs"]
-mod chart;
-#[allow(dead_code)]
-#[path = "common.rs"]
-mod common;
-#[allow(dead_code)]
-#[path = "harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "pyimage.rs"]
-mod pyimage;
 use common::{MB, Spread, describe, machine_info, preflight, print_machine};
 use common::{tail, target_dir};
 use harness::{

@@ -1,4 +1,4 @@
-//! Helpers shared by the benchmark binaries (included with `#[path = "common.rs"] mod common;`):
+//! Helpers shared by the benchmark binaries (`arbor_benches::common`):
 //! the cargo target directory, the Debian-package cache, running commands, machine facts and
 //! median/min/max summaries.
 

@@ -42,8 +42,7 @@ use arbor_testkit::{
 use clap::Parser;
 use serde_json::{Value, json};
 
-#[path = "common.rs"]
-mod common;
+use arbor_benches::common;
 use common::{
     MB, Spread, clock_ticks, describe, inspect_raw, machine_info, preflight, print_machine,
     resolve_debs, run_quiet, run_timed, tail, target_dir,

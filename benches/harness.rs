@@ -1,7 +1,6 @@
-//! What the lazy-start and cold-start benches share besides their image (included with
-//! `#[path = "harness.rs"] mod harness;`): interruption by signals, child processes with
-//! timeouts, mounts and the run's work dir, `drop_caches`, link rates, and a minimal HTTP/1.1
-//! client for the registry, metrics endpoints and the functions.
+//! What the lazy-start and cold-start benches share besides their image: interruption by signals,
+//! child processes with timeouts, mounts and the run's work dir, `drop_caches`, link rates, and a
+//! minimal HTTP/1.1 client for the registry, metrics endpoints and the functions.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;

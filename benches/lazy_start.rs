@@ -50,6 +50,7 @@
 //! size match what the `.pyc` records, or Python would recompile). A mismatch makes the exit
 //! status non-zero; slow results never do; failing tools do.
 
+use arbor_benches::{common, harness, pyimage};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -69,15 +70,6 @@ use clap::Parser;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-#[allow(dead_code)]
-#[path = "common.rs"]
-mod common;
-#[allow(dead_code)]
-#[path = "harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "pyimage.rs"]
-mod pyimage;
 use common::{MB, Spread, describe, machine_info, preflight, run_quiet, target_dir};
 use harness::{
     INTERRUPTED, LinkArgs, MountGuard, Remote, TAG_ARBOR, TAG_PREFETCH, TAG_SOURCE, WorkDir,

@@ -1,6 +1,5 @@
-//! Python function images built from Debian packages, and the files they read at start-up
-//! (shared by bench-lazy-start and bench-cold-start; included with
-//! `#[path = "pyimage.rs"] mod pyimage;`).
+//! Python function images built from Debian packages, and the files they read at start-up (shared
+//! by bench-lazy-start and bench-cold-start).
 //!
 //! A [`Recipe`] names layers of Debian packages (cached `.deb`s in `<cache>/debs`, fetched with
 //! `apt-get download`) and optionally an app layer of given files on top. Every package is
