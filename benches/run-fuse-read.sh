@@ -4,5 +4,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+ARBOR_SKIP_BUILD=1 bash scripts/setup.sh   # system packages (idempotent)
 cargo build --release -p arbor-cli -p arbor-benches
 exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-fuse-read" "$@"

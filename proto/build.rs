@@ -1,22 +1,38 @@
-//! Generates the snapshots server and the CRI image client with the workspace's tonic.
+//! Generates containerd's API (clients, and the snapshots server arbord implements) and the CRI
+//! subset with the workspace's one tonic. The `.proto` files are vendored under `proto/` and
+//! compiled by `protox`, a protobuf compiler in Rust that also carries the well-known
+//! `google/protobuf/*.proto` types, so building Arbor needs no system `protoc` and no
+//! `libprotobuf-dev`.
+
+use std::path::PathBuf;
+
+/// containerd API files to generate (their imports come along).
+const CONTAINERD: &[&str] = &[
+    "services/containers/v1/containers.proto",
+    "services/content/v1/content.proto",
+    "services/diff/v1/diff.proto",
+    "services/events/v1/events.proto",
+    "services/images/v1/images.proto",
+    "services/leases/v1/leases.proto",
+    "services/namespaces/v1/namespace.proto",
+    "services/snapshots/v1/snapshots.proto",
+    "services/tasks/v1/tasks.proto",
+    "services/version/v1/version.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = tonic_prost_build::Config::new();
-    config.protoc_arg("--experimental_allow_proto3_optional");
-    tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(true)
-        // Share `Mount` with containerd-client so mounts pass between the two unchanged.
-        .extern_path(".containerd.types", "::containerd_client::types")
-        .compile_with_config(
-            config,
-            &["proto/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto"],
-            &["proto"],
-        )?;
+    let root = PathBuf::from("proto");
+    let mut files: Vec<PathBuf> = CONTAINERD
+        .iter()
+        .map(|f| root.join("github.com/containerd/containerd/api").join(f))
+        .collect();
+    files.push(root.join("cri/api.proto"));
+    let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/cri/api.proto"], &["proto"])?;
+        .include_file("_includes.rs")
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

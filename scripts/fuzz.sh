@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Fuzzes arbor-format with cargo-fuzz (libFuzzer): the `toc` target (whole layer blobs: footer,
 # TOC, chunk decoding) and the `tar` target (tar parsing and conversion).
+# Needs only cargo: cargo-fuzz is installed from crates.io when missing, and the nightly toolchain
+# is used when present (else the default one with RUSTC_BOOTSTRAP=1).
 #
 # Usage: scripts/fuzz.sh [SECONDS]     (default 60 per target)
 #
 # Installs cargo-fuzz if it is missing, regenerates the seed corpora under fuzz/corpus/ (valid
-# tars and the layers made of them), builds the targets with the nightly toolchain, then runs
+# tars and the layers made of them), builds the targets, then runs
 # each target for SECONDS. Prints one summary line per target and exits non-zero if any target
 # found a crash, panic, timeout or out-of-memory (inputs are saved under fuzz/artifacts/TARGET/;
 # full logs under fuzz/target/fuzz-logs/).
@@ -31,9 +33,18 @@ cd "$ROOT"
 FUZZ_DIR="$ROOT/fuzz"
 LOG_DIR="$FUZZ_DIR/target/fuzz-logs"
 
-command -v cargo >/dev/null 2>&1 || die "cargo not found"
-rustup run nightly rustc --version >/dev/null 2>&1 \
-  || die "the nightly toolchain is required (rustup toolchain install nightly)"
+command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain with rustup)"
+# cargo-fuzz needs a compiler that accepts -Z flags (sanitizers, coverage instrumentation): the
+# nightly toolchain when it is installed, otherwise the default toolchain with RUSTC_BOOTSTRAP=1
+# (stable ships the sanitizer runtimes; the flag only unlocks the unstable options).
+if rustup run nightly rustc --version >/dev/null 2>&1; then
+  TOOLCHAIN=(+nightly)
+  log "toolchain: $(rustup run nightly rustc --version)"
+else
+  TOOLCHAIN=()
+  export RUSTC_BOOTSTRAP=1
+  log "no nightly toolchain: using $(rustc --version) with RUSTC_BOOTSTRAP=1"
+fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz"
@@ -47,7 +58,7 @@ cargo run -q --manifest-path "$FUZZ_DIR/Cargo.toml" --bin seeds -- "$FUZZ_DIR/co
 
 log "building targets: ${TARGETS[*]}"
 for t in "${TARGETS[@]}"; do
-  cargo +nightly fuzz build --fuzz-dir "$FUZZ_DIR" "$t" || die "building fuzz target $t failed"
+  cargo "${TOOLCHAIN[@]}" fuzz build --fuzz-dir "$FUZZ_DIR" "$t" || die "building fuzz target $t failed"
 done
 
 mkdir -p "$LOG_DIR"
@@ -58,7 +69,7 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "$corpus"
   logfile="$LOG_DIR/$t.log"
   log "running $t for ${SECONDS_PER_TARGET}s (log: ${logfile#"$ROOT"/})"
-  cargo +nightly fuzz run --fuzz-dir "$FUZZ_DIR" "$t" "$corpus" -- \
+  cargo "${TOOLCHAIN[@]}" fuzz run --fuzz-dir "$FUZZ_DIR" "$t" "$corpus" -- \
     -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -timeout="$TIMEOUT" \
     -print_final_stats=1 "${EXTRA[@]}" >"$logfile" 2>&1
   rc=$?

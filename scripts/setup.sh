@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PACKAGES=(
-  containerd runc skopeo umoci docker-registry fuse3 protobuf-compiler busybox-static
+  containerd runc skopeo umoci docker-registry fuse3 busybox-static
   iproute2 jq zstd apache2-utils ca-certificates
 )
 
@@ -52,7 +52,7 @@ else
 fi
 
 for bin in containerd ctr runc containerd-shim-runc-v2 skopeo umoci docker-registry \
-  fusermount3 protoc busybox ip jq zstd htpasswd; do
+  fusermount3 busybox ip jq zstd htpasswd; do
   command -v "$bin" >/dev/null 2>&1 || die "'$bin' not found after installing packages"
 done
 [[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"

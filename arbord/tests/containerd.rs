@@ -408,7 +408,7 @@ fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
     use arbor_proto::cri::{ImageSpec as CriImage, PullImageRequest};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let ch = arbor_proto::containerd_client::connect(socket)
+        let ch = arbor_proto::connect(socket)
             .await
             .expect("connecting to containerd");
         let mut c = ImageServiceClient::new(ch);

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use arbor_proto::containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use arbor_proto::containerd_client::services::v1::snapshots::{
+use arbor_proto::snapshots::snapshots_client::SnapshotsClient;
+use arbor_proto::snapshots::{
     CleanupRequest, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest, MountsRequest,
     PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest,
     UsageRequest, ViewSnapshotRequest,
@@ -38,7 +38,7 @@ fn start() -> Arbord {
 }
 
 async fn client(a: &Arbord) -> SnapshotsClient<Channel> {
-    let ch = arbor_proto::containerd_client::connect(a.socket())
+    let ch = arbor_proto::connect(a.socket())
         .await
         .expect("connecting to arbord");
     SnapshotsClient::new(ch)

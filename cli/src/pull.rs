@@ -18,20 +18,26 @@ use arbor_convert::image;
 use arbor_oci::Store;
 use arbor_oci::manifest::Descriptor;
 use arbor_snapshotter::labels as snaplabels;
-use containerd_client::services::v1::content_client::ContentClient;
-use containerd_client::services::v1::diff_client::DiffClient;
-use containerd_client::services::v1::images_client::ImagesClient;
-use containerd_client::services::v1::leases_client::LeasesClient;
-use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{
+use arbor_proto::containerd::services::content::v1::content_client::ContentClient;
+use arbor_proto::containerd::services::content::v1::{
+    Info as ContentInfo, InfoRequest, UpdateRequest as ContentUpdate, WriteAction,
+    WriteContentRequest,
+};
+use arbor_proto::containerd::services::diff::v1::ApplyRequest;
+use arbor_proto::containerd::services::diff::v1::diff_client::DiffClient;
+use arbor_proto::containerd::services::images::v1::images_client::ImagesClient;
+use arbor_proto::containerd::services::images::v1::{
+    CreateImageRequest, GetImageRequest, Image, UpdateImageRequest,
+};
+use arbor_proto::containerd::services::leases::v1::leases_client::LeasesClient;
+use arbor_proto::containerd::services::leases::v1::{
+    CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete,
+};
+use arbor_proto::snapshots::snapshots_client::SnapshotsClient;
+use arbor_proto::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
-use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete,
-    Image, Info as ContentInfo, InfoRequest, UpdateImageRequest, UpdateRequest as ContentUpdate,
-    WriteAction, WriteContentRequest,
-};
-use containerd_client::types::Descriptor as CtdDescriptor;
+use arbor_proto::types::Descriptor as CtdDescriptor;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -83,7 +89,7 @@ fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
 }
 
 pub async fn connect(t: &Target) -> Result<Channel> {
-    containerd_client::connect(&t.address)
+    arbor_proto::connect(&t.address)
         .await
         .with_context(|| format!("connecting to containerd at {}", t.address.display()))
 }
@@ -287,7 +293,7 @@ pub async fn has_image(t: &Target, name: &str) -> Result<bool> {
         .get(req(
             t,
             None,
-            containerd_client::services::v1::GetImageRequest { name: name.into() },
+            GetImageRequest { name: name.into() },
         )?)
         .await
     {

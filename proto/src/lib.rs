@@ -1,19 +1,48 @@
-//! gRPC bindings Arbor needs beyond `containerd-client`: the server side of containerd's
-//! snapshots service (`containerd.services.snapshots.v1`, generated from the protos that
-//! containerd-client ships, with the workspace's one tonic) and a subset of the Kubernetes CRI
-//! image service (`runtime.v1.ImageService`) for tools and tests that pull through CRI.
+//! gRPC bindings for everything Arbor speaks: containerd's API (clients for the services `arbor
+//! pull`/`run` drive, and the server side of the snapshots service `arbord` implements) and a
+//! subset of the Kubernetes CRI (`runtime.v1`) for tools and tests that pull through CRI.
+//!
+//! All of it is generated at build time from the `.proto` files vendored under `proto/proto/`
+//! (containerd's, Apache-2.0, as containerd-client 0.9 ships them) by a protobuf compiler in
+//! Rust, with the workspace's one tonic: no system `protoc` is needed.
 
-/// `containerd.services.snapshots.v1`: messages and the `Snapshots` server trait.
-pub mod snapshots {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("containerd.services.snapshots.v1");
+#[allow(clippy::all, missing_docs, rustdoc::all)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/_includes.rs"));
 }
+
+/// containerd's API, by protobuf package (`containerd.services.content.v1` is
+/// `containerd::services::content::v1`).
+pub use generated::containerd;
+
+/// `containerd.types`: `Mount`, `Descriptor`, `Platform`, ...
+pub use generated::containerd::types;
+
+/// `containerd.services.snapshots.v1`: messages, the client and the `Snapshots` server trait.
+pub use generated::containerd::services::snapshots::v1 as snapshots;
 
 /// `runtime.v1` (CRI): the image service subset.
-pub mod cri {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("runtime.v1");
-}
+pub use generated::runtime::v1 as cri;
 
-pub use containerd_client;
-pub use containerd_client::types::Mount;
+pub use types::Mount;
+
+/// The metadata key containerd reads the namespace of a request from.
+pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+
+/// Connects to a gRPC server on a unix socket (containerd's, or arbord's snapshots socket).
+/// The connection is made lazily by tonic and re-made when it breaks.
+pub async fn connect(
+    path: impl AsRef<std::path::Path>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.as_ref().to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+}

@@ -19,7 +19,8 @@
 //! (default: the system temp dir; keep it short, unix socket paths are limited to 107 bytes).
 //!
 //! Tests that need root or the external tools should start with
-//! `if arbor_testkit::skip_unless_root("name") { return; }` (and/or [`skip_unless_tools`]).
+//! `if arbor_testkit::skip_unless_root("name") { return; }` (and/or [`skip_unless_tools`]); under
+//! CI a test that would skip fails instead ([`skip`]).
 
 mod arbord;
 mod containerd;
@@ -60,8 +61,24 @@ pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("skipped: {test}: needs root (containerd, mounts, runc)");
+    skip(test, "needs root (containerd, mounts, runc)")
+}
+
+/// Says why `test` cannot run and returns true, so the test returns early: prints
+/// `skipped: <test>: <reason>` to stderr. Under CI (`CI` set and not `false`/`0`) a test that
+/// cannot run is a failure, not a pass: this panics instead, so a machine that lacks root, FUSE or
+/// a tool cannot turn the end-to-end suite green by skipping it.
+pub fn skip(test: &str, reason: &str) -> bool {
+    if in_ci() {
+        panic!("{test} cannot run under CI: {reason}");
+    }
+    eprintln!("skipped: {test}: {reason}");
     true
+}
+
+/// True when the `CI` environment variable is set to anything but empty, `0` or `false`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
 }
 
 /// Prints `skipped: <test>: <tool> not found ...` to stderr and returns true when one of `tools`
@@ -75,9 +92,8 @@ pub fn skip_unless_tools(test: &str, tools: &[&str]) -> bool {
     if missing.is_empty() {
         return false;
     }
-    eprintln!(
-        "skipped: {test}: not found: {} (run scripts/setup.sh)",
-        missing.join(", ")
-    );
-    true
+    skip(
+        test,
+        &format!("not found: {} (run scripts/setup.sh)", missing.join(", ")),
+    )
 }

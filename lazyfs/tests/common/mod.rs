@@ -23,13 +23,7 @@ use arbor_testkit::{ImageSpec, Registry, skopeo_push, write_oci_layout};
 pub fn skip(test: &str) -> bool {
     arbor_testkit::skip_unless_root(test)
         || arbor_testkit::skip_unless_tools(test, &["docker-registry", "skopeo", "fusermount3"])
-        || {
-            let missing = !Path::new("/dev/fuse").exists();
-            if missing {
-                eprintln!("skipped: {test}: /dev/fuse is missing");
-            }
-            missing
-        }
+        || (!Path::new("/dev/fuse").exists() && arbor_testkit::skip(test, "/dev/fuse is missing"))
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
