@@ -13,5 +13,6 @@ pub mod error;
 pub mod image;
 pub mod inspect;
 pub mod progress;
+pub mod verify;
 
 pub use error::{Error, Result};
