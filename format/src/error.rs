@@ -26,6 +26,8 @@ pub enum Error {
         size: u64,
         limit: u64,
     },
+    #[error("TOC exceeds a reader limit: more than {limit} {what}")]
+    TocLimit { what: &'static str, limit: u64 },
     #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
     DigestMismatch {
         what: String,

@@ -163,6 +163,12 @@ impl TocPosition {
 
     /// Errors unless the TOC and tar-split ranges end at or before `limit`.
     pub fn check_within(&self, limit: u64) -> Result<()> {
+        if self.offset < SKIPPABLE_HEADER_LEN {
+            return Err(Error::Footer(format!(
+                "TOC offset {} leaves no room for its {SKIPPABLE_HEADER_LEN}-byte frame header",
+                self.offset
+            )));
+        }
         let end = self.offset.checked_add(self.length);
         if self.length == 0 || end.is_none_or(|e| e > limit) {
             return Err(Error::Footer(format!(

@@ -6,7 +6,7 @@
 //! links point to earlier entries, digests are well formed, and sizes are bounded. A chunk's
 //! bytes are returned only after they hash to the chunk's digest.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 
 use base64::Engine as _;
@@ -21,22 +21,60 @@ use crate::tarstream::{EntryKind, Timestamp};
 use crate::toc::{ArborExtension, CHUNK_TYPE_ZEROS, Toc, TocEntry, types};
 use crate::writer::MAX_CHUNK_SIZE;
 
-/// Bounds on what a reader accepts before allocating.
+/// Bounds on what a reader accepts, checked before (or while) allocating.
+///
+/// The defaults come from what real layers need, with a wide margin, and from what one TOC
+/// decode may cost the daemon at worst:
+/// - a TOC entry is 250 to 400 bytes of JSON (name, two `sha256:` digests, offsets, modtime),
+///   so a 1 GB Python image (~60 000 files) has a ~20 MiB TOC, 2–4 MiB compressed. The
+///   largest single layers seen in practice (ML and TeX images) hold ~300 000 files. 64 MiB of
+///   JSON holds ~200 000 real entries;
+/// - a deserialized entry costs ~350 bytes (`TocEntry`) and then ~200 (`IndexEntry`) on top
+///   of its strings, whatever its JSON size: `{"type":"dir","name":"a"}` is 26 bytes. Entries
+///   are therefore counted while deserializing and refused past `max_entries` (1 000 000, so a
+///   decode peaks under ~1 GiB: 64 MiB of JSON, 1 M entries, their index), and so are
+///   xattrs (`max_xattrs`, every entry may carry a SELinux label and a capability) and
+///   prefetch names (at most `max_entries`);
+/// - the compressed TOC is fetched whole into memory: 32 MiB is far more than the 64 MiB of
+///   JSON it may expand to ever compresses to.
+///
+/// zstd decoders reading untrusted frames are also capped to an 8 MiB window (what any common
+/// encoder uses), or the content size when that is larger, up to 128 MiB (see
+/// [`window_log_max`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_toc_compressed: u64,
     pub max_toc_uncompressed: u64,
+    /// Entries in the TOC's `entries` array (`chunk` entries included).
     pub max_entries: usize,
+    /// Extended attributes over all entries.
+    pub max_xattrs: usize,
+}
+
+impl Limits {
+    /// The defaults (see the type's docs for the reasoning).
+    pub const DEFAULT: Limits = Limits {
+        max_toc_compressed: 32 << 20,
+        max_toc_uncompressed: 64 << 20,
+        max_entries: 1_000_000,
+        max_xattrs: 2_000_000,
+    };
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_toc_compressed: 64 << 20,
-            max_toc_uncompressed: 512 << 20,
-            max_entries: 4_000_000,
-        }
+        Limits::DEFAULT
     }
+}
+
+/// The largest zstd window (as a power of two) a decoder accepts for a frame whose content
+/// is `content_len` bytes: 8 MiB (zstd's and klauspost/compress's defaults up to level 19),
+/// or the next power of two above the content when that is larger (an encoder never needs a
+/// window larger than its input), never above 128 MiB (zstd's own default cap). A frame
+/// declaring more is refused instead of making the decoder allocate it.
+pub fn window_log_max(content_len: u64) -> u32 {
+    let need = 64 - content_len.saturating_sub(1).leading_zeros();
+    need.clamp(23, 27)
 }
 
 /// Where a layer's TOC is, and the digest it must have, per the descriptor's annotations.
@@ -119,8 +157,13 @@ pub fn decode_toc(
         d.verify(|| "TOC".to_string(), compressed)?;
     }
     let mut json = Vec::with_capacity(position.uncompressed_length.min(64 << 20) as usize);
-    zstd::stream::read::Decoder::with_buffer(compressed)
-        .map_err(|e| Error::toc(format!("TOC is not zstd: {e}")))?
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(|e| Error::toc(format!("TOC is not zstd: {e}")))?;
+    decoder
+        .window_log_max(window_log_max(position.uncompressed_length))
+        .map_err(|e| Error::toc(format!("TOC decoder: {e}")))?;
+    // At most one byte more than declared (and so than the limit) is ever decompressed.
+    decoder
         .take(position.uncompressed_length + 1)
         .read_to_end(&mut json)
         .map_err(|e| Error::toc(format!("TOC does not decompress: {e}")))?;
@@ -131,15 +174,28 @@ pub fn decode_toc(
             position.uncompressed_length
         )));
     }
-    let toc: Toc =
-        serde_json::from_slice(&json).map_err(|e| Error::toc(format!("TOC JSON: {e}")))?;
-    if toc.entries.len() > limits.max_entries {
-        return Err(Error::TocTooLarge {
-            what: "entry count",
-            size: toc.entries.len() as u64,
-            limit: limits.max_entries as u64,
-        });
-    }
+    let scope =
+        crate::toc::budget::Scope::new(limits.max_entries, limits.max_xattrs, limits.max_entries);
+    let parsed: serde_json::Result<Toc> = serde_json::from_slice(&json);
+    let exceeded = scope.exceeded();
+    drop(scope);
+    drop(json);
+    let toc = match (parsed, exceeded) {
+        (Ok(toc), _) => toc,
+        (Err(e), None) => return Err(Error::toc(format!("TOC JSON: {e}"))),
+        (Err(_), Some(what)) => {
+            use crate::toc::budget::Exceeded;
+            let (what, limit) = match what {
+                Exceeded::Entries => ("entries", limits.max_entries),
+                Exceeded::Xattrs => ("xattrs", limits.max_xattrs),
+                Exceeded::Prefetch => ("prefetch names", limits.max_entries),
+            };
+            return Err(Error::TocLimit {
+                what,
+                limit: limit as u64,
+            });
+        }
+    };
     Ok(toc)
 }
 
@@ -282,7 +338,8 @@ impl LayerIndex {
         }
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut entries: Vec<IndexEntry> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
+        // Names seen so far, and whether the latest entry of that name is a directory.
+        let mut seen: HashMap<String, bool> = HashMap::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut iter = toc.entries.into_iter().peekable();
         while let Some(e) = iter.next() {
@@ -299,11 +356,27 @@ impl LayerIndex {
             let mut link_name = e.link_name.clone();
             if kind == EntryKind::HardLink {
                 link_name = path::normalize(&link_name)?;
-                if !seen.contains(&link_name) {
-                    return Err(Error::toc(format!(
-                        "hard link {name:?} points to {link_name:?}, which is not earlier in the TOC"
-                    )));
+                match seen.get(&link_name) {
+                    None => {
+                        return Err(Error::toc(format!(
+                            "hard link {name:?} points to {link_name:?}, which is not earlier in the TOC"
+                        )));
+                    }
+                    // A second link to a directory would make the tree a graph (a cycle, for
+                    // a link inside the directory itself).
+                    Some(true) => {
+                        return Err(Error::toc(format!(
+                            "hard link {name:?} points to {link_name:?}, which is a directory"
+                        )));
+                    }
+                    Some(false) => {}
                 }
+            }
+            if kind == EntryKind::Symlink && link_name.len() > path::MAX_PATH_LEN {
+                return Err(Error::toc(format!(
+                    "symlink {name:?} has a {}-byte target, longer than PATH_MAX (4095)",
+                    link_name.len()
+                )));
             }
             let mut xattrs = BTreeMap::new();
             for (k, v) in &e.xattrs {
@@ -340,7 +413,7 @@ impl LayerIndex {
                 Some(t) => parse_time(t)?,
                 None => Timestamp::default(),
             };
-            seen.insert(name.clone());
+            seen.insert(name.clone(), kind == EntryKind::Dir);
             entries.push(IndexEntry {
                 name,
                 kind,
@@ -406,9 +479,23 @@ impl LayerIndex {
         blob.seek(SeekFrom::Start(position.offset))?;
         blob.read_exact(&mut compressed)?;
         let toc = decode_toc(&compressed, &position, digest.as_ref(), limits)?;
-        let data_end = position.offset.saturating_sub(SKIPPABLE_HEADER_LEN);
+        let data_end = data_end_of(&position)?;
         Ok((LayerIndex::from_toc(toc, data_end)?, position))
     }
+}
+
+/// Where the data region ends for a TOC at `position`: just before the TOC's skippable frame
+/// header. A position too close to the blob's start to leave room for that header is an error.
+pub fn data_end_of(position: &TocPosition) -> Result<u64> {
+    position
+        .offset
+        .checked_sub(SKIPPABLE_HEADER_LEN)
+        .ok_or_else(|| {
+            Error::Footer(format!(
+                "TOC offset {} leaves no room for its {SKIPPABLE_HEADER_LEN}-byte frame header",
+                position.offset
+            ))
+        })
 }
 
 /// Builds a file's chunk list from its `reg` entry and the `chunk` entries after it.
@@ -520,8 +607,13 @@ pub fn decode_chunk(name: &str, chunk: &Chunk, frame: &[u8]) -> Result<Vec<u8>> 
         )));
     }
     let mut out = Vec::with_capacity(chunk.size as usize);
-    zstd::stream::read::Decoder::with_buffer(frame)
-        .map_err(|e| err(e.to_string()))?
+    let mut decoder =
+        zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
+    decoder
+        .window_log_max(window_log_max(chunk.size))
+        .map_err(|e| err(e.to_string()))?;
+    // At most one byte more than the chunk's size is decompressed.
+    decoder
         .take(chunk.size + 1)
         .read_to_end(&mut out)
         .map_err(|e| err(format!("does not decompress: {e}")))?;

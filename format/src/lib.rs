@@ -12,7 +12,8 @@
 //! - [`tarstream`]: a streaming, hostile-input-safe tar parser that keeps each entry's raw headers;
 //! - [`writer`]: tar stream in, chunked layer out ([`writer::convert_layer`]);
 //! - [`toc`], [`footer`]: the serialized TOC and footer, both footer generations;
-//! - [`index`]: a validated view of a TOC for readers, and chunk decoding with verification.
+//! - [`index`]: a validated view of a TOC for readers, and chunk decoding with verification;
+//! - [`tree`]: the directory tree a validated index describes (what the lazy filesystem serves).
 
 pub mod digest;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod index;
 pub mod path;
 pub mod tarstream;
 pub mod toc;
+pub mod tree;
 pub mod writer;
 
 pub use digest::Digest;

@@ -84,8 +84,9 @@ pub struct TarReader<R> {
 
 #[derive(Default)]
 struct Extensions {
-    path: Option<String>,
-    link: Option<String>,
+    /// Raw bytes: names are checked to be UTF-8 (and named in the error) once the entry is known.
+    path: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
     size: Option<u64>,
     uid: Option<u64>,
     gid: Option<u64>,
@@ -251,11 +252,11 @@ impl<R: Read> TarReader<R> {
                 }
                 b'L' => {
                     let data = self.read_extension(size as u64, &mut raw)?;
-                    ext.path = Some(cstr(&data));
+                    ext.path = Some(cstr_bytes(&data).to_vec());
                 }
                 b'K' => {
                     let data = self.read_extension(size as u64, &mut raw)?;
-                    ext.link = Some(cstr(&data));
+                    ext.link = Some(cstr_bytes(&data).to_vec());
                 }
                 _ => {
                     return self
@@ -278,19 +279,25 @@ impl<R: Read> TarReader<R> {
         let raw_name = match ext.path {
             Some(p) => p,
             None => {
-                let name = cstr(&block[0..100]);
+                let name = cstr_bytes(&block[0..100]);
                 let prefix = if ustar {
-                    cstr(&block[345..500])
+                    cstr_bytes(&block[345..500])
                 } else {
-                    String::new()
+                    &[]
                 };
                 if prefix.is_empty() {
-                    name
+                    name.to_vec()
                 } else {
-                    format!("{prefix}/{name}")
+                    [prefix, b"/", name].concat()
                 }
             }
         };
+        // Names are refused, not converted lossily, when they are not UTF-8: the TOC holds
+        // UTF-8 strings, and a replacement character would name a different file.
+        let raw_name = String::from_utf8(raw_name).map_err(|e| Error::UnsafePath {
+            name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            reason: "is not valid UTF-8 (the TOC can only hold UTF-8 names)",
+        })?;
         let name = path::normalize(&raw_name)?;
         let unsupported = |reason: &str| Error::Unsupported {
             name: raw_name.clone(),
@@ -320,7 +327,31 @@ impl<R: Read> TarReader<R> {
         if size < 0 {
             return Err(self.err("negative size"));
         }
-        let mut link_name = ext.link.unwrap_or_else(|| cstr(&block[157..257]));
+        let raw_link = ext
+            .link
+            .unwrap_or_else(|| cstr_bytes(&block[157..257]).to_vec());
+        let is_link = matches!(kind, EntryKind::HardLink | EntryKind::Symlink);
+        let mut link_name = if is_link {
+            String::from_utf8(raw_link).map_err(|e| Error::Unsupported {
+                name: raw_name.clone(),
+                reason: format!(
+                    "link target {:?} is not valid UTF-8 (the TOC can only hold UTF-8 names)",
+                    String::from_utf8_lossy(e.as_bytes())
+                ),
+            })?
+        } else {
+            // Other entries do not use the field; it is kept as it was read.
+            String::from_utf8_lossy(&raw_link).into_owned()
+        };
+        if is_link && link_name.len() > path::MAX_PATH_LEN {
+            return Err(Error::Unsupported {
+                name: raw_name.clone(),
+                reason: format!(
+                    "link target of {} bytes is longer than PATH_MAX (4095)",
+                    link_name.len()
+                ),
+            });
+        }
         if kind == EntryKind::HardLink {
             link_name = path::normalize(&link_name)?;
             if link_name == "." {
@@ -388,8 +419,13 @@ impl<R: Read> TarReader<R> {
 }
 
 fn cstr(b: &[u8]) -> String {
+    String::from_utf8_lossy(cstr_bytes(b)).into_owned()
+}
+
+/// The bytes of a NUL-terminated (or full-width) header field.
+fn cstr_bytes(b: &[u8]) -> &[u8] {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+    &b[..end]
 }
 
 fn verify_checksum(block: &[u8; BLOCK]) -> std::result::Result<(), String> {
@@ -459,7 +495,14 @@ fn parse_pax(mut data: &[u8], ext: &mut Extensions) -> std::result::Result<(), S
             .iter()
             .position(|&b| b == b'=')
             .ok_or("PAX record without '='")?;
-        let key = String::from_utf8_lossy(&record[..eq]).into_owned();
+        let key = std::str::from_utf8(&record[..eq])
+            .map_err(|_| {
+                format!(
+                    "PAX record key {:?} is not valid UTF-8",
+                    String::from_utf8_lossy(&record[..eq])
+                )
+            })?
+            .to_string();
         let value = &record[eq + 1..];
         let text = || String::from_utf8_lossy(value).into_owned();
         let int = || -> std::result::Result<u64, String> {
@@ -468,8 +511,8 @@ fn parse_pax(mut data: &[u8], ext: &mut Extensions) -> std::result::Result<(), S
                 .map_err(|_| format!("bad PAX number for {key}"))
         };
         match key.as_str() {
-            "path" => ext.path = Some(text()),
-            "linkpath" => ext.link = Some(text()),
+            "path" => ext.path = Some(value.to_vec()),
+            "linkpath" => ext.link = Some(value.to_vec()),
             "size" => ext.size = Some(int()?),
             "uid" => ext.uid = Some(int()?),
             "gid" => ext.gid = Some(int()?),
@@ -570,6 +613,6 @@ mod tests {
         assert!(parse_pax(b"999 path=x\n", &mut ext).is_err());
         assert!(parse_pax(b"3 x", &mut ext).is_err());
         parse_pax(b"11 path=ab\n", &mut ext).unwrap();
-        assert_eq!(ext.path.as_deref(), Some("ab"));
+        assert_eq!(ext.path.as_deref(), Some(&b"ab"[..]));
     }
 }

@@ -341,6 +341,8 @@ fn parse<R: Read>(
     };
     let idx = |s: Section| if s == Section::Front { 0 } else { 1 };
 
+    // Names whose latest entry is a directory (hard links to them are refused).
+    let mut dirs: HashSet<String> = HashSet::new();
     while let Some(entry) = reader.next_entry()? {
         parsed.entries += 1;
         // Route to the front only what stays valid there: a hard link whose target went to the
@@ -362,6 +364,22 @@ fn parse<R: Read>(
                     entry.name, entry.link_name
                 ),
             });
+        }
+        // A hard link to a directory would give the directory a second parent (a cycle, for
+        // a link inside it); Linux refuses to create one, and so does the reader.
+        if entry.kind == EntryKind::HardLink && dirs.contains(&entry.link_name) {
+            return Err(Error::Tar {
+                offset: entry.stream_offset,
+                reason: format!(
+                    "hard link {:?} points to {:?}, which is a directory",
+                    entry.name, entry.link_name
+                ),
+            });
+        }
+        if entry.kind == EntryKind::Dir {
+            dirs.insert(entry.name.clone());
+        } else {
+            dirs.remove(&entry.name);
         }
         routed.insert(entry.name.clone(), section);
         let p = &mut pending[idx(section)];
