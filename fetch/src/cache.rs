@@ -8,6 +8,13 @@
 //! recently used chunks. Eviction cannot break an in-flight read: a reader reads the whole
 //! file through its own descriptor, and an unlinked file stays readable until closed.
 //!
+//! Eviction policy: chunks that reads or a layer's prefetch section (its start-up set) bring
+//! in are stored with [`ChunkCache::put`] and evicted least recently used first. The rest of
+//! a layer, prefetched in the background, is stored with [`ChunkCache::put_if_room`]: only
+//! into free space, and first in line for eviction. So prefetching a large layer (or many)
+//! never evicts the start-up sets of mounted layers to make room for chunks nobody has read,
+//! which would then be refetched and evict others in turn.
+//!
 //! All methods block on the filesystem: call them from a blocking thread.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arbor_format::Digest;
+use arbor_format::writer::MAX_CHUNK_SIZE;
 
 struct State {
     /// digest -> (size, tick of last use)
@@ -25,8 +33,13 @@ struct State {
     /// tick -> digest, oldest first
     lru: BTreeMap<u64, [u8; 32]>,
     total: u64,
+    /// Ticks of use count up from [`MID_TICK`]; chunks stored by [`ChunkCache::put_if_room`]
+    /// get ticks counting down from it, so they are the first to be evicted.
     tick: u64,
+    low_tick: u64,
 }
+
+const MID_TICK: u64 = 1 << 62;
 
 /// What a lookup found.
 #[derive(Debug)]
@@ -49,41 +62,114 @@ fn hex_name(d: &[u8; 32]) -> String {
     hex::encode(d)
 }
 
+/// Creates `dir` (mode 0700) or makes an existing one 0700.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes sure `dir` is a directory: anything else in its place is removed first.
+fn repair_dir(dir: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            tracing::warn!(path = %dir.display(), "not a directory in the chunk cache, replacing it");
+            remove_any(dir);
+        }
+        Err(_) => {}
+    }
+    fs::create_dir(dir).or_else(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// Removes a file, symlink or directory tree, logging failures.
+fn remove_any(p: &Path) {
+    let r = match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(_) => return,
+    };
+    if let Err(e) = r {
+        tracing::warn!(path = %p.display(), error = %e, "cannot remove from the chunk cache");
+    }
+}
+
 impl ChunkCache {
     /// Opens (creating if needed) a cache in `dir` holding at most `budget` bytes.
+    ///
+    /// The directory is made private (0700): chunk names say which images a node runs, and
+    /// chunk contents are image files. Only an unusable `dir` itself is an error: whatever is
+    /// wrong inside it (a file where a directory should be, unreadable or foreign entries,
+    /// a leftover `tmp`) is logged, removed and recreated, so a damaged cache costs refetches,
+    /// never a daemon that does not start.
     pub fn open(dir: &Path, budget: u64) -> io::Result<ChunkCache> {
-        fs::create_dir_all(dir.join("chunks"))?;
-        for i in 0..=255u8 {
-            fs::create_dir_all(dir.join("chunks").join(hex::encode([i])))?;
-        }
+        private_dir(dir)?;
+        let chunks = dir.join("chunks");
+        repair_dir(&chunks)?;
         let tmp = dir.join("tmp");
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+        if fs::symlink_metadata(&tmp).is_ok() {
+            remove_any(&tmp);
         }
-        fs::create_dir_all(&tmp)?;
+        repair_dir(&tmp)?;
         let mut found: Vec<(std::time::SystemTime, [u8; 32], u64)> = Vec::new();
-        for sub in fs::read_dir(dir.join("chunks"))? {
-            let sub = sub?;
-            if !sub.file_type()?.is_dir() {
+        for i in 0..=255u8 {
+            let sub = chunks.join(hex::encode([i]));
+            if let Err(e) = repair_dir(&sub) {
+                // Chunks of this prefix are then not cached (puts fail and are logged).
+                tracing::warn!(dir = %sub.display(), error = %e, "unusable chunk cache directory");
                 continue;
             }
-            for f in fs::read_dir(sub.path())? {
-                let f = f?;
-                let name = f.file_name();
-                let mut d = [0u8; 32];
-                let valid = name
-                    .to_str()
-                    .is_some_and(|n| n.len() == 64 && hex::decode_to_slice(n, &mut d).is_ok());
-                let meta = f.metadata()?;
-                if !valid || !meta.is_file() {
-                    let _ = fs::remove_file(f.path());
+            let entries = match fs::read_dir(&sub) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(dir = %sub.display(), error = %e, "cannot list chunk cache directory");
                     continue;
                 }
-                found.push((
-                    meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-                    d,
-                    meta.len(),
-                ));
+            };
+            for f in entries {
+                let Ok(f) = f else { continue };
+                let name = f.file_name();
+                let mut d = [0u8; 32];
+                let valid = name.to_str().is_some_and(|n| {
+                    n.len() == 64
+                        && n.starts_with(&hex::encode([i]))
+                        && hex::decode_to_slice(n, &mut d).is_ok()
+                });
+                let meta = fs::symlink_metadata(f.path());
+                match meta {
+                    Ok(m) if valid && m.is_file() => {
+                        found.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), d, m.len()))
+                    }
+                    _ => {
+                        tracing::warn!(path = %f.path().display(), "removing a foreign entry from the chunk cache");
+                        remove_any(&f.path());
+                    }
+                }
+            }
+        }
+        // Anything else at the top of `chunks/` is not ours.
+        if let Ok(entries) = fs::read_dir(&chunks) {
+            for f in entries.flatten() {
+                let n = f.file_name();
+                let ours = n
+                    .to_str()
+                    .is_some_and(|n| n.len() == 2 && hex::decode(n).is_ok());
+                if !ours {
+                    remove_any(&f.path());
+                }
             }
         }
         found.sort();
@@ -91,7 +177,8 @@ impl ChunkCache {
             entries: HashMap::new(),
             lru: BTreeMap::new(),
             total: 0,
-            tick: 0,
+            tick: MID_TICK,
+            low_tick: MID_TICK,
         };
         for (_, d, size) in found {
             state.tick += 1;
@@ -124,9 +211,15 @@ impl ChunkCache {
     }
 
     /// Reads a chunk, verifying length and digest.
+    ///
+    /// `size` comes from a TOC, which may lie: a file whose content matches its name but not
+    /// `size` is another image's good chunk, so it is a [`Lookup::Miss`] for this caller and
+    /// stays (a hostile TOC cannot evict other tenants' chunks). A file that does not match
+    /// its name (short, torn, corrupted) is removed and reported [`Lookup::Corrupt`]; the
+    /// caller refetches it, which rewrites it. Never reads more than a chunk can hold.
     pub fn get(&self, digest: &Digest, size: u64) -> Lookup {
         let d = *digest.as_bytes();
-        {
+        let recorded = {
             let mut st = self.lock();
             let Some(&(sz, old)) = st.entries.get(&d) else {
                 return Lookup::Miss;
@@ -136,12 +229,18 @@ impl ChunkCache {
             st.lru.remove(&old);
             st.lru.insert(t, d);
             st.entries.insert(d, (sz, t));
-        }
+            sz
+        };
         let path = self.path(&d);
-        let mut data = Vec::with_capacity(size as usize);
-        let read = fs::File::open(&path).and_then(|f| f.take(size + 1).read_to_end(&mut data));
+        let limit = size.max(recorded).min(MAX_CHUNK_SIZE);
+        let mut data = Vec::with_capacity(size.min(MAX_CHUNK_SIZE) as usize);
+        let read = fs::File::open(&path).and_then(|f| f.take(limit + 1).read_to_end(&mut data));
         match read {
             Ok(_) if data.len() as u64 == size && Digest::of(&data) == *digest => Lookup::Hit(data),
+            Ok(_) if data.len() as u64 <= MAX_CHUNK_SIZE && Digest::of(&data) == *digest => {
+                tracing::debug!(chunk = %digest, size, actual = data.len(), "cached chunk has another size than the TOC says");
+                Lookup::Miss
+            }
             Ok(_) => {
                 tracing::warn!(chunk = %digest, "corrupt chunk in cache, removing it");
                 self.remove(&d);
@@ -159,14 +258,33 @@ impl ChunkCache {
         }
     }
 
-    /// Stores a chunk whose content the caller has verified against `digest`.
+    /// Stores a chunk whose content the caller has verified against `digest`, evicting the
+    /// least recently used chunks if the budget is exceeded.
     pub fn put(&self, digest: &Digest, data: &[u8]) -> io::Result<()> {
+        self.store(digest, data, false).map(|_| ())
+    }
+
+    /// Stores a chunk only into free space: never evicts anything, and the chunk is the first
+    /// to be evicted later (until it is read). For chunks nobody has asked for yet (the rest of
+    /// a layer, prefetched in the background): they must not push out what mounted layers
+    /// read or need at start-up. Returns whether it was stored.
+    pub fn put_if_room(&self, digest: &Digest, data: &[u8]) -> io::Result<bool> {
+        self.store(digest, data, true)
+    }
+
+    fn store(&self, digest: &Digest, data: &[u8], only_if_room: bool) -> io::Result<bool> {
         let d = *digest.as_bytes();
-        if self.lock().entries.contains_key(&d) {
-            return Ok(());
+        {
+            let st = self.lock();
+            if st.entries.contains_key(&d) {
+                return Ok(true);
+            }
+            if only_if_room && st.total + data.len() as u64 > self.budget {
+                return Ok(false);
+            }
         }
         if data.len() as u64 > self.budget {
-            return Ok(());
+            return Ok(false);
         }
         // Written in place, not through a temporary name: a torn or half-written file can be
         // seen, but every read verifies length and digest, so it is never served (it is deleted
@@ -189,15 +307,23 @@ impl ChunkCache {
         }
         {
             let mut st = self.lock();
-            st.tick += 1;
-            let t = st.tick;
-            if st.entries.insert(d, (data.len() as u64, t)).is_none() {
-                st.total += data.len() as u64;
+            let t = if only_if_room {
+                st.low_tick -= 1;
+                st.low_tick
+            } else {
+                st.tick += 1;
+                st.tick
+            };
+            match st.entries.insert(d, (data.len() as u64, t)) {
+                None => st.total += data.len() as u64,
+                Some((_, old)) => {
+                    st.lru.remove(&old);
+                }
             }
             st.lru.insert(t, d);
         }
         self.evict_to_budget();
-        Ok(())
+        Ok(true)
     }
 
     fn forget(&self, d: &[u8; 32]) {

@@ -11,7 +11,7 @@ use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
 use crate::cache::{ChunkCache, Lookup};
-use crate::memcache::MemCache;
+use crate::memcache::{Dirty, MemCache};
 use crate::metrics::Metrics;
 use crate::source::BlobSource;
 
@@ -185,7 +185,10 @@ pub struct Fetcher {
     metrics: Arc<Metrics>,
     opts: FetcherOptions,
     inflight: Mutex<HashMap<WindowKey, Arc<OnceCell<WindowResult>>>>,
+    /// Write-back batches in flight and their bytes: bounded by [`MAX_WRITEBACK_BATCHES`]
+    /// and [`MAX_WRITEBACK_BYTES`].
     pending_writes: Arc<AtomicUsize>,
+    pending_bytes: Arc<AtomicU64>,
     /// Urgent (demand or prefetch-section) window fetches in flight; background fetches wait
     /// while there are any, and for [`QUIET_BEFORE_BACKGROUND`] after the last one.
     urgent: AtomicUsize,
@@ -208,6 +211,17 @@ pub const BACKGROUND_PACE_WHILE_ACTIVE: Duration = Duration::from_millis(25);
 /// How long background fetching stays paused after the last urgent fetch, so that a
 /// workload's next read (after a short burst of CPU work) does not queue behind it.
 pub const QUIET_BEFORE_BACKGROUND: Duration = Duration::from_millis(100);
+
+/// Write-back batches (blocking-pool tasks) in flight at most. On a slow or full disk,
+/// writes would otherwise pile up as blocked threads and queued chunks without bound.
+pub const MAX_WRITEBACK_BATCHES: usize = 8;
+/// Bytes of chunks waiting to be written to the disk cache at most. Beyond it, chunks evicted
+/// from memory are not written (counted in `arbor_cache_writeback_dropped_total`; they are
+/// refetched if read again) and flushes leave chunks dirty in memory for the next flush.
+pub const MAX_WRITEBACK_BYTES: u64 = 64 << 20;
+/// Longest [`Fetcher::flush`] waits for writes in flight (a hung disk must not hang a
+/// shutdown or the write-back loop forever).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// Counts an urgent fetch in flight for as long as it lives.
 struct UrgentGuard<'a>(&'a Fetcher);
@@ -241,6 +255,7 @@ impl Fetcher {
             opts,
             inflight: Mutex::new(HashMap::new()),
             pending_writes: Arc::new(AtomicUsize::new(0)),
+            pending_bytes: Arc::new(AtomicU64::new(0)),
             urgent: AtomicUsize::new(0),
             last_urgent_ms: AtomicU64::new(0),
             last_read_ms: AtomicU64::new(0),
@@ -318,7 +333,10 @@ impl Fetcher {
             return Ok(Bytes::from(vec![0u8; c.size as usize]));
         };
         let key = *digest.as_bytes();
-        if let Some(b) = self.mem.get(&key) {
+        // Chunks are keyed by digest alone, and another image's TOC may name the same digest
+        // with another size: only a chunk of the size this TOC says is a hit (anything else
+        // would be truncated, or panic when sliced); this layer's chunk then fails to verify.
+        if let Some(b) = self.mem.get(&key).filter(|b| b.len() as u64 == c.size) {
             self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
@@ -336,7 +354,7 @@ impl Fetcher {
                     })?;
             self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
             let b = Bytes::from(data);
-            self.remember(key, b.clone(), false);
+            self.remember(key, b.clone(), Dirty::Clean);
             return Ok(b);
         }
         if self.cache.contains(&digest) {
@@ -345,7 +363,7 @@ impl Fetcher {
                 Lookup::Hit(data) => {
                     self.metrics.chunk_disk_hits.fetch_add(1, Ordering::Relaxed);
                     let b = Bytes::from(data);
-                    self.remember(key, b.clone(), false);
+                    self.remember(key, b.clone(), Dirty::Clean);
                     return Ok(b);
                 }
                 Lookup::Corrupt => {
@@ -385,7 +403,7 @@ impl Fetcher {
             Ok(data) => {
                 let b = Bytes::from(data);
                 if let Some(d) = &c.digest {
-                    self.remember(*d.as_bytes(), b.clone(), true);
+                    self.remember(*d.as_bytes(), b.clone(), Dirty::Urgent);
                 }
                 self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
                 Ok(b)
@@ -409,7 +427,7 @@ impl Fetcher {
     pub async fn window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
         self.urgent.fetch_add(1, Ordering::AcqRel);
         let _guard = UrgentGuard(self);
-        self.window_once(layer, w).await
+        self.window_once(layer, w, Dirty::Urgent).await
     }
 
     fn now_ms(&self) -> u64 {
@@ -456,12 +474,12 @@ impl Fetcher {
                     .now_ms()
                     .saturating_sub(self.last_read_ms.load(Ordering::Relaxed));
                 if read_ago >= ACTIVE_WITHIN.as_millis() as u64 {
-                    return self.window_once(layer, w).await;
+                    return self.window_once(layer, w, Dirty::Background).await;
                 }
                 if self.opts.background_while_active
                     && let Ok(_slot) = self.background_slot.try_acquire()
                 {
-                    let r = self.window_once(layer, w).await;
+                    let r = self.window_once(layer, w, Dirty::Background).await;
                     tokio::time::sleep(BACKGROUND_PACE_WHILE_ACTIVE).await;
                     return r;
                 }
@@ -470,14 +488,16 @@ impl Fetcher {
         }
     }
 
-    async fn window_once(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
+    /// `dirty`: how its chunks are to be written back ([`Dirty::Background`]: only into free
+    /// space of the disk cache).
+    async fn window_once(&self, layer: &Arc<LayerHandle>, w: usize, dirty: Dirty) -> WindowResult {
         let key = (layer.digest.clone(), w);
         let cell = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(m.entry(key.clone()).or_default())
         };
         let result = cell
-            .get_or_init(|| async { Arc::new(self.fetch_window(layer, w).await) })
+            .get_or_init(|| async { Arc::new(self.fetch_window(layer, w, dirty).await) })
             .await
             .clone();
         let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -491,6 +511,7 @@ impl Fetcher {
         &self,
         layer: &Arc<LayerHandle>,
         w: usize,
+        dirty: Dirty,
     ) -> Result<Vec<(ChunkRef, Bytes)>, FetchError> {
         let window = layer
             .windows
@@ -524,7 +545,7 @@ impl Fetcher {
         // all in memory; they reach the disk cache when evicted or flushed (write-back).
         for (_, d, b) in &decoded {
             if let Some(d) = d {
-                self.remember(*d.as_bytes(), b.clone(), true);
+                self.remember(*d.as_bytes(), b.clone(), dirty);
             }
         }
         Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
@@ -590,53 +611,113 @@ impl Fetcher {
 
     /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
     /// chunks that evicts.
-    fn remember(&self, key: [u8; 32], data: Bytes, dirty: bool) {
+    fn remember(&self, key: [u8; 32], data: Bytes, dirty: Dirty) {
         let evicted = self.mem.put(key, data, dirty);
-        self.store(
-            evicted
-                .into_iter()
-                .map(|(k, b)| (arbor_format::Digest::from_bytes(k), b))
-                .collect(),
-        );
+        if evicted.is_empty() {
+            return;
+        }
+        if let Some(dropped) = self.store(evicted) {
+            // Evicted from memory and no room in the write-back queue: let them go.
+            self.metrics
+                .writeback_dropped
+                .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+            debug!(
+                chunks = dropped.len(),
+                "write-back queue full, chunks not cached"
+            );
+        }
     }
 
-    /// Writes verified chunks to the disk cache in the background.
-    fn store(&self, chunks: Vec<(arbor_format::Digest, Bytes)>) {
+    /// Writes verified chunks to the disk cache in the background, unless that would exceed
+    /// [`MAX_WRITEBACK_BATCHES`] or [`MAX_WRITEBACK_BYTES`]: then nothing is queued and the
+    /// chunks are handed back.
+    #[allow(clippy::type_complexity)]
+    fn store(
+        &self,
+        chunks: Vec<([u8; 32], Bytes, Dirty)>,
+    ) -> Option<Vec<([u8; 32], Bytes, Dirty)>> {
         if chunks.is_empty() {
-            return;
+            return None;
+        }
+        let bytes: u64 = chunks.iter().map(|(_, b, _)| b.len() as u64).sum();
+        // Reserve a batch slot and the bytes, or give up.
+        if self
+            .pending_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_WRITEBACK_BATCHES).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Some(chunks);
+        }
+        if self
+            .pending_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n + bytes <= MAX_WRITEBACK_BYTES).then_some(n + bytes)
+            })
+            .is_err()
+        {
+            self.pending_writes.fetch_sub(1, Ordering::SeqCst);
+            return Some(chunks);
         }
         let cache = Arc::clone(&self.cache);
         let metrics = Arc::clone(&self.metrics);
         let pending = Arc::clone(&self.pending_writes);
-        pending.fetch_add(1, Ordering::SeqCst);
+        let pending_bytes = Arc::clone(&self.pending_bytes);
         tokio::task::spawn_blocking(move || {
             // Caching is background work: let reads that someone waits for go first.
             let _nice = Niceness::lower();
-            for (d, b) in chunks {
-                if let Err(e) = cache.put(&d, &b) {
+            for (k, b, dirty) in chunks {
+                let d = arbor_format::Digest::from_bytes(k);
+                let r = match dirty {
+                    Dirty::Background => cache.put_if_room(&d, &b).map(|_| ()),
+                    _ => cache.put(&d, &b),
+                };
+                if let Err(e) = r {
                     warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
                 }
             }
-            let (n, bytes) = cache.usage();
+            let (n, bytes_held) = cache.usage();
             metrics.cache_chunks.store(n as u64, Ordering::Relaxed);
-            metrics.cache_bytes.store(bytes, Ordering::Relaxed);
+            metrics.cache_bytes.store(bytes_held, Ordering::Relaxed);
+            pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
             pending.fetch_sub(1, Ordering::SeqCst);
         });
+        None
     }
 
-    /// Writes every chunk still only in memory to the disk cache and waits until all cache
-    /// writes have finished. Mounts call it periodically and when they stop.
+    /// Writes chunks still only in memory to the disk cache (as many as the write-back
+    /// bounds allow; the rest stay dirty for the next flush) and waits until cache writes
+    /// have finished, at most [`FLUSH_WAIT`]. Mounts call it periodically and when they stop.
     pub async fn flush(&self) {
-        self.store(
-            self.mem
-                .take_dirty()
-                .into_iter()
-                .map(|(k, b)| (arbor_format::Digest::from_bytes(k), b))
-                .collect(),
-        );
+        let room = MAX_WRITEBACK_BYTES.saturating_sub(self.pending_bytes.load(Ordering::SeqCst));
+        let dirty = self.mem.take_dirty(room);
+        if let Some(back) = self.store(dirty) {
+            // No batch slot free: keep them dirty in memory for the next flush.
+            for (k, b, d) in back {
+                let lost = self.mem.put(k, b, d).len() as u64;
+                self.metrics
+                    .writeback_dropped
+                    .fetch_add(lost, Ordering::Relaxed);
+            }
+        }
+        let deadline = Instant::now() + FLUSH_WAIT;
         while self.pending_writes.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                warn!(
+                    batches = self.pending_writes.load(Ordering::SeqCst),
+                    "chunk cache writes still pending after {} s (slow or full disk?)",
+                    FLUSH_WAIT.as_secs()
+                );
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Write-back batches in flight (for tests and diagnostics).
+    pub fn pending_writebacks(&self) -> usize {
+        self.pending_writes.load(Ordering::SeqCst)
     }
 }
 

@@ -10,9 +10,21 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+/// Whether a chunk still has to be written to the disk cache, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Dirty {
+    /// On disk already (or never to be written).
+    Clean,
+    /// Fetched for the rest of a layer in the background: written only into free space of
+    /// the disk cache, never evicting anything (see [`crate::cache`]).
+    Background,
+    /// Fetched for a read or the prefetch section: written, evicting by LRU if needed.
+    Urgent,
+}
+
 struct State {
     /// digest -> (data, tick of last use, dirty)
-    entries: HashMap<[u8; 32], (Bytes, u64, bool)>,
+    entries: HashMap<[u8; 32], (Bytes, u64, Dirty)>,
     lru: BTreeMap<u64, [u8; 32]>,
     total: u64,
     tick: u64,
@@ -54,9 +66,13 @@ impl MemCache {
 
     /// Inserts a chunk (`dirty`: not yet in the disk cache). Returns the dirty chunks it
     /// evicted, for the caller to write.
-    pub fn put(&self, key: [u8; 32], data: Bytes, dirty: bool) -> Vec<([u8; 32], Bytes)> {
+    pub fn put(&self, key: [u8; 32], data: Bytes, dirty: Dirty) -> Vec<([u8; 32], Bytes, Dirty)> {
         if data.len() as u64 > self.budget / 4 {
-            return if dirty { vec![(key, data)] } else { Vec::new() };
+            return if dirty != Dirty::Clean {
+                vec![(key, data, dirty)]
+            } else {
+                Vec::new()
+            };
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.tick += 1;
@@ -66,7 +82,7 @@ impl MemCache {
         if let Some((old, ot, was_dirty)) = st.entries.remove(&key) {
             st.lru.remove(&ot);
             st.total -= old.len() as u64;
-            dirty |= was_dirty;
+            dirty = dirty.max(was_dirty);
         }
         st.entries.insert(key, (data, t, dirty));
         st.lru.insert(t, key);
@@ -79,22 +95,28 @@ impl MemCache {
             st.lru.remove(&ot);
             if let Some((d, _, was_dirty)) = st.entries.remove(&k) {
                 st.total -= d.len() as u64;
-                if was_dirty {
-                    evicted.push((k, d));
+                if was_dirty != Dirty::Clean {
+                    evicted.push((k, d, was_dirty));
                 }
             }
         }
         evicted
     }
 
-    /// Marks every chunk clean and returns those that were dirty.
-    pub fn take_dirty(&self) -> Vec<([u8; 32], Bytes)> {
+    /// Marks dirty chunks of at most `max_bytes` in all clean and returns them (the others
+    /// stay dirty for the next call).
+    pub fn take_dirty(&self, max_bytes: u64) -> Vec<([u8; 32], Bytes, Dirty)> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
+        let mut bytes = 0u64;
         for (k, (d, _, dirty)) in st.entries.iter_mut() {
-            if *dirty {
-                *dirty = false;
-                out.push((*k, d.clone()));
+            if *dirty != Dirty::Clean {
+                if bytes + d.len() as u64 > max_bytes {
+                    continue;
+                }
+                bytes += d.len() as u64;
+                out.push((*k, d.clone(), *dirty));
+                *dirty = Dirty::Clean;
             }
         }
         out
@@ -110,18 +132,25 @@ mod tests {
         let m = MemCache::new(400);
         let mut evicted = Vec::new();
         for i in 0..10u8 {
-            evicted.extend(m.put([i; 32], Bytes::from(vec![i; 100]), i % 2 == 0));
+            let dirty = if i % 2 == 0 {
+                Dirty::Urgent
+            } else {
+                Dirty::Clean
+            };
+            evicted.extend(m.put([i; 32], Bytes::from(vec![i; 100]), dirty));
         }
         assert!(m.get(&[0; 32]).is_none());
         // Evicted dirty chunks come back for writing; clean ones just go.
         assert_eq!(
-            evicted.iter().map(|(k, _)| k[0]).collect::<Vec<_>>(),
+            evicted.iter().map(|(k, _, _)| k[0]).collect::<Vec<_>>(),
             [0, 2, 4]
         );
-        let mut dirty: Vec<u8> = m.take_dirty().iter().map(|(k, _)| k[0]).collect();
+        // At most 100 bytes per call: one now, the other on the next call.
+        let mut dirty: Vec<u8> = m.take_dirty(100).iter().map(|(k, _, _)| k[0]).collect();
+        dirty.extend(m.take_dirty(u64::MAX).iter().map(|(k, _, _)| k[0]));
         dirty.sort();
         assert_eq!(dirty, [6, 8]);
-        assert!(m.take_dirty().is_empty());
+        assert!(m.take_dirty(u64::MAX).is_empty());
         assert!(m.get(&[9; 32]).is_some());
         let st = m.state.lock().unwrap();
         assert!(st.total <= 400);

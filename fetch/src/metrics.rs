@@ -1,5 +1,5 @@
-//! Counters of where bytes came from, rendered in the Prometheus text format, and a minimal
-//! HTTP endpoint serving them.
+//! Counters of where bytes came from, rendered in the Prometheus text format, and the HTTP
+//! endpoint serving them (hyper, exact path, bounded connections and time).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Upper bounds (seconds) of the fetch latency histogram buckets.
@@ -44,6 +43,8 @@ pub struct Metrics {
     pub prefetch_bytes: AtomicU64,
     pub cache_bytes: AtomicU64,
     pub cache_chunks: AtomicU64,
+    /// Chunks not written to the disk cache because the write-back queue was full.
+    pub writeback_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -174,6 +175,11 @@ impl Metrics {
                 "Compressed bytes fetched by background prefetch.",
                 &self.prefetch_bytes,
             ),
+            (
+                "arbor_cache_writeback_dropped_total",
+                "Chunks not written to the disk cache because the write-back queue was full (slow or full disk).",
+                &self.writeback_dropped,
+            ),
         ] {
             head(&mut o, name, "counter", help);
             let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
@@ -245,37 +251,94 @@ impl Metrics {
     }
 }
 
-/// Serves `render()` at `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
-) {
+/// Connections served at the same time at most; further connections wait in the listen
+/// backlog until one finishes (a scraper opens one at a time).
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest one connection may live, from accept to the end of the answer, whatever the
+/// client does (slow headers, slow reads, keeping it open).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Limits of [`serve_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    pub max_connections: usize,
+    pub connection_deadline: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: MAX_CONNECTIONS,
+            connection_deadline: CONNECTION_DEADLINE,
+        }
+    }
+}
+
+/// A function rendering the metrics text.
+pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `render()` at `GET /metrics` on `listener` until the task is dropped, with the
+/// default [`ServeLimits`].
+pub async fn serve(listener: TcpListener, render: Render) {
+    serve_with(listener, render, ServeLimits::default()).await
+}
+
+/// Serves `render()` over HTTP/1.1 (hyper): `GET` or `HEAD` of exactly `/metrics` (any
+/// query) answers 200, any other path 404, any other method 405. Each connection is closed
+/// after one answer or at `connection_deadline`; at most `max_connections` are served at once.
+/// Accept errors (e.g. out of file descriptors) are logged and retried after a pause, never
+/// in a busy loop.
+pub async fn serve_with(listener: TcpListener, render: Render, limits: ServeLimits) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let render = std::sync::Arc::clone(&render);
         tokio::spawn(async move {
-            // Read the request head (it may arrive in several segments), at most 8 KiB.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let req = String::from_utf8_lossy(&buf);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "only /metrics is served\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let render = std::sync::Arc::clone(&render);
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &render)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .max_buf_size(16 << 10)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            // Dropping the connection future closes the socket.
+            let _ = tokio::time::timeout(limits.connection_deadline, conn).await;
         });
     }
+}
+
+fn answer(
+    req: &hyper::Request<hyper::body::Incoming>,
+    render: &Render,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{Method, StatusCode};
+    let (status, body) = if req.uri().path() != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "only /metrics is served\n".to_string(),
+        )
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_string())
+    } else {
+        (StatusCode::OK, render())
+    };
+    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
 }
