@@ -82,6 +82,8 @@ pub struct Fetch {
     pub retries: u32,
     /// Windows after a missed one fetched along with it.
     pub read_ahead: usize,
+    /// Longest a lazy Prepare may spend reading a TOC before it falls back.
+    pub toc_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -117,6 +119,11 @@ pub struct Registry {
     /// Docker config file with credentials; empty: `$DOCKER_CONFIG/config.json`, else
     /// `~/.docker/config.json`.
     pub docker_config: String,
+    /// Registries (`host`, `host:port`) or repository prefixes (`host/path`) lazy layers may
+    /// be fetched from; empty: any.
+    pub allow: Vec<String>,
+    /// Trust containerd's CRI labels to name a lazy layer's source.
+    pub trust_cri_labels: bool,
 }
 
 impl Default for Config {
@@ -161,6 +168,7 @@ impl Default for Fetch {
             registry_concurrency: 8,
             retries: 4,
             read_ahead: 0,
+            toc_timeout_secs: 30,
         }
     }
 }
@@ -189,6 +197,8 @@ impl Default for Registry {
         Registry {
             plain_http: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             docker_config: String::new(),
+            allow: Vec::new(),
+            trust_cri_labels: true,
         }
     }
 }
@@ -227,6 +237,16 @@ impl Config {
             "fetch.unit must be between 4KiB and 64MiB"
         );
         anyhow::ensure!(self.fuse.threads >= 1, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.fetch.toc_timeout_secs >= 1,
+            "fetch.toc_timeout_secs must be at least 1"
+        );
+        for a in &self.registry.allow {
+            anyhow::ensure!(
+                !a.is_empty() && !a.contains("://"),
+                "registry.allow entries are \"host\", \"host:port\" or \"host/path\", not {a:?}"
+            );
+        }
         anyhow::ensure!(
             self.fetch.registry_concurrency >= 1,
             "fetch.registry_concurrency must be at least 1"

@@ -110,6 +110,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             registry_retries: cfg.fetch.retries,
             docker_config: (!cfg.registry.docker_config.is_empty())
                 .then(|| PathBuf::from(&cfg.registry.docker_config)),
+            allow_registries: cfg.registry.allow.clone(),
+            trust_cri_labels: cfg.registry.trust_cri_labels,
+            toc_timeout: Duration::from_secs(cfg.fetch.toc_timeout_secs),
         },
         &cfg.root.join("tocs"),
         tokio::runtime::Handle::current(),

@@ -8,7 +8,14 @@
 //! annotations plus Arbor's layer-digest and image-ref labels, and the image record is created
 //! last. A layer the snapshotter does not mount lazily (not converted, or its lazy mount
 //! failed) is downloaded into the content store, verified, applied by containerd's diff
-//! service and committed, exactly as containerd's unpacker would.
+//! service and committed, exactly as containerd's unpacker would: the digest of what was
+//! applied must be the config's diff ID, or the pull fails and the snapshot is removed (a
+//! config that lies about diff IDs would otherwise poison the chain ID for every image).
+//!
+//! The layer-digest and image-ref labels name what arbord fetches with the node's
+//! credentials, so arbord trusts them only with `containerd.io/snapshot/arbor.pull-mac`, an
+//! HMAC under arbord's key `<root>/pull.key` (root only; `$ARBORD_ROOT`, default
+//! `/var/lib/arbor`). Without the key, layers are unpacked by containerd instead.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -17,7 +24,6 @@ use anyhow::{Context, Result, bail};
 use arbor_convert::image;
 use arbor_oci::Store;
 use arbor_oci::manifest::Descriptor;
-use arbor_snapshotter::labels as snaplabels;
 use arbor_proto::containerd::services::content::v1::content_client::ContentClient;
 use arbor_proto::containerd::services::content::v1::{
     Info as ContentInfo, InfoRequest, UpdateRequest as ContentUpdate, WriteAction,
@@ -38,6 +44,7 @@ use arbor_proto::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use arbor_proto::types::Descriptor as CtdDescriptor;
+use arbor_snapshotter::labels as snaplabels;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -290,16 +297,31 @@ pub async fn has_image(t: &Target, name: &str) -> Result<bool> {
     let ch = connect(t).await?;
     let mut ic = ImagesClient::new(ch);
     match ic
-        .get(req(
-            t,
-            None,
-            GetImageRequest { name: name.into() },
-        )?)
+        .get(req(t, None, GetImageRequest { name: name.into() })?)
         .await
     {
         Ok(_) => Ok(true),
         Err(e) if e.code() == Code::NotFound => Ok(false),
         Err(e) => Err(e).context("asking containerd for the image"),
+    }
+}
+
+/// arbord's pull key, from `$ARBORD_ROOT` (default `/var/lib/arbor`); `None` (with a note)
+/// when it cannot be read: arbord then unpacks converted layers instead of mounting them.
+fn pull_key() -> Option<Vec<u8>> {
+    let root = std::env::var_os("ARBORD_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/arbor".into());
+    match snaplabels::read_pull_key(&root) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(
+                root = %root.display(),
+                error = %e,
+                "cannot read arbord's pull key (run as root; set ARBORD_ROOT to arbord's root): converted layers will be downloaded, not mounted lazily"
+            );
+            None
+        }
     }
 }
 
@@ -376,9 +398,11 @@ pub async fn pull(
     .await
     .context("creating a lease")?;
 
-    let result = pull_under_lease(store, name, img, &config, &chains, t, &ch, &lease_id)
-        .instrument(info_span!("pull", image = name))
-        .await;
+    let result = pull_under_lease(
+        store, name, img, &config, &diff_ids, &chains, t, &ch, &lease_id,
+    )
+    .instrument(info_span!("pull", image = name))
+    .await;
     let _ = lc
         .delete(req(
             t,
@@ -405,12 +429,14 @@ async fn pull_under_lease(
     name: &str,
     img: &image::PlatformImage,
     config: &[u8],
+    diff_ids: &[String],
     chains: &[String],
     t: &Target,
     ch: &Channel,
     lease: &str,
 ) -> Result<Vec<LayerReport>> {
     let m = &img.manifest;
+    let pull_key = pull_key();
     let top = chains.last().cloned().unwrap_or_default();
     // The config keeps the unpacked snapshots alive; the manifest keeps config and layers.
     write_content(
@@ -486,6 +512,14 @@ async fn pull_under_lease(
         labels.insert(snaplabels::TARGET.into(), chain.clone());
         labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
         labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
+        // Never an image's own: only ours, with the MAC when arbord's key is readable.
+        labels.remove(snaplabels::PULL_MAC);
+        if let Some(k) = &pull_key {
+            labels.insert(
+                snaplabels::PULL_MAC.into(),
+                snaplabels::pull_mac(k, &l.digest, name, chain),
+            );
+        }
         let key = format!(
             "extract-{}-{} {chain}",
             std::process::id(),
@@ -526,17 +560,31 @@ async fn pull_under_lease(
         let unpacked = async {
             let n = fetch_blob_into_content(ch, t, lease, store, l).await?;
             let mut dc = DiffClient::new(ch.clone());
-            dc.apply(req(
-                t,
-                Some(lease),
-                ApplyRequest {
-                    diff: Some(ctd_desc(l)),
-                    mounts,
-                    ..Default::default()
-                },
-            )?)
-            .await
-            .context("applying the layer")?;
+            let applied = dc
+                .apply(req(
+                    t,
+                    Some(lease),
+                    ApplyRequest {
+                        diff: Some(ctd_desc(l)),
+                        mounts,
+                        ..Default::default()
+                    },
+                )?)
+                .await
+                .context("applying the layer")?
+                .into_inner()
+                .applied;
+            // As containerd's unpacker: what was extracted must hash to the config's diff
+            // ID, or the chain ID (which later images reuse) would name other content.
+            let got = applied.map(|d| d.digest).unwrap_or_default();
+            if got != diff_ids[i] {
+                bail!(
+                    "wrong diff id calculated on extraction of layer {i} ({}): the image config says {}, the layer's content is {}",
+                    l.digest,
+                    diff_ids[i],
+                    if got.is_empty() { "unreported" } else { &got }
+                );
+            }
             sc.clone()
                 .commit(req(
                     t,

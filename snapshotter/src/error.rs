@@ -21,6 +21,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Timeout(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,6 +60,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Store(_) | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

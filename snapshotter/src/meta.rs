@@ -3,14 +3,16 @@
 //! recorded or absent. Records are JSON (readable with any redb tool, and forward-compatible:
 //! unknown fields are ignored).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use tracing::warn;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -77,6 +79,9 @@ pub fn now_nanos() -> i64 {
 /// The metadata store.
 pub struct Meta {
     db: Database,
+    /// Keys whose record could not be decoded: skipped by listings (logged once each), so
+    /// one bad record never stops the daemon or hides the others.
+    unreadable: Mutex<BTreeSet<String>>,
 }
 
 fn encode(r: &Record) -> Result<Vec<u8>> {
@@ -104,7 +109,40 @@ impl Meta {
         tx.open_table(SNAPSHOTS)?;
         tx.open_table(COUNTERS)?;
         tx.commit()?;
-        Ok(Meta { db })
+        Ok(Meta {
+            db,
+            unreadable: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Keys whose records could not be decoded so far.
+    pub fn unreadable(&self) -> Vec<String> {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn skip(&self, key: &str, e: &Error) {
+        let new = self
+            .unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+        if new {
+            warn!(key, error = %e, "skipping an unreadable snapshot record");
+        }
+    }
+
+    /// Writes raw bytes as the record of `key` (tests of damaged stores).
+    #[doc(hidden)]
+    pub fn put_raw(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(SNAPSHOTS)?.insert(key, bytes)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Reserves a fresh snapshot id (ids are never reused).
@@ -129,14 +167,18 @@ impl Meta {
         }
     }
 
-    /// Every snapshot, by key.
+    /// Every snapshot, by key; records that cannot be decoded are skipped (and counted in
+    /// [`Meta::unreadable`]).
     pub fn list(&self) -> Result<Vec<(String, Record)>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(SNAPSHOTS)?;
         let mut out = Vec::new();
         for item in t.iter()? {
             let (k, v) = item?;
-            out.push((k.value().to_string(), decode(k.value(), v.value())?));
+            match decode(k.value(), v.value()) {
+                Ok(r) => out.push((k.value().to_string(), r)),
+                Err(e) => self.skip(k.value(), &e),
+            }
         }
         Ok(out)
     }
@@ -214,7 +256,13 @@ impl Meta {
             let rec = existing(&t, key)?;
             for item in t.iter()? {
                 let (k, v) = item?;
-                let child = decode(k.value(), v.value())?;
+                let child = match decode(k.value(), v.value()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.skip(k.value(), &e);
+                        continue;
+                    }
+                };
                 if child.parent == key {
                     return Err(Error::FailedPrecondition(format!(
                         "cannot remove snapshot {key:?}: {:?} is its child",
@@ -285,6 +333,28 @@ mod tests {
             usage: None,
             remote: None,
         }
+    }
+
+    /// One record that cannot be decoded (a bug, a downgrade, bit rot) must not make the
+    /// listing (and so arbord's start-up restore) fail, nor hide the other records.
+    #[test]
+    fn corrupt_metadata_record_does_not_stop_arbord() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(&dir.path().join("m.redb")).unwrap();
+        m.create("good", &rec(&m, Kind::Committed, "")).unwrap();
+        m.put_raw("bad", b"{not json").unwrap();
+        m.put_raw("worse", &[0xff, 0x00, 0x13]).unwrap();
+        let all = m.list().unwrap();
+        assert_eq!(
+            all.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
+        assert_eq!(m.unreadable(), ["bad", "worse"]);
+        // Listing again does not count them twice; removing others still works.
+        m.list().unwrap();
+        assert_eq!(m.unreadable().len(), 2);
+        m.remove("good").unwrap();
+        assert!(matches!(m.get("bad"), Err(Error::Store(_))));
     }
 
     #[test]

@@ -45,6 +45,14 @@ pub struct RemoteOptions {
     pub registry_retries: u32,
     /// Docker config file with credentials (`None`: `$DOCKER_CONFIG` or `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// Registries or repository prefixes lazy layers may be fetched from (empty: any); see
+    /// [`crate::labels::registry_allowed`].
+    pub allow_registries: Vec<String>,
+    /// Trust containerd's CRI labels to name a layer's source (see [`crate::labels`]).
+    pub trust_cri_labels: bool,
+    /// Longest a lazy Prepare may spend reading the TOC (and waiting for another Prepare of
+    /// the same layer) before it falls back to an ordinary snapshot.
+    pub toc_timeout: std::time::Duration,
 }
 
 impl Default for RemoteOptions {
@@ -57,6 +65,9 @@ impl Default for RemoteOptions {
             registry_concurrency: 8,
             registry_retries: 4,
             docker_config: None,
+            allow_registries: Vec::new(),
+            trust_cri_labels: true,
+            toc_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -124,6 +135,10 @@ impl Remote {
         })
     }
 
+    pub fn options(&self) -> &RemoteOptions {
+        &self.opts
+    }
+
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
     }
@@ -143,6 +158,12 @@ impl Remote {
     fn store(&self, image_ref: &str) -> Result<RepoSource> {
         let r = Reference::parse(image_ref)
             .map_err(|e| Error::InvalidArgument(format!("image reference: {e}")))?;
+        // Checked here too, for every source (restored mounts included), not only on Prepare.
+        if !crate::labels::registry_allowed(&self.opts.allow_registries, image_ref) {
+            return Err(Error::FailedPrecondition(format!(
+                "registry of {image_ref:?} is not in registry.allow"
+            )));
+        }
         let key = format!("{}/{}", r.registry, r.repository);
         let mut stores = lock(&self.stores);
         if let Some(s) = stores.get(&key) {

@@ -64,6 +64,7 @@ fn status_code(e: &crate::error::Error) -> Code {
         AlreadyExists(_) => Code::AlreadyExists,
         FailedPrecondition(_) => Code::FailedPrecondition,
         InvalidArgument(_) => Code::InvalidArgument,
+        Timeout(_) => Code::DeadlineExceeded,
         _ => Code::Internal,
     }
 }
@@ -74,6 +75,7 @@ fn code_name(c: Code) -> &'static str {
         Code::AlreadyExists => "already_exists",
         Code::FailedPrecondition => "failed_precondition",
         Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
         _ => "internal",
     }
 }

@@ -12,7 +12,7 @@
 //! down, corrupt TOC) the snapshot is prepared as an ordinary one and containerd unpacks the
 //! layer itself; the fallback is logged and counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use crate::filter::Filters;
 use crate::labels::{self, NotRemote};
 use crate::meta::{Kind, Meta, Record, RemoteLayer, Usage, now_nanos};
 use crate::remote::{Remote, detach, index_usage};
+use tracing::Instrument;
 
 /// Counters of what the snapshotter did (rendered as Prometheus text by [`Snapshotter::render_metrics`]).
 #[derive(Default)]
@@ -75,6 +76,41 @@ pub struct Snapshotter {
     counters: Arc<Counters>,
     /// Serialises remote prepares of one target (chain ID).
     targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What may name a lazy layer's source.
+    trust: labels::Trust,
+    /// Ids whose directory may exist before their record: reserved by a Prepare/View that
+    /// has not finished. Cleanup holds this lock while it decides what is orphaned, so it
+    /// never removes the directory of a snapshot about to be recorded (containerd's
+    /// overlayfs snapshotter gets the same from doing both in one metadata transaction).
+    in_flight: Arc<Mutex<HashSet<u64>>>,
+    #[cfg(test)]
+    pub(crate) after_dirs: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// Removes a reserved id from the in-flight set when dropped (after the record is written
+/// or the directory removed).
+struct InFlight {
+    set: Arc<Mutex<HashSet<u64>>>,
+    id: u64,
+}
+
+impl InFlight {
+    fn new(set: &Arc<Mutex<HashSet<u64>>>, id: u64) -> InFlight {
+        set.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        InFlight {
+            set: Arc::clone(set),
+            id,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -90,12 +126,26 @@ impl Snapshotter {
         std::fs::create_dir_all(&snaps)
             .map_err(Error::io(format!("creating {}", snaps.display())))?;
         let meta = Meta::open(&root.join("metadata.redb"))?;
+        let pull_key = labels::ensure_pull_key(root).map_err(Error::io(format!(
+            "creating the pull key {}",
+            root.join(labels::PULL_KEY_FILE).display()
+        )))?;
+        let o = remote.options();
+        let trust = labels::Trust {
+            pull_key: Some(pull_key),
+            cri_labels: o.trust_cri_labels,
+            allow: o.allow_registries.clone(),
+        };
         Ok(Snapshotter {
             root: root.to_path_buf(),
             meta: Arc::new(meta),
             remote,
             counters: Arc::new(Counters::default()),
             targets: Mutex::new(HashMap::new()),
+            trust,
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            #[cfg(test)]
+            after_dirs: None,
         })
     }
 
@@ -177,16 +227,24 @@ impl Snapshotter {
     }
 
     pub async fn prepare(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         if let Some(target) = labels.get(labels::TARGET).cloned() {
-            match labels::remote_layer(&labels) {
-                Ok(layer) => match self.prepare_remote(&target, parent, &labels, layer).await {
+            match labels::remote_layer(&labels, &self.trust) {
+                Ok(layer) => match self
+                    .prepare_remote_detached(&target, parent, &labels, layer)
+                    .await
+                {
                     Ok(()) => return Err(Error::AlreadyExists(target)),
                     Err(Error::AlreadyExists(t)) => return Err(Error::AlreadyExists(t)),
+                    Err(e @ Error::Timeout(_)) => {
+                        self.counters.fallback("toc_timeout");
+                        warn!(key, target = %target, error = %e,
+                            "reading the TOC took too long; falling back to an ordinary snapshot (containerd unpacks the layer)");
+                    }
                     Err(e) => {
                         self.counters.fallback("mount_failed");
                         warn!(key, target = %target, error = %e,
@@ -228,15 +286,25 @@ impl Snapshotter {
             key.to_string(),
             parent.to_string(),
         );
+        let in_flight = Arc::clone(&self.in_flight);
+        #[cfg(test)]
+        let hook = self.after_dirs.clone();
         blocking(move || {
             if meta.get(&key)?.is_some() {
                 return Err(Error::AlreadyExists(key));
             }
             let id = meta.next_id()?;
+            let _in_flight = InFlight::new(&in_flight, id);
             let dir = Self::dir(&root, id);
             for sub in ["fs", "work"] {
-                std::fs::create_dir_all(dir.join(sub))
-                    .map_err(Error::io(format!("creating {}", dir.display())))?;
+                if let Err(e) = std::fs::create_dir_all(dir.join(sub)) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(Error::io(format!("creating {}", dir.display()))(e));
+                }
+            }
+            #[cfg(test)]
+            if let Some(h) = hook {
+                h();
             }
             let now = now_nanos();
             let rec = Record {
@@ -258,6 +326,31 @@ impl Snapshotter {
         .await
     }
 
+    /// Runs the remote prepare in its own task, so that it finishes (mounted and recorded, or
+    /// undone) even when containerd's request is cancelled (tonic then drops this future):
+    /// a half-done prepare would leave a FUSE mount no record owns.
+    async fn prepare_remote_detached(
+        self: &Arc<Self>,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        layer: RemoteLayer,
+    ) -> Result<()> {
+        let (me, target, parent, labels) = (
+            Arc::clone(self),
+            target.to_string(),
+            parent.to_string(),
+            labels.clone(),
+        );
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move { me.prepare_remote(&target, &parent, &labels, layer).await }
+                .instrument(span),
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("remote prepare task: {e}")))?
+    }
+
     async fn prepare_remote(
         &self,
         target: &str,
@@ -265,14 +358,23 @@ impl Snapshotter {
         labels: &BTreeMap<String, String>,
         layer: RemoteLayer,
     ) -> Result<()> {
+        // One deadline for waiting on another prepare of the layer and reading its TOC; the
+        // mount and record after it are local and always finish.
+        let deadline = tokio::time::Instant::now() + self.remote.options().toc_timeout;
         let lock = {
             let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(t.entry(target.to_string()).or_default())
         };
-        let _guard = lock.lock().await;
-        let result = self
-            .prepare_remote_locked(target, parent, labels, layer)
-            .await;
+        let result = match tokio::time::timeout_at(deadline, lock.lock()).await {
+            Ok(_guard) => {
+                self.prepare_remote_locked(target, parent, labels, layer, deadline)
+                    .await
+            }
+            Err(_) => Err(Error::Timeout(format!(
+                "another prepare of {target} did not finish within {:?}",
+                self.remote.options().toc_timeout
+            ))),
+        };
         // Drop the per-target lock entry when nobody else waits on it.
         let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
@@ -287,6 +389,7 @@ impl Snapshotter {
         parent: &str,
         labels: &BTreeMap<String, String>,
         layer: RemoteLayer,
+        deadline: tokio::time::Instant,
     ) -> Result<()> {
         let meta = Arc::clone(&self.meta);
         let t = target.to_string();
@@ -295,13 +398,35 @@ impl Snapshotter {
                 return Err(Error::AlreadyExists(target.into()));
             }
         }
-        let index = self.remote.fetch_index(&layer).await?;
+        let index = match tokio::time::timeout_at(deadline, self.remote.fetch_index(&layer)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "reading the TOC of {} from {} took longer than {:?}",
+                    layer.digest,
+                    layer.image_ref,
+                    self.remote.options().toc_timeout
+                )));
+            }
+        };
         let usage = index_usage(&index);
         let meta = Arc::clone(&self.meta);
         let id = blocking(move || meta.next_id()).await?;
+        let in_flight = InFlight::new(&self.in_flight, id);
         let dir = Self::dir(&self.root, id);
-        self.mount_blocking(id, layer.clone(), index, dir.join("fs"))
-            .await?;
+        if let Err(e) = self
+            .mount_blocking(id, layer.clone(), index, dir.join("fs"))
+            .await
+        {
+            let (remote, d) = (Arc::clone(&self.remote), dir.clone());
+            let _ = blocking(move || {
+                remote.unmount(id);
+                let _ = remove_snapshot_dir(&d);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
         let mut labels = labels.clone();
         labels.insert(labels::REMOTE.into(), "true".into());
         let now = now_nanos();
@@ -323,12 +448,13 @@ impl Snapshotter {
         blocking(move || {
             if let Err(e) = meta.create(&t, &rec) {
                 remote.unmount(id);
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = remove_snapshot_dir(&dir);
                 return Err(e);
             }
             Ok(())
         })
         .await?;
+        drop(in_flight);
         self.counters.remote_mounts.fetch_add(1, Ordering::Relaxed);
         info!(target, layer = %layer.digest, image = %layer.image_ref, id, "layer mounted lazily");
         Ok(())
@@ -503,7 +629,11 @@ impl Snapshotter {
             self.root.clone(),
             Arc::clone(&self.remote),
         );
+        let in_flight = Arc::clone(&self.in_flight);
         blocking(move || {
+            // Held until the scan is done: an id leaves the set only after its record is
+            // written, so every directory is either in flight or recorded when looked at.
+            let in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let ids: std::collections::HashSet<u64> =
                 meta.list()?.into_iter().map(|(_, r)| r.id).collect();
             let snaps = root.join("snapshots");
@@ -513,7 +643,9 @@ impl Snapshotter {
             for e in rd.flatten() {
                 let name = e.file_name();
                 let id = name.to_str().and_then(|s| s.parse::<u64>().ok());
-                if id.is_some_and(|id| ids.contains(&id) || remote.is_mounted(id)) {
+                if id.is_some_and(|id| {
+                    ids.contains(&id) || in_flight.contains(&id) || remote.is_mounted(id)
+                }) {
                     continue;
                 }
                 match remove_snapshot_dir(&e.path()) {
@@ -546,7 +678,14 @@ impl Snapshotter {
             c.restore_failures.load(Ordering::Relaxed)
         ));
         s.push_str("# HELP arbor_snapshotter_fallbacks_total Converted layers prepared as ordinary snapshots instead (containerd pulls them), by reason.\n# TYPE arbor_snapshotter_fallbacks_total counter\n");
-        for reason in ["mount_failed", "no_source", "bad_annotations"] {
+        for reason in [
+            "mount_failed",
+            "no_source",
+            "bad_annotations",
+            "unauthenticated",
+            "registry_not_allowed",
+            "toc_timeout",
+        ] {
             s.push_str(&format!(
                 "arbor_snapshotter_fallbacks_total{{reason=\"{reason}\"}} {}\n",
                 c.fallbacks(reason)
@@ -558,6 +697,11 @@ impl Snapshotter {
                 "arbor_snapshotter_requests_total{{method=\"{op}\",outcome=\"{outcome}\"}} {n}\n"
             ));
         }
+        s.push_str("# HELP arbor_snapshotter_unreadable_records Snapshot records in metadata.redb that cannot be decoded (skipped; logged).\n# TYPE arbor_snapshotter_unreadable_records gauge\n");
+        s.push_str(&format!(
+            "arbor_snapshotter_unreadable_records {}\n",
+            self.meta.unreadable().len()
+        ));
         s.push_str("# HELP arbor_snapshotter_mounted_layers Layers mounted lazily now.\n# TYPE arbor_snapshotter_mounted_layers gauge\n");
         s.push_str(&format!(
             "arbor_snapshotter_mounted_layers {}\n",
@@ -606,4 +750,139 @@ fn disk_usage(dir: &Path) -> Result<Usage> {
         }
     }
     Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(root: &Path) -> Snapshotter {
+        let cache = Arc::new(arbor_fetch::ChunkCache::open(&root.join("cache"), 1 << 20).unwrap());
+        let fetcher = arbor_fetch::Fetcher::new(
+            cache,
+            Arc::new(arbor_fetch::Metrics::default()),
+            Default::default(),
+        );
+        let remote = Arc::new(
+            Remote::new(
+                fetcher,
+                crate::RemoteOptions::default(),
+                &root.join("tocs"),
+                tokio::runtime::Handle::current(),
+            )
+            .unwrap(),
+        );
+        Snapshotter::open(root, remote).unwrap()
+    }
+
+    /// A Prepare has created its directories but not yet written its record when Cleanup
+    /// runs: Cleanup must not take the directory for an orphan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cleanup_never_deletes_a_preparing_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = open(tmp.path());
+        let (at_dirs_tx, at_dirs_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        s.after_dirs = Some(Arc::new(move || {
+            at_dirs_tx.send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }));
+        let s = Arc::new(s);
+        let s2 = Arc::clone(&s);
+        let prep = tokio::spawn(async move { s2.prepare("k", "", BTreeMap::new()).await });
+        tokio::task::spawn_blocking(move || at_dirs_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // The directory exists, its record does not yet.
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("snapshots"))
+                .unwrap()
+                .count(),
+            1
+        );
+        assert_eq!(
+            s.cleanup().await.unwrap(),
+            0,
+            "cleanup removed a preparing snapshot"
+        );
+        go_tx.send(()).unwrap();
+        let mounts = prep.await.unwrap().unwrap();
+        let upper = Path::new(&mounts[0].source);
+        assert!(upper.is_dir(), "{} is gone", upper.display());
+        // Once recorded it is still not an orphan; once removed, nothing is left.
+        assert_eq!(s.cleanup().await.unwrap(), 0);
+        s.remove("k").await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("snapshots"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    /// A lazy Prepare whose TOC read stalls falls back to an ordinary snapshot within the
+    /// deadline (the registry here accepts connections and never answers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_toc_read_falls_back_within_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = stall.local_addr().unwrap();
+        let held = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for c in stall.incoming().take(64) {
+                conns.push(c);
+            }
+        });
+        let cache =
+            Arc::new(arbor_fetch::ChunkCache::open(&tmp.path().join("cache"), 1 << 20).unwrap());
+        let fetcher = arbor_fetch::Fetcher::new(
+            cache,
+            Arc::new(arbor_fetch::Metrics::default()),
+            Default::default(),
+        );
+        let remote = Arc::new(
+            Remote::new(
+                fetcher,
+                crate::RemoteOptions {
+                    plain_http_hosts: vec!["127.0.0.1".into()],
+                    toc_timeout: std::time::Duration::from_secs(2),
+                    ..Default::default()
+                },
+                &tmp.path().join("tocs"),
+                tokio::runtime::Handle::current(),
+            )
+            .unwrap(),
+        );
+        let s = Arc::new(Snapshotter::open(tmp.path(), remote).unwrap());
+        let key = labels::read_pull_key(tmp.path()).unwrap();
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let chain = format!("sha256:{}", "2".repeat(64));
+        let image = format!("{addr}/fn/stall:v1");
+        let l: BTreeMap<String, String> = [
+            (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
+            (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
+            (labels::TARGET, chain.as_str()),
+            (labels::ARBOR_LAYER_DIGEST, digest.as_str()),
+            (labels::ARBOR_IMAGE_REF, image.as_str()),
+            (
+                labels::PULL_MAC,
+                &labels::pull_mac(&key, &digest, &image, &chain),
+            ),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let t0 = std::time::Instant::now();
+        // Two prepares of the same layer: the second waits for the first, within the same
+        // kind of deadline.
+        let (a, b) = tokio::join!(s.prepare("a", "", l.clone()), s.prepare("b", "", l.clone()));
+        let took = t0.elapsed();
+        assert_eq!(a.unwrap()[0].r#type, "bind");
+        assert_eq!(b.unwrap()[0].r#type, "bind");
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+        assert_eq!(s.counters().fallbacks("toc_timeout"), 2);
+        assert!(s.render_metrics().contains("reason=\"toc_timeout\"} 2"));
+        drop(held);
+    }
 }
