@@ -6,6 +6,8 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -54,11 +56,106 @@ impl fmt::Debug for AuthEntry {
 }
 
 /// Where credentials come from, in order: explicit ones, then the Docker config file.
-#[derive(Debug, Default, Clone)]
+///
+/// The config file is untrusted input that must not take a daemon down: a file that cannot
+/// be read or parsed is logged and treated as empty (anonymous access), and the file is read
+/// again whenever its modification time (or size, or inode) changes, so credentials written
+/// or rotated later are picked up without a restart. A changed file that does not parse
+/// keeps the previous contents (it may be half written); a deleted one means no credentials.
+/// Credential helpers run with a timeout ([`HELPER_TIMEOUT`]) and are killed on expiry.
+/// Clones share the file and what was loaded from it.
+#[derive(Debug, Clone)]
 pub struct CredentialStore {
-    config: DockerConfig,
+    file: Option<Arc<AuthFile>>,
     explicit: HashMap<String, Credentials>,
-    path: Option<PathBuf>,
+    helper_timeout: Duration,
+}
+
+impl Default for CredentialStore {
+    fn default() -> Self {
+        CredentialStore {
+            file: None,
+            explicit: HashMap::new(),
+            helper_timeout: HELPER_TIMEOUT,
+        }
+    }
+}
+
+/// Longest a `docker-credential-*` helper may run before it is killed and the lookup fails.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest config file read (a real one is a few KiB).
+const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
+/// What identifies a version of the file: (modification time, size, inode).
+type Stamp = (SystemTime, u64, u64);
+
+#[derive(Debug)]
+struct AuthFile {
+    path: PathBuf,
+    loaded: Mutex<(Option<Stamp>, DockerConfig)>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        m.len(),
+        m.ino(),
+    ))
+}
+
+fn read_config(path: &Path) -> Result<DockerConfig> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let mut text = Vec::new();
+    f.take(MAX_CONFIG_SIZE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path.display(), e))?;
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(Error::Credentials(format!(
+            "{}: larger than {MAX_CONFIG_SIZE} bytes",
+            path.display()
+        )));
+    }
+    serde_json::from_slice(&text)
+        .map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))
+}
+
+impl AuthFile {
+    /// The config as of the file's current version, reloading it if it changed. Blocking.
+    fn current(&self) -> DockerConfig {
+        let now = stamp(&self.path);
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if l.0 == now && now.is_some() {
+            return l.1.clone();
+        }
+        let first = l.0.is_none();
+        match now {
+            None => {
+                if !first && !l.1.auths.is_empty() {
+                    tracing::info!(path = %self.path.display(), "credentials file is gone; anonymous access");
+                }
+                *l = (None, DockerConfig::default());
+            }
+            Some(st) => match read_config(&self.path) {
+                Ok(c) => {
+                    if !first {
+                        tracing::info!(path = %self.path.display(), "credentials file changed, reloaded");
+                    }
+                    *l = (Some(st), c);
+                }
+                Err(e) => {
+                    // Keep what was there (the file may be half written); parsed again when it
+                    // changes next.
+                    tracing::warn!(error = %e, "ignoring unusable credentials file (anonymous access unless it held usable credentials before)");
+                    l.0 = Some(st);
+                }
+            },
+        }
+        l.1.clone()
+    }
 }
 
 /// The Docker config file location: `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
@@ -70,24 +167,37 @@ pub fn default_config_path() -> Option<PathBuf> {
 }
 
 impl CredentialStore {
-    /// Loads the default Docker config; a missing file means no stored credentials.
+    /// Uses the default Docker config (see [`default_config_path`]); a missing file means no
+    /// stored credentials until it appears. Never fails (see the type's docs).
     pub fn load_default() -> Result<CredentialStore> {
         match default_config_path() {
-            Some(p) if p.exists() => CredentialStore::from_file(&p),
-            _ => Ok(CredentialStore::default()),
+            Some(p) => CredentialStore::from_file(&p),
+            None => Ok(CredentialStore::default()),
         }
     }
 
-    /// Loads a Docker-format config file (`--authfile`).
+    /// Uses a Docker-format config file (`--authfile`). Never fails: an unreadable or
+    /// malformed file is logged and means anonymous access until it is fixed.
     pub fn from_file(path: &Path) -> Result<CredentialStore> {
-        let text = std::fs::read(path).map_err(|e| Error::io(path.display(), e))?;
-        let config: DockerConfig = serde_json::from_slice(&text)
-            .map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))?;
+        let file = AuthFile {
+            path: path.to_path_buf(),
+            loaded: Mutex::new((None, DockerConfig::default())),
+        };
+        let _ = file.current();
         Ok(CredentialStore {
-            config,
-            explicit: HashMap::new(),
-            path: Some(path.to_path_buf()),
+            file: Some(Arc::new(file)),
+            ..Default::default()
         })
+    }
+
+    /// The config file in use, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|f| f.path.as_path())
+    }
+
+    /// Sets how long a credential helper may run (default [`HELPER_TIMEOUT`]).
+    pub fn set_helper_timeout(&mut self, t: Duration) {
+        self.helper_timeout = t;
     }
 
     /// Adds credentials for one registry that take precedence over the config file.
@@ -95,26 +205,44 @@ impl CredentialStore {
         self.explicit.insert(registry.to_string(), creds);
     }
 
-    /// Credentials for `registry` (as named in references, e.g. `docker.io`), if any.
-    pub fn lookup(&self, registry: &str) -> Result<Option<Credentials>> {
+    /// Credentials for `registry` (as named in references, e.g. `docker.io`), if any. The
+    /// file check and any credential helper run on a blocking thread.
+    pub async fn lookup(&self, registry: &str) -> Result<Option<Credentials>> {
         if let Some(c) = self.explicit.get(registry) {
             return Ok(Some(c.clone()));
         }
+        if self.file.is_none() {
+            return Ok(None);
+        }
+        let (me, r) = (self.clone(), registry.to_string());
+        tokio::task::spawn_blocking(move || me.lookup_blocking(&r))
+            .await
+            .map_err(|e| Error::Credentials(format!("credential lookup failed: {e}")))?
+    }
+
+    /// [`CredentialStore::lookup`] on the calling thread (blocks: file system, helpers).
+    pub fn lookup_blocking(&self, registry: &str) -> Result<Option<Credentials>> {
+        if let Some(c) = self.explicit.get(registry) {
+            return Ok(Some(c.clone()));
+        }
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        let config = file.current();
         let keys = config_keys(registry);
-        if let Some(helper) = keys.iter().find_map(|k| self.config.cred_helpers.get(k)) {
-            return run_helper(helper, &keys[0]);
+        if let Some(helper) = keys.iter().find_map(|k| config.cred_helpers.get(k)) {
+            return run_helper(helper, &keys[0], self.helper_timeout);
         }
         for k in &keys {
-            if let Some(entry) = self.config.auths.get(k)
+            if let Some(entry) = config.auths.get(k)
                 && let Some(c) = decode_entry(entry, k)?
             {
                 return Ok(Some(c));
             }
         }
-        if let Some(store) = &self.config.creds_store {
-            return run_helper(store, &keys[0]);
+        if let Some(store) = &config.creds_store {
+            return run_helper(store, &keys[0], self.helper_timeout);
         }
-        let _ = &self.path;
         Ok(None)
     }
 }
@@ -174,7 +302,7 @@ fn decode_entry(e: &AuthEntry, key: &str) -> Result<Option<Credentials>> {
     }
 }
 
-fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
+fn run_helper(helper: &str, server: &str, timeout: Duration) -> Result<Option<Credentials>> {
     if !helper
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -184,23 +312,54 @@ fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
         )));
     }
     let program = format!("docker-credential-{helper}");
+    let fail = |e: std::io::Error| Error::Credentials(format!("{program}: {e}"));
     let mut child = Command::new(&program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| Error::Credentials(format!("{program}: {e}")))?;
+        .map_err(fail)?;
+    let deadline = Instant::now() + timeout;
+    // stdin and stdout are served by threads, so a helper that neither reads nor writes (or
+    // fills a pipe) cannot block this one past the deadline.
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(server.as_bytes())
-            .map_err(|e| Error::Credentials(format!("{program}: {e}")))?;
+        let server = server.to_string();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(server.as_bytes());
+        });
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Credentials(format!("{program}: {e}")))?;
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stdout);
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(mut stdout) = child.stdout.take() {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            let _ = (&mut stdout).take(1 << 20).read_to_end(&mut out);
+            let _ = tx.send(out);
+        });
+    }
+    let status = loop {
+        match child.try_wait().map_err(fail)? {
+            Some(st) => break st,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(helper = %program, secs = timeout.as_secs_f64(), "credential helper timed out and was killed");
+                return Err(Error::Credentials(format!(
+                    "{program} did not answer within {:.1} s; killed",
+                    timeout.as_secs_f64()
+                )));
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let stdout = rx
+        .recv_timeout(
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
+        )
+        .unwrap_or_default();
+    if !status.success() {
+        let msg = String::from_utf8_lossy(&stdout);
         if msg.contains("credentials not found") {
             return Ok(None);
         }
@@ -216,7 +375,7 @@ fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
         #[serde(rename = "Secret")]
         secret: String,
     }
-    let h: HelperOut = serde_json::from_slice(&out.stdout)
+    let h: HelperOut = serde_json::from_slice(&stdout)
         .map_err(|e| Error::Credentials(format!("{program} printed bad JSON: {e}")))?;
     Ok(Some(Credentials {
         username: h.username,
@@ -306,15 +465,20 @@ mod tests {
         )
         .unwrap();
         let s = CredentialStore::from_file(&p).unwrap();
-        let c = s.lookup("127.0.0.1:5000").unwrap().unwrap();
+        let c = s.lookup_blocking("127.0.0.1:5000").unwrap().unwrap();
         assert_eq!(
             (c.username.as_str(), c.password.as_str()),
             ("alice", "s3cret")
         );
-        assert!(s.lookup("docker.io").unwrap().is_some());
-        assert!(s.lookup("other:1").unwrap().is_none());
+        assert!(s.lookup_blocking("docker.io").unwrap().is_some());
+        assert!(s.lookup_blocking("other:1").unwrap().is_none());
         assert!(!format!("{c:?}").contains("s3cret"));
         std::fs::write(&p, r#"{"auths":{"h":{"auth":"!!"}}}"#).unwrap();
-        assert!(CredentialStore::from_file(&p).unwrap().lookup("h").is_err());
+        assert!(
+            CredentialStore::from_file(&p)
+                .unwrap()
+                .lookup_blocking("h")
+                .is_err()
+        );
     }
 }

@@ -221,7 +221,7 @@ impl RegistryClient {
                 url: url.to_string(),
                 reason: "401 without a WWW-Authenticate challenge".into(),
             })?;
-        let creds = self.inner.creds.lookup(&r.registry)?;
+        let creds = self.inner.creds.lookup(&r.registry).await?;
         match challenge.scheme.as_str() {
             "basic" => {
                 let c = creds.ok_or_else(|| Error::Auth {
