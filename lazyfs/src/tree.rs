@@ -1,18 +1,14 @@
-//! The inode tree of one layer.
+//! The inode tree of one layer: [`arbor_format::tree::LayerTree`] with FUSE's types.
 
-use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arbor_format::index::LayerIndex;
-use arbor_format::tarstream::{EntryKind, Timestamp};
+use arbor_format::tarstream::Timestamp;
+use arbor_format::tree::{LayerTree, NodeKind};
 use fuser::{FileAttr, FileType, INodeNo};
 
-/// Inode number of the root directory.
-pub const ROOT: u64 = 1;
-/// The xattr overlayfs reads to see that a directory hides lower layers.
-pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub use arbor_format::tree::{OPAQUE_XATTR, ROOT};
 
 /// One inode.
 #[derive(Debug, Clone)]
@@ -36,26 +32,6 @@ pub struct Node {
 }
 
 impl Node {
-    /// A directory the layer does not list but needs (a parent of an entry): 0755, root's,
-    /// dated `mtime` (the mount time, as an unpacker would date the directory it creates).
-    fn dir(parent: u64, mtime: SystemTime) -> Node {
-        Node {
-            kind: FileType::Directory,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime,
-            size: 0,
-            rdev: 0,
-            nlink: 2,
-            entry: None,
-            link: None,
-            xattrs: Vec::new(),
-            children: Vec::new(),
-            parent,
-        }
-    }
-
     /// The attributes the kernel sees for inode `ino`.
     pub fn attr(&self, ino: u64) -> FileAttr {
         FileAttr {
@@ -100,206 +76,49 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
-struct Builder {
-    nodes: Vec<Node>,
-    now: SystemTime,
-    /// Children while building: dir ino -> name -> ino.
-    children: HashMap<u64, HashMap<OsString, u64>>,
-    paths: HashMap<String, u64>,
-}
-
-impl Builder {
-    fn add(&mut self, node: Node) -> u64 {
-        self.nodes.push(node);
-        self.nodes.len() as u64
-    }
-
-    fn node(&mut self, ino: u64) -> &mut Node {
-        &mut self.nodes[ino as usize - 1]
-    }
-
-    /// The directory at `path`, created (with default attributes) if missing.
-    fn ensure_dir(&mut self, path: &str) -> u64 {
-        if path == "." {
-            return ROOT;
-        }
-        if let Some(&ino) = self.paths.get(path)
-            && self.nodes[ino as usize - 1].kind == FileType::Directory
-        {
-            return ino;
-        }
-        let (parent_path, base) = path.rsplit_once('/').unwrap_or((".", path));
-        let parent = self.ensure_dir(parent_path);
-        let ino = self.add(Node::dir(parent, self.now));
-        self.link(parent, base, ino);
-        self.paths.insert(path.to_string(), ino);
-        ino
-    }
-
-    /// Points `parent/name` at `ino`, unlinking what it named before.
-    fn link(&mut self, parent: u64, name: &str, ino: u64) {
-        let old = self
-            .children
-            .entry(parent)
-            .or_default()
-            .insert(OsString::from(name), ino);
-        if let Some(old) = old
-            && old != ino
-        {
-            let n = self.node(old);
-            n.nlink = n.nlink.saturating_sub(1);
-        }
-    }
-}
-
 impl Tree {
-    /// Builds the tree of a validated layer index (later entries win, as in tar).
+    /// Builds the tree of a validated layer index (later entries win, as in tar): the
+    /// FUSE view of [`LayerTree::build`], which keeps it a tree whatever the index holds
+    /// (no recursion, no second name for a directory, no empty or dot names).
     pub fn build(index: &LayerIndex) -> Tree {
         let now = SystemTime::now();
-        let mut b = Builder {
-            nodes: vec![Node::dir(ROOT, now)],
-            now,
-            children: HashMap::new(),
-            paths: HashMap::from([(".".to_string(), ROOT)]),
-        };
-        let mut total_size = 0;
-        for (i, e) in index.entries.iter().enumerate() {
-            let mut node = Node {
-                kind: match e.kind {
-                    EntryKind::Regular => FileType::RegularFile,
-                    EntryKind::Dir => FileType::Directory,
-                    EntryKind::Symlink => FileType::Symlink,
-                    EntryKind::HardLink => FileType::RegularFile,
-                    EntryKind::Char => FileType::CharDevice,
-                    EntryKind::Block => FileType::BlockDevice,
-                    EntryKind::Fifo => FileType::NamedPipe,
+        let LayerTree { nodes, total_size } = LayerTree::build(index);
+        let nodes = nodes
+            .into_iter()
+            .map(|n| Node {
+                kind: match n.kind {
+                    NodeKind::Dir => FileType::Directory,
+                    NodeKind::Regular => FileType::RegularFile,
+                    NodeKind::Symlink => FileType::Symlink,
+                    NodeKind::Char => FileType::CharDevice,
+                    NodeKind::Block => FileType::BlockDevice,
+                    NodeKind::Fifo => FileType::NamedPipe,
                 },
-                perm: (e.mode & 0o7777) as u16,
-                uid: e.uid as u32,
-                gid: e.gid as u32,
-                mtime: time(e.mtime),
-                // A symlink's size is the length of its target, as lstat reports it.
-                size: if e.kind == EntryKind::Symlink {
-                    e.link_name.len() as u64
-                } else {
-                    e.size
-                },
-                rdev: encode_dev(e.dev_major, e.dev_minor),
-                nlink: 1,
-                entry: (e.kind == EntryKind::Regular && e.size > 0).then_some(i),
-                link: (e.kind == EntryKind::Symlink)
-                    .then(|| OsStr::from_bytes(e.link_name.as_bytes()).to_owned()),
-                xattrs: e
+                perm: (n.mode & 0o7777) as u16,
+                uid: n.uid,
+                gid: n.gid,
+                // A directory the layer does not list but needs: dated the mount time, as
+                // an unpacker would date the directory it creates.
+                mtime: n.mtime.map_or(now, time),
+                size: n.size,
+                rdev: encode_dev(n.dev_major, n.dev_minor),
+                nlink: n.nlink,
+                entry: n.entry,
+                link: n.link.map(OsString::from),
+                xattrs: n
                     .xattrs
-                    .iter()
-                    .map(|(k, v)| (OsString::from(k), v.clone()))
+                    .into_iter()
+                    .map(|(k, v)| (OsString::from(k), v))
                     .collect(),
-                children: Vec::new(),
-                parent: ROOT,
-            };
-            if e.name == "." {
-                let root = b.node(ROOT);
-                root.perm = node.perm;
-                root.uid = node.uid;
-                root.gid = node.gid;
-                root.mtime = node.mtime;
-                root.xattrs = node.xattrs;
-                continue;
-            }
-            let (parent_path, base) = e.name.rsplit_once('/').unwrap_or((".", e.name.as_str()));
-            let parent = b.ensure_dir(parent_path);
-            if base == ".wh..wh..opq" {
-                let p = b.node(parent);
-                p.xattrs.retain(|(k, _)| k != OPAQUE_XATTR);
-                p.xattrs.push((OsString::from(OPAQUE_XATTR), b"y".to_vec()));
-                continue;
-            }
-            if let Some(hidden) = base.strip_prefix(".wh.") {
-                // What overlayfs reads as "deleted in this layer": a 0/0 character device.
-                node.kind = FileType::CharDevice;
-                node.perm = 0;
-                node.rdev = 0;
-                node.size = 0;
-                node.entry = None;
-                node.parent = parent;
-                let ino = b.add(node);
-                b.link(parent, hidden, ino);
-                let path = if parent_path == "." {
-                    hidden.to_string()
-                } else {
-                    format!("{parent_path}/{hidden}")
-                };
-                b.paths.insert(path, ino);
-                continue;
-            }
-            if e.kind == EntryKind::HardLink {
-                let Some(&target) = b.paths.get(&e.link_name) else {
-                    continue; // validated away by the index; nothing sensible to link
-                };
-                // As containerd and Docker unpack a hard link: the link entry's own header
-                // (mode, owner, times, xattrs) is applied to the shared inode, and the chown
-                // this implies drops file capabilities.
-                let t = b.node(target);
-                t.nlink += 1;
-                t.perm = node.perm;
-                t.uid = node.uid;
-                t.gid = node.gid;
-                t.mtime = node.mtime;
-                t.xattrs.retain(|(k, _)| k != "security.capability");
-                for (k, v) in node.xattrs {
-                    t.xattrs.retain(|(old, _)| *old != k);
-                    t.xattrs.push((k, v));
-                }
-                b.link(parent, base, target);
-                b.paths.insert(e.name.clone(), target);
-                continue;
-            }
-            if e.kind == EntryKind::Dir
-                && let Some(&existing) = b.paths.get(&e.name)
-                && b.nodes[existing as usize - 1].kind == FileType::Directory
-            {
-                let d = b.node(existing);
-                d.perm = node.perm;
-                d.uid = node.uid;
-                d.gid = node.gid;
-                d.mtime = node.mtime;
-                let opaque: Vec<_> = d
-                    .xattrs
-                    .iter()
-                    .filter(|(k, _)| k == OPAQUE_XATTR)
-                    .cloned()
-                    .collect();
-                d.xattrs = node.xattrs;
-                d.xattrs.extend(opaque);
-                continue;
-            }
-            node.parent = parent;
-            let ino = b.add(node);
-            b.link(parent, base, ino);
-            b.paths.insert(e.name.clone(), ino);
-        }
-        // Freeze: sorted children, directory link counts, file sizes.
-        let children = std::mem::take(&mut b.children);
-        for (dir, kids) in children {
-            let mut list: Vec<(OsString, u64)> = kids.into_iter().collect();
-            list.sort();
-            let subdirs = list
-                .iter()
-                .filter(|(_, ino)| b.nodes[*ino as usize - 1].kind == FileType::Directory)
-                .count() as u32;
-            let d = b.node(dir);
-            d.children = list;
-            d.nlink = 2 + subdirs;
-        }
-        for n in &b.nodes {
-            if n.kind == FileType::RegularFile {
-                total_size += n.size;
-            }
-        }
-        Tree {
-            nodes: b.nodes,
-            total_size,
-        }
+                children: n
+                    .children
+                    .into_iter()
+                    .map(|(name, ino)| (OsString::from(name), ino))
+                    .collect(),
+                parent: n.parent,
+            })
+            .collect();
+        Tree { nodes, total_size }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -312,5 +131,125 @@ impl Tree {
             .binary_search_by(|(n, _)| n.as_os_str().cmp(name))
             .ok()
             .map(|i| p.children[i].1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arbor_format::index::IndexEntry;
+    use arbor_format::tarstream::EntryKind;
+
+    use super::*;
+
+    fn raw(kind: EntryKind, name: &str, link: &str) -> IndexEntry {
+        IndexEntry {
+            name: name.to_string(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            size: 0,
+            link_name: link.to_string(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+            digest: None,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn build(entries: Vec<IndexEntry>) -> Tree {
+        Tree::build(&LayerIndex {
+            entries,
+            data_end: 0,
+            arbor: None,
+        })
+    }
+
+    fn names(t: &Tree, ino: u64) -> Vec<String> {
+        t.get(ino)
+            .unwrap()
+            .children
+            .iter()
+            .map(|(n, _)| n.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn deep_path_tree_does_not_overflow_the_stack() {
+        // 20 000 components (an index built by hand: the reader refuses more than 512), built
+        // on a 256 KiB stack. The old builder recursed once per component and kept every
+        // prefix of the path as a key (O(depth²) memory).
+        let deep = vec!["a"; 20_000].join("/");
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let t = build(vec![raw(EntryKind::Regular, &format!("{deep}/f"), "")]);
+                assert_eq!(t.nodes.len(), 20_002);
+                let mut cur = ROOT;
+                for _ in 0..20_000 {
+                    let next = t.lookup(cur, OsStr::new("a")).unwrap();
+                    assert_eq!(t.get(next).unwrap().parent, cur);
+                    assert_eq!(t.get(next).unwrap().kind, FileType::Directory);
+                    cur = next;
+                }
+                assert!(t.lookup(cur, OsStr::new("f")).is_some());
+            })
+            .unwrap()
+            .join()
+            .expect("building a deep tree overflowed or panicked");
+    }
+
+    #[test]
+    fn hard_link_to_directory_is_refused() {
+        let t = build(vec![
+            raw(EntryKind::Dir, "d", ""),
+            raw(EntryKind::HardLink, "d/loop", "d"),
+            raw(EntryKind::HardLink, "up", "."),
+            raw(EntryKind::Regular, "f", ""),
+            raw(EntryKind::HardLink, "d/f2", "f"),
+        ]);
+        assert_eq!(names(&t, ROOT), ["d", "f"]);
+        let d = t.lookup(ROOT, OsStr::new("d")).unwrap();
+        assert_eq!(names(&t, d), ["f2"]);
+        assert_eq!(t.get(d).unwrap().nlink, 2);
+        assert_eq!(t.get(ROOT).unwrap().nlink, 3);
+        let f = t.lookup(ROOT, OsStr::new("f")).unwrap();
+        assert_eq!(t.lookup(d, OsStr::new("f2")), Some(f));
+        assert_eq!(t.get(f).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn empty_whiteout_is_ignored() {
+        let t = build(vec![
+            raw(EntryKind::Regular, ".wh.", ""),
+            raw(EntryKind::Regular, ".wh..", ""),
+            raw(EntryKind::Regular, "d/.wh...", ""),
+            raw(EntryKind::Regular, "d/.wh.x", ""),
+        ]);
+        assert_eq!(names(&t, ROOT), ["d"]);
+        let d = t.lookup(ROOT, OsStr::new("d")).unwrap();
+        assert_eq!(names(&t, d), ["x"]);
+        let x = t.get(t.lookup(d, OsStr::new("x")).unwrap()).unwrap();
+        assert_eq!((x.kind, x.rdev, x.perm), (FileType::CharDevice, 0, 0));
+    }
+
+    #[test]
+    fn file_then_child_keeps_a_tree() {
+        let t = build(vec![
+            raw(EntryKind::Regular, "a", ""),
+            raw(EntryKind::Regular, "a/b", ""),
+            raw(EntryKind::Symlink, "s", "/etc"),
+            raw(EntryKind::Regular, "s/passwd", ""),
+        ]);
+        for name in ["a", "s"] {
+            let ino = t.lookup(ROOT, OsStr::new(name)).unwrap();
+            let n = t.get(ino).unwrap();
+            assert_eq!((n.kind, n.parent), (FileType::Directory, ROOT));
+            assert_eq!(n.children.len(), 1);
+        }
     }
 }
