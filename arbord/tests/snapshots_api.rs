@@ -300,8 +300,14 @@ fn prost_types_mask(paths: &[&str]) -> prost_types::FieldMask {
     }
 }
 
-/// The labels `arbor pull` sends for layer `i` of the converted image at `reference`.
-fn remote_labels(reference: &str, layer: &serde_json::Value, chain: &str) -> Vec<(String, String)> {
+/// The labels `arbor pull` sends for layer `i` of the converted image at `reference` to the
+/// arbord rooted at `root` (whose pull key authenticates them).
+fn remote_labels(
+    root: &Path,
+    reference: &str,
+    layer: &serde_json::Value,
+    chain: &str,
+) -> Vec<(String, String)> {
     let mut l: Vec<(String, String)> = layer["annotations"]
         .as_object()
         .unwrap()
@@ -317,6 +323,12 @@ fn remote_labels(reference: &str, layer: &serde_json::Value, chain: &str) -> Vec
     l.push((
         "containerd.io/snapshot/arbor.image-ref".into(),
         reference.into(),
+    ));
+    let key = arbor_snapshotter::labels::read_pull_key(root).expect("arbord's pull key");
+    let digest = layer["digest"].as_str().unwrap();
+    l.push((
+        arbor_snapshotter::labels::PULL_MAC.into(),
+        arbor_snapshotter::labels::pull_mac(&key, digest, reference, chain),
     ));
     l
 }
@@ -362,7 +374,7 @@ async fn concurrent_remote_prepares_mount_once_and_unlabelled_layers_fall_back()
     let a = start();
     let c = client(&a).await;
     let chain = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-    let labels = remote_labels(&dst, layer, chain);
+    let labels = remote_labels(a.root(), &dst, layer, chain);
     let mut tasks = Vec::new();
     for i in 0..8 {
         let mut c = c.clone();
@@ -406,7 +418,9 @@ async fn concurrent_remote_prepares_mount_once_and_unlabelled_layers_fall_back()
     // The same layer without digest/image labels (ctr-style): ordinary snapshot, counted.
     let plain: Vec<(String, String)> = labels
         .iter()
-        .filter(|(k, _)| !k.contains("layer-digest") && !k.contains("image-ref"))
+        .filter(|(k, _)| {
+            !k.contains("layer-digest") && !k.contains("image-ref") && !k.contains("pull-mac")
+        })
         .map(|(k, v)| {
             if k == "containerd.io/snapshot.ref" {
                 (
@@ -441,4 +455,171 @@ async fn concurrent_remote_prepares_mount_once_and_unlabelled_layers_fall_back()
         .await
         .unwrap();
     assert_eq!(arbor_testkit::mounts_below(a.root()).len(), 0);
+}
+
+/// A converted busybox image in a fresh registry: (registry, converted reference, its first
+/// layer's manifest entry).
+fn converted_image(tmp: &Path) -> (Registry, String, serde_json::Value) {
+    let reg = Registry::start().unwrap();
+    let layout = tmp.join("layout");
+    write_oci_layout(&layout, "v1", &busybox_image(vec![], &["/bin/true"])).unwrap();
+    let src = reg.reference("fn/bb:v1");
+    skopeo_push(&layout, "v1", &src, None).unwrap();
+    let dst = reg.reference("fn/bb:v1-arbor");
+    let arbor = Path::new(env!("CARGO_BIN_EXE_arbord")).with_file_name("arbor");
+    let out = Command::new(&arbor)
+        .args(["convert", "--plain-http", &src, &dst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code_, body) = arbor_testkit::http_request(
+        &reg.addr(),
+        "GET",
+        "/v2/fn/bb/manifests/v1-arbor",
+        &[(
+            "Accept".into(),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+        )],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(code_, 200);
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (reg, dst, m["layers"][0].clone())
+}
+
+/// Hostile clients (#9): containerd cancels a Prepare (its caller went away; tonic drops the
+/// request's future) at any point of a lazy mount. Each one must end whole: mounted and
+/// recorded (containerd's garbage collector removes it), or not at all; never a FUSE mount
+/// no snapshot owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_prepare_leaves_no_mount() {
+    let test = "cancelled_prepare_leaves_no_mount";
+    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, dst, layer) = converted_image(tmp.path());
+    let a = start();
+    let c = client(&a).await;
+    for i in 0..40u64 {
+        let chain = format!("sha256:{:064x}", i + 1);
+        let labels = remote_labels(a.root(), &dst, &layer, &chain);
+        let l: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut c = c.clone();
+        let cut = std::time::Duration::from_millis(2 * i);
+        let _ = tokio::time::timeout(
+            cut,
+            c.prepare(prepare(&format!("ns/{i}/extract {chain}"), "", &l)),
+        )
+        .await;
+    }
+    // Let every prepare that was started finish.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut c2 = c.clone();
+    let all = list(&mut c2, &[]).await;
+    let remote: Vec<&Info> = all
+        .iter()
+        .filter(|i| i.labels.contains_key("containerd.io/snapshot/arbor.remote"))
+        .collect();
+    assert_eq!(
+        arbor_testkit::mounts_below(a.root()).len(),
+        remote.len(),
+        "mounts without a snapshot record (cancelled prepares leaked them)"
+    );
+    for i in &all {
+        c2.remove(keyed!(RemoveSnapshotRequest, i.name.clone()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(arbor_testkit::mounts_below(a.root()).len(), 0);
+    c2.cleanup(CleanupRequest {
+        snapshotter: "arbor".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_dir(a.root().join("snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+/// Hostile disks (#9): a metadata record arbord cannot decode and a kept TOC that is garbage
+/// (with the registry gone, so it cannot be refetched) must not stop arbord from starting
+/// (containerd is `RequiredBy=` it): both are logged and counted, the rest is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_metadata_record_does_not_stop_arbord() {
+    let test = "corrupt_metadata_record_does_not_stop_arbord";
+    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, dst, layer) = converted_image(tmp.path());
+    let mut a = start();
+    let mut c = client(&a).await;
+    let chain = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    let labels = remote_labels(a.root(), &dst, &layer, chain);
+    let l: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        code(c.prepare(prepare("ns/1/extract", "", &l)).await),
+        Code::AlreadyExists
+    );
+    c.prepare(prepare("plain", "", &[])).await.unwrap();
+    drop(c);
+    assert!(a.stop().unwrap().success());
+    drop(reg);
+    // Damage: one undecodable record, and garbage in place of the kept TOC.
+    {
+        let meta = arbor_snapshotter::meta::Meta::open(&a.root().join("metadata.redb")).unwrap();
+        meta.put_raw("garbage", b"\xff{ not a record").unwrap();
+    }
+    for e in std::fs::read_dir(a.root().join("tocs")).unwrap() {
+        std::fs::write(e.unwrap().path(), b"not a TOC").unwrap();
+    }
+    a.restart()
+        .expect("arbord must start despite a damaged store");
+    let mut c = client(&a).await;
+    let names: Vec<String> = list(&mut c, &[])
+        .await
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert!(names.contains(&chain.to_string()), "{names:?}");
+    assert!(names.contains(&"plain".to_string()), "{names:?}");
+    assert!(!names.contains(&"garbage".to_string()), "{names:?}");
+    assert_eq!(
+        a.metric("arbor_snapshotter_unreadable_records").unwrap(),
+        1.0
+    );
+    // The lazy layer could not be restored (kept TOC bad, registry gone): reported, and
+    // containerd can still remove it.
+    let mut failed = 0.0;
+    for _ in 0..300 {
+        failed = a
+            .metric("arbor_snapshotter_restore_failures_total")
+            .unwrap();
+        if failed >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed, 1.0);
+    c.remove(keyed!(RemoveSnapshotRequest, chain))
+        .await
+        .unwrap();
+    c.remove(keyed!(RemoveSnapshotRequest, "plain"))
+        .await
+        .unwrap();
 }
