@@ -15,4 +15,4 @@ pub mod mount;
 pub mod overlay;
 pub mod tree;
 
-pub use mount::{MountOptions, Mounted, mount_layer};
+pub use mount::{MountOptions, Mounted, Privileges, mount_layer, mount_layer_with};

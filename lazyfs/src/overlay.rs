@@ -6,13 +6,40 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::mount::Privileges;
+
 fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path contains NUL"))
 }
 
-/// Mounts the read-only union of `lowers` (bottom layer first) at `target`.
+/// Mounts the read-only union of `lowers` (bottom layer first) at `target` with
+/// `nosuid,nodev`: the union's own flags are what the kernel checks on exec and open (not the
+/// layers'), so a setuid file or a device node from an untrusted image grants nothing.
 pub fn mount_readonly_union(lowers: &[PathBuf], target: &Path) -> io::Result<()> {
+    mount_readonly_union_with(lowers, target, Privileges::NONE)
+}
+
+/// The mount flags of a read-only mount with `privileges`.
+fn ro_flags(privileges: Privileges) -> libc::c_ulong {
+    let mut f = libc::MS_RDONLY;
+    if !privileges.suid {
+        f |= libc::MS_NOSUID;
+    }
+    if !privileges.dev {
+        f |= libc::MS_NODEV;
+    }
+    f
+}
+
+/// [`mount_readonly_union`] with explicit [`Privileges`] (`arbor mount --allow-suid
+/// --allow-dev`).
+pub fn mount_readonly_union_with(
+    lowers: &[PathBuf],
+    target: &Path,
+    privileges: Privileges,
+) -> io::Result<()> {
     let t = cstr(target)?;
+    let flags = ro_flags(privileges);
     if lowers.len() == 1 {
         let src = cstr(&lowers[0])?;
         // SAFETY: valid NUL-terminated strings; null fstype/data are allowed for bind mounts.
@@ -28,21 +55,23 @@ pub fn mount_readonly_union(lowers: &[PathBuf], target: &Path) -> io::Result<()>
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: as above; remount the bind read-only.
+        // SAFETY: as above; remount the bind read-only with the wanted flags (a bind
+        // remount sets the per-mount flags to exactly these).
         let r = unsafe {
             libc::mount(
                 std::ptr::null(),
                 t.as_ptr(),
                 std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                libc::MS_BIND | libc::MS_REMOUNT | flags,
                 std::ptr::null(),
             )
         };
-        return if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            let _ = unmount(target);
+            return Err(e);
+        }
+        return Ok(());
     }
     // overlayfs lists lower directories top first.
     let mut lowerdir = String::from("lowerdir=");
@@ -66,7 +95,7 @@ pub fn mount_readonly_union(lowers: &[PathBuf], target: &Path) -> io::Result<()>
             fstype.as_ptr(),
             t.as_ptr(),
             fstype.as_ptr(),
-            libc::MS_RDONLY,
+            flags,
             data.as_ptr().cast(),
         )
     };
