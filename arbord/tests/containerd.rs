@@ -91,9 +91,20 @@ impl Node {
         let mut args = vec!["pull".to_string(), "--plain-http".into(), "--json".into()];
         args.extend(self.ctd_args());
         args.push(reference.into());
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = ok(arbor(&a), &format!("arbor pull {reference}"));
+        let out = ok(self.arbor_pull(&args), &format!("arbor pull {reference}"));
         serde_json::from_str(&out).expect("pull report is JSON")
+    }
+
+    /// `arbor ARGS` with this node's arbord root (where its pull key is).
+    fn arbor_pull(&self, args: &[String]) -> Output {
+        Command::new(arbor_bin())
+            .args(args)
+            .env_remove("CONTAINERD_ADDRESS")
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("CONTAINERD_SNAPSHOTTER")
+            .env("ARBORD_ROOT", self.arbord.root())
+            .output()
+            .expect("running arbor")
     }
 
     fn run_arbor(&self, reference: &str, cmd: &[&str]) -> String {
@@ -693,4 +704,214 @@ fn registry_disappearing_mid_pull_fails_cleanly() {
     assert!(!ls.contains("Active"), "{ls}");
     node.arbord.metrics().expect("arbord still serving");
     drop(ns);
+}
+
+/// Hostile images (#9): an image whose layer annotations carry Arbor's source labels
+/// (`containerd.io/snapshot/arbor.{layer-digest,image-ref}`; containerd's unpacker forwards
+/// every `containerd.io/snapshot/*` layer annotation as a snapshot label) must not choose
+/// what arbord fetches with the node's credentials. Pulled through CRI with containerd's
+/// default `disable_snapshot_annotations = true` (so no `cri.*` labels), every layer is
+/// refused as a lazy source, counted, and unpacked by containerd instead.
+#[test]
+fn image_annotations_cannot_choose_fetch_source() {
+    let test = "image_annotations_cannot_choose_fetch_source";
+    if skip(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    // The attacker names a blob and a repository of its choice (here its own, which mounts
+    // fine if the labels are honoured: any lazy mount means they were), and a made-up MAC.
+    let bad = push_edited_manifest(&reg, "fn/app", "v1-arbor", "forged", |m| {
+        for l in m["layers"].as_array_mut().unwrap() {
+            let digest = l["digest"].clone();
+            let a = l["annotations"].as_object_mut().unwrap();
+            a.insert("containerd.io/snapshot/arbor.layer-digest".into(), digest);
+            a.insert(
+                "containerd.io/snapshot/arbor.image-ref".into(),
+                Value::String(dst.clone()),
+            );
+            a.insert(
+                "containerd.io/snapshot/arbor.pull-mac".into(),
+                Value::String("0".repeat(64)),
+            );
+        }
+    });
+    let certs = tmp.path().join("certs.d");
+    let host_dir = certs.join(reg.addr());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            a = reg.addr()
+        ),
+    )
+    .unwrap();
+    let snippet = include_str!("../../packaging/containerd/config-1.6-1.7.toml");
+    let node = Node::start_with(|a| ContainerdOptions {
+        cri: true,
+        extra_config: format!(
+            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            snippet
+                .replace(
+                    "/run/arbor/snapshotter.sock",
+                    &a.socket().display().to_string()
+                )
+                .replace("/var/lib/arbor/", &a.root().display().to_string())
+                .replace(
+                    "disable_snapshot_annotations = false",
+                    "disable_snapshot_annotations = true"
+                ),
+            certs.display()
+        ),
+    });
+    cri_pull(node.ctd.socket(), &bad).unwrap_or_else(|e| {
+        panic!(
+            "CRI PullImage failed: {e}\ncontainerd log:\n{}",
+            node.ctd.log_tail(40)
+        )
+    });
+    assert_eq!(
+        node.metric("arbor_snapshotter_remote_mounts_total"),
+        0.0,
+        "an image's annotations chose the fetch source; arbord log:\n{}",
+        node.arbord.log_tail(30)
+    );
+    assert_eq!(
+        node.metric("arbor_snapshotter_fallbacks_total{reason=\"unauthenticated\"}"),
+        3.0,
+        "arbord log:\n{}",
+        node.arbord.log_tail(30)
+    );
+    assert_eq!(node.layer_mounts(), 0);
+}
+
+/// Hostile images (#9): a registry outside `registry.allow` is never fetched from lazily;
+/// `arbor pull` still works (containerd downloads the layers).
+#[test]
+fn registry_outside_allowlist_is_refused() {
+    let test = "registry_outside_allowlist_is_refused";
+    if skip(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let arbord = Arbord::start(&ArbordOptions {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+        config: Some("[registry]\nallow = [\"registry.example.com\"]\n".into()),
+        ..Default::default()
+    })
+    .expect("starting arbord");
+    let ctd = Containerd::start_with(&ContainerdOptions {
+        extra_config: arbord.containerd_config(),
+        cri: false,
+    })
+    .expect("starting containerd");
+    let node = Node { arbord, ctd };
+    let report = node.pull(&dst);
+    assert_eq!(
+        hows(&report),
+        ["unpacked", "unpacked", "unpacked"],
+        "{report}"
+    );
+    assert_eq!(
+        node.metric("arbor_snapshotter_fallbacks_total{reason=\"registry_not_allowed\"}"),
+        3.0
+    );
+    assert_eq!(node.layer_mounts(), 0);
+}
+
+/// Rewrites the config of the image tagged `tag` in an OCI layout so that its last diff ID
+/// is a lie, and re-points the manifest and index at it. Returns the lying diff ID.
+fn lie_about_last_diff_id(layout: &Path) -> String {
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let tmp = layout.join("blob.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        let out = Command::new("sha256sum").arg(&tmp).output().unwrap();
+        let hex = String::from_utf8_lossy(&out.stdout)[..64].to_string();
+        let d = format!("sha256:{hex}");
+        std::fs::rename(&tmp, blob(&d)).unwrap();
+        (d, bytes.len())
+    };
+    let index_path = layout.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(blob(&md)).unwrap()).unwrap();
+    let cd = m["config"]["digest"].as_str().unwrap().to_string();
+    let mut c: Value = serde_json::from_slice(&std::fs::read(blob(&cd)).unwrap()).unwrap();
+    let lie = format!("sha256:{}", "5".repeat(64));
+    let ids = c["rootfs"]["diff_ids"].as_array_mut().unwrap();
+    let last = ids.len() - 1;
+    ids[last] = Value::String(lie.clone());
+    let (cd, cs) = put(&serde_json::to_vec(&c).unwrap());
+    m["config"]["digest"] = Value::String(cd);
+    m["config"]["size"] = cs.into();
+    let (md, ms) = put(&serde_json::to_vec(&m).unwrap());
+    index["manifests"][0]["digest"] = Value::String(md);
+    index["manifests"][0]["size"] = ms.into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    lie
+}
+
+/// Hostile images (#9): a config whose diff ID does not match its layer's content would
+/// commit that content under a chain ID every later image with the honest diff ID reuses.
+/// `arbor pull` must refuse it like containerd's unpacker, naming the layer and both
+/// digests, and leave no snapshot of it behind.
+#[test]
+fn lying_diff_id_fails_pull_and_cleans_up() {
+    let test = "lying_diff_id_fails_pull_and_cleans_up";
+    if skip(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let layout = tmp.path().join("layout");
+    write_oci_layout(
+        &layout,
+        "v1",
+        &busybox_image(
+            vec![Entry::file("poison", b"not what the config says".to_vec())],
+            &["/bin/true"],
+        ),
+    )
+    .unwrap();
+    let lie = lie_about_last_diff_id(&layout);
+    let reference = reg.reference("fn/liar:v1");
+    skopeo_push(&layout, "v1", &reference, None).expect("skopeo push");
+    let node = Node::start();
+    let mut args = vec!["pull".to_string(), "--plain-http".into()];
+    args.extend(node.ctd_args());
+    args.push(reference.clone());
+    let out = node.arbor_pull(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a lying config was pulled: {err}");
+    assert!(err.contains("wrong diff id"), "{err}");
+    assert!(
+        err.contains(&lie),
+        "the error does not name the config's diff ID: {err}"
+    );
+    assert!(
+        err.contains("layer 1"),
+        "the error does not name the layer: {err}"
+    );
+    // No image, no active snapshot, and nothing committed under the lying chain ID.
+    let images = node.ctd.ctr(&["image", "ls", "-q"]).unwrap();
+    assert!(!images.contains("fn/liar"), "{images}");
+    let ls = node
+        .ctd
+        .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+        .unwrap();
+    assert!(!ls.contains("Active"), "{ls}");
+    assert!(ls.lines().count() <= 2, "only the honest base layer: {ls}");
 }
