@@ -152,6 +152,10 @@ enum Command {
     /// read (in windows of --fetch-unit bytes), verified against their digests, and kept in
     /// the node-wide chunk cache. In the background the layers' prefetch sections, then the
     /// rest, are fetched ahead of demand. Needs root. For inspection, debugging and benchmarks.
+    ///
+    /// Images are untrusted: the mount is nosuid,nodev and only root can use it, unless
+    /// --allow-suid, --allow-dev or --allow-other say otherwise; the chunk cache and the
+    /// per-layer mount points are in 0700 directories.
     Mount {
         image: String,
         /// An existing empty directory to mount the image at.
@@ -193,6 +197,20 @@ enum Command {
         /// Range requests in flight to one registry at most.
         #[arg(long, default_value_t = 8)]
         registry_concurrency: usize,
+        /// Honour setuid/setgid bits of the image's files. By default the mount is `nosuid`:
+        /// images are untrusted, and a setuid binary in one would give any local user who can
+        /// reach DIR root.
+        #[arg(long)]
+        allow_suid: bool,
+        /// Let device nodes of the image be opened. By default the mount is `nodev`: a device
+        /// node in an image could give any local user raw access to a disk or to memory.
+        #[arg(long)]
+        allow_dev: bool,
+        /// Let users other than root use the mount (FUSE `allow_other`). By default only root
+        /// reads a single-layer image's mount; the per-layer mounts of any image are in a
+        /// 0700 directory under --state-dir either way.
+        #[arg(long)]
+        allow_other: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -386,6 +404,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             fuse_threads,
             registry_concurrency,
+            allow_suid,
+            allow_dev,
+            allow_other,
             registry,
         } => {
             let client = client(&registry)?;
@@ -402,6 +423,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir,
                 fuse_threads,
                 registry_concurrency,
+                allow_suid,
+                allow_dev,
+                allow_other,
             };
             mount::run(store, &image, &registry.platforms, &dir, args)
                 .await

@@ -11,7 +11,7 @@ use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer};
 use arbor_fetch::source::{Limits, StoreSource};
 use arbor_fetch::{BlobSource, ChunkCache, Fetcher, LayerHandle, Metrics};
-use arbor_lazyfs::{MountOptions, mount_layer, overlay};
+use arbor_lazyfs::{MountOptions, Privileges, mount_layer_with, overlay};
 use arbor_oci::Store;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -29,6 +29,12 @@ pub struct MountArgs {
     pub state_dir: PathBuf,
     pub fuse_threads: usize,
     pub registry_concurrency: usize,
+    /// Honour setuid/setgid bits of the image's files (default: `nosuid`).
+    pub allow_suid: bool,
+    /// Let device nodes of the image be opened (default: `nodev`).
+    pub allow_dev: bool,
+    /// Let users other than root use the mount (FUSE `allow_other`; default: root only).
+    pub allow_other: bool,
 }
 
 pub async fn run(
@@ -84,8 +90,16 @@ pub async fn run(
             a.fetch_unit,
         )));
     }
+    // The layer mounts live in a directory only root can traverse: the union at DIR is the
+    // one way in, with its own flags.
     let state = a.state_dir.join(format!("mount-{}", std::process::id()));
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    create_dirs_0700(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    private_dir(&state).with_context(|| format!("creating {}", state.display()))?;
+    let privileges = Privileges {
+        suid: a.allow_suid,
+        dev: a.allow_dev,
+    };
     let rt = tokio::runtime::Handle::current();
     let mut mounts = Vec::new();
     let mut lowers = Vec::new();
@@ -97,12 +111,19 @@ pub async fn run(
     };
     for (i, h) in handles.iter().enumerate() {
         let p = state.join(format!("layer-{i}"));
-        std::fs::create_dir_all(&p)?;
+        private_dir(&p)?;
         let opts = MountOptions {
             threads: a.fuse_threads,
-            allow_other: true,
+            allow_other: a.allow_other,
         };
-        match mount_layer(Arc::clone(h), Arc::clone(&fetcher), rt.clone(), &p, &opts) {
+        match mount_layer_with(
+            Arc::clone(h),
+            Arc::clone(&fetcher),
+            rt.clone(),
+            &p,
+            &opts,
+            privileges,
+        ) {
             Ok(m) => mounts.push(m),
             Err(e) => {
                 cleanup_layers(mounts, &state);
@@ -112,8 +133,10 @@ pub async fn run(
         lowers.push(p);
     }
     let (l2, d2) = (lowers.clone(), dir.clone());
-    let union =
-        tokio::task::spawn_blocking(move || overlay::mount_readonly_union(&l2, &d2)).await?;
+    let union = tokio::task::spawn_blocking(move || {
+        overlay::mount_readonly_union_with(&l2, &d2, privileges)
+    })
+    .await?;
     if let Err(e) = union {
         cleanup_layers(mounts, &state);
         return Err(e).with_context(|| format!("mounting the overlay at {}", dir.display()));
@@ -201,6 +224,27 @@ pub async fn run(
         metrics.source_bytes("registry") + metrics.source_bytes("layout"),
         metrics.source_requests("registry") + metrics.source_requests("layout"),
     );
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (existing ones keep theirs: the
+/// state directory may be shared, e.g. /run/arbor).
+fn create_dirs_0700(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `dir`, a directory of this mount's own, with mode 0700 (also if it existed).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    create_dirs_0700(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     Ok(())
 }
 
