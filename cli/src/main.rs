@@ -153,9 +153,9 @@ enum Command {
     /// the node-wide chunk cache. In the background the layers' prefetch sections, then the
     /// rest, are fetched ahead of demand. Needs root. For inspection, debugging and benchmarks.
     ///
-    /// Images are untrusted: the mount is nosuid,nodev and only root can use it, unless
-    /// --allow-suid, --allow-dev or --allow-other say otherwise; the chunk cache and the
-    /// per-layer mount points are in 0700 directories.
+    /// Images are untrusted: the mount is nosuid,nodev unless --allow-suid or --allow-dev
+    /// say otherwise, and its layers are mounted without FUSE allow_other (--allow-other);
+    /// the chunk cache and the per-layer mount points are in 0700 directories.
     Mount {
         image: String,
         /// An existing empty directory to mount the image at.
@@ -206,9 +206,11 @@ enum Command {
         /// node in an image could give any local user raw access to a disk or to memory.
         #[arg(long)]
         allow_dev: bool,
-        /// Let users other than root use the mount (FUSE `allow_other`). By default only root
-        /// reads a single-layer image's mount; the per-layer mounts of any image are in a
-        /// 0700 directory under --state-dir either way.
+        /// Mount the layers with FUSE `allow_other`, so users other than root can read an
+        /// image of one layer (a bind of its FUSE mount). An image of several layers is
+        /// stacked with overlayfs, which reads its layers with root's credentials: who reads
+        /// it is decided by DIR's permissions either way. The per-layer mounts are in a 0700
+        /// directory under --state-dir.
         #[arg(long)]
         allow_other: bool,
         #[command(flatten)]
