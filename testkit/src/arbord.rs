@@ -146,6 +146,25 @@ impl Arbord {
         &self.socket
     }
 
+    /// True while the arbord process started last is running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The peak resident memory of the running arbord (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> Result<u64> {
+        let pid = self.child.as_ref().context("arbord is not running")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")?;
+        Ok(kb * 1024)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

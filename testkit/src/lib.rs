@@ -24,6 +24,7 @@
 
 mod arbord;
 mod containerd;
+pub mod hostile;
 mod image;
 mod layer;
 pub mod netns;

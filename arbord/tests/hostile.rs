@@ -1,0 +1,326 @@
+//! Hostile images against a node: each test pushes one image crafted to hurt `arbord` (built by
+//! `arbor convert`, then tampered with by `arbor_testkit::hostile`), pulls it the ways a node
+//! does (`arbor pull`, and `ctr image pull` which forwards the image's own annotations), and
+//! then checks what must hold whatever the image does: arbord is still running, an honest image
+//! still pulls and runs with the right bytes, and the reason the hostile layer was refused is
+//! named in arbord's log or the pull's error.
+//!
+//! They need root, a private containerd, runc, docker-registry and skopeo (CI has them); without
+//! them each test says why it skipped (and fails under CI).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arbor_testkit::hostile::{self, Layout};
+use arbor_testkit::{
+    Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, Registry, busybox_image,
+    skip_unless_root, skip_unless_tools, skopeo_push, write_oci_layout,
+};
+use serde_json::{Value, json};
+
+const TOOLS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr", "runc"];
+const HONEST: &str = "honest bytes\n";
+
+fn arbor_bin() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_arbord")).with_file_name("arbor")
+}
+
+fn arbor(args: &[&str]) -> Output {
+    Command::new(arbor_bin())
+        .args(args)
+        .env_remove("CONTAINERD_ADDRESS")
+        .env_remove("CONTAINERD_NAMESPACE")
+        .env_remove("CONTAINERD_SNAPSHOTTER")
+        .output()
+        .expect("running arbor")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A registry, arbord and a containerd using it, plus a scratch directory.
+struct Scene {
+    reg: Registry,
+    arbord: Arbord,
+    ctd: Containerd,
+    tmp: tempfile::TempDir,
+}
+
+impl Scene {
+    fn start() -> Scene {
+        let reg = Registry::start().expect("starting docker-registry");
+        let arbord = Arbord::start(&ArbordOptions {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+            ..Default::default()
+        })
+        .expect("starting arbord");
+        let ctd = Containerd::start_with(&ContainerdOptions {
+            extra_config: arbord.containerd_config(),
+            cri: false,
+        })
+        .expect("starting containerd");
+        Scene {
+            reg,
+            arbord,
+            ctd,
+            tmp: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Builds an image of busybox plus `app` (a file `/app/hello.txt` holding `hello`), pushes
+    /// it as `repo:v1` and converts it with `arbor convert` into an OCI layout; returns the
+    /// layout directory (tag `arbor`).
+    fn converted(&self, repo: &str, hello: &str) -> PathBuf {
+        let src = self.tmp.path().join(format!("{repo}-src"));
+        let spec = busybox_image(
+            vec![Entry::dir("app"), Entry::file("app/hello.txt", hello)],
+            &["cat", "/app/hello.txt"],
+        );
+        write_oci_layout(&src, "v1", &spec).expect("writing layout");
+        let reference = self.reg.reference(&format!("{repo}:v1"));
+        skopeo_push(&src, "v1", &reference, None).expect("pushing");
+        let dst = self.tmp.path().join(format!("{repo}-arbor"));
+        let out = arbor(&[
+            "convert",
+            "--plain-http",
+            &reference,
+            &format!("oci:{}:arbor", dst.display()),
+        ]);
+        assert!(out.status.success(), "arbor convert: {}", text(&out));
+        dst
+    }
+
+    /// Pushes the layout's `tag` to `repo:tag`; returns the reference.
+    fn push(&self, layout: &Path, tag: &str, repo: &str) -> String {
+        let reference = self.reg.reference(&format!("{repo}:{tag}"));
+        skopeo_push(layout, tag, &reference, None).expect("pushing tampered image");
+        reference
+    }
+
+    /// `arbor pull` through this node's containerd.
+    fn arbor_pull(&self, reference: &str) -> Output {
+        let sock = self.ctd.socket().display().to_string();
+        Command::new(arbor_bin())
+            .args(["pull", "--plain-http", "--address", &sock, "--namespace"])
+            .args([self.ctd.namespace(), reference])
+            .env("ARBORD_ROOT", self.arbord.root())
+            .env_remove("CONTAINERD_ADDRESS")
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("CONTAINERD_SNAPSHOTTER")
+            .output()
+            .expect("running arbor pull")
+    }
+
+    fn run(&self, reference: &str, cmd: &[&str]) -> anyhow::Result<String> {
+        self.ctd.run(reference, &["--snapshotter", "arbor"], cmd)
+    }
+
+    /// What must hold after any hostile image: arbord runs, answers containerd, and an honest
+    /// converted image pulls lazily and reads right.
+    fn assert_node_healthy(&mut self) {
+        assert!(
+            self.arbord.is_running(),
+            "arbord died; log:\n{}",
+            self.arbord.log_tail(40)
+        );
+        self.ctd
+            .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+            .expect("containerd lists arbor's snapshots");
+        let honest = self.converted("honest", HONEST);
+        let reference = self.push(&honest, "arbor", "honest");
+        let out = self.arbor_pull(&reference);
+        assert!(out.status.success(), "honest pull: {}", text(&out));
+        assert!(
+            text(&out).contains("mounted lazily"),
+            "the honest image was not mounted lazily: {}",
+            text(&out)
+        );
+        let got = self
+            .run(&reference, &["cat", "/app/hello.txt"])
+            .unwrap_or_else(|e| {
+                panic!(
+                    "honest image: {e:#}\narbord log:\n{}",
+                    self.arbord.log_tail(30)
+                )
+            });
+        assert_eq!(got, HONEST);
+        assert!(
+            self.arbord.is_running(),
+            "arbord died serving the honest image"
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.arbord.log_path()).unwrap_or_default()
+    }
+}
+
+fn skip(test: &str) -> bool {
+    skip_unless_root(test) || skip_unless_tools(test, TOOLS)
+}
+
+/// Builds the attacker's image, tampers with its top layer's TOC, pushes it and pulls it with
+/// `arbor pull`; returns the scene and the pull's output (and the tampered reference).
+fn attack_toc(repo: &str, edit: impl FnOnce(&mut Value)) -> (Scene, Output, String) {
+    let s = Scene::start();
+    let dir = s.converted(repo, "attacker\n");
+    let mut l = Layout::open(&dir, "arbor").expect("opening converted layout");
+    let top = l.layers() - 1;
+    l.edit_toc(top, edit).expect("editing the TOC");
+    l.save("evil").expect("saving");
+    let reference = s.push(&dir, "evil", repo);
+    let out = s.arbor_pull(&reference);
+    (s, out, reference)
+}
+
+#[test]
+fn deep_path_toc_does_not_crash_arbord() {
+    if skip("deep_path_toc_does_not_crash_arbord") {
+        return;
+    }
+    // 20,000 components: recursion over it overflows any thread's stack.
+    let (mut s, out, reference) = attack_toc("deep", |toc| {
+        hostile::toc_entries(toc).push(hostile::toc_dir(&hostile::deep_path(20_000)));
+    });
+    s.assert_node_healthy();
+    // The lazy mount was refused and named why; the layer's tar (which is honest) was
+    // unpacked by containerd instead, so the image still runs.
+    let log = s.log();
+    assert!(
+        log.contains("unsafe entry name") && log.contains("deeper than 512 components"),
+        "arbord's log does not name the deep path; pull: {}\nlog tail:\n{}",
+        text(&out),
+        s.arbord.log_tail(30)
+    );
+    if out.status.success() {
+        assert_eq!(
+            s.run(&reference, &["cat", "/app/hello.txt"]).unwrap(),
+            "attacker\n"
+        );
+    }
+}
+
+#[test]
+fn toc_bomb_is_refused_without_exhausting_memory() {
+    if skip("toc_bomb_is_refused_without_exhausting_memory") {
+        return;
+    }
+    let mut s = Scene::start();
+    let dir = s.converted("bomb", "attacker\n");
+    let mut l = Layout::open(&dir, "arbor").expect("opening converted layout");
+    let top = l.layers() - 1;
+    let blob = l.layer_blob(top).unwrap();
+    let pos = hostile::TocPos::of(l.layer(top)).unwrap();
+    // 512 MiB of JSON (about 14 M entries) in a small frame, claiming to be 64 MiB (the most
+    // a reader accepts by default): the claim is believed only as far as the limits go.
+    let (bomb, expanded) = hostile::toc_bomb(512 << 20).unwrap();
+    assert!(bomb.len() < 4 << 20 && expanded >= 512 << 20);
+    l.replace_toc(top, &blob, pos, &bomb, 64 << 20).unwrap();
+    l.save("evil").unwrap();
+    let reference = s.push(&dir, "evil", "bomb");
+    let out = s.arbor_pull(&reference);
+    let rss = s.arbord.peak_rss().expect("arbord's peak RSS");
+    assert!(
+        rss < 400 << 20,
+        "arbord's peak RSS reached {} MiB decoding a TOC bomb",
+        rss >> 20
+    );
+    s.assert_node_healthy();
+    let log = s.log();
+    assert!(
+        log.contains("TOC")
+            && ["decompresses to", "entries", "limit", "too large"]
+                .iter()
+                .any(|w| log.contains(w)),
+        "arbord's log does not name the TOC limit; pull: {}\nlog tail:\n{}",
+        text(&out),
+        s.arbord.log_tail(30)
+    );
+}
+
+#[test]
+fn hard_link_to_directory_in_toc_is_refused() {
+    if skip("hard_link_to_directory_in_toc_is_refused") {
+        return;
+    }
+    let (mut s, out, reference) = attack_toc("dirlink", |toc| {
+        hostile::toc_entries(toc).push(json!({
+            "type": "hardlink", "name": "app/loop", "linkName": "app", "mode": 0o755,
+        }));
+    });
+    s.assert_node_healthy();
+    assert!(
+        s.log().contains("hard link"),
+        "arbord's log does not name the directory hard link; pull: {}\nlog tail:\n{}",
+        text(&out),
+        s.arbord.log_tail(30)
+    );
+    if out.status.success() {
+        // Unpacked from its (honest) tar instead: no `app/loop` at all.
+        let ls = s.run(&reference, &["ls", "/app"]).unwrap();
+        assert_eq!(ls.split_whitespace().collect::<Vec<_>>(), ["hello.txt"]);
+    }
+}
+
+#[test]
+fn empty_and_dot_whiteouts_in_toc_are_harmless() {
+    if skip("empty_and_dot_whiteouts_in_toc_are_harmless") {
+        return;
+    }
+    let (mut s, out, reference) = attack_toc("whiteout", |toc| {
+        let e = hostile::toc_entries(toc);
+        for name in ["app/.wh.", "app/.wh..", "app/.wh...", ".wh."] {
+            e.push(json!({"type": "reg", "name": name, "mode": 0o644}));
+        }
+    });
+    s.assert_node_healthy();
+    assert!(out.status.success(), "pull: {}", text(&out));
+    // Whatever arbord made of them, the directory still lists and reads.
+    let got = s.run(&reference, &["cat", "/app/hello.txt"]).unwrap();
+    assert_eq!(got, "attacker\n");
+}
+
+#[test]
+fn image_annotations_cannot_choose_the_fetch_source() {
+    if skip("image_annotations_cannot_choose_the_fetch_source") {
+        return;
+    }
+    let mut s = Scene::start();
+    // The victim's private image, which the node can read.
+    let victim = s.converted("private", "victim secret\n");
+    let victim_ref = s.push(&victim, "arbor", "private");
+    let vl = Layout::open(&victim, "arbor").unwrap();
+    let victim_top = vl.layer(vl.layers() - 1).clone();
+    // The attacker's image claims, in its own layer annotations (which containerd forwards to
+    // the snapshotter), that its top layer is the victim's: the victim's TOC annotations, and
+    // Arbor's source labels naming the victim's blob and repository.
+    let dir = s.converted("attacker", "attacker\n");
+    let mut l = Layout::open(&dir, "arbor").unwrap();
+    let top = l.layers() - 1;
+    let ann = l.annotations_mut(top);
+    for (k, v) in victim_top["annotations"].as_object().unwrap() {
+        ann.insert(k.clone(), v.clone());
+    }
+    ann.insert(
+        hostile::SOURCE_LABELS[0].into(),
+        victim_top["digest"].clone(),
+    );
+    ann.insert(hostile::SOURCE_LABELS[1].into(), json!(victim_ref));
+    l.save("evil").unwrap();
+    let reference = s.push(&dir, "evil", "attacker");
+    // `ctr image pull` passes no labels of its own: only the image's annotations reach arbord.
+    s.ctd
+        .pull(&reference, &["--snapshotter", "arbor"])
+        .expect("ctr image pull");
+    let got = s.run(&reference, &["cat", "/app/hello.txt"]).unwrap();
+    assert_eq!(
+        got, "attacker\n",
+        "the attacker's image read another image's layer"
+    );
+    s.assert_node_healthy();
+}

@@ -1,0 +1,290 @@
+//! Hostile images: what a tenant who wants to hurt the node pushes. Each is an ordinary image
+//! converted by `arbor convert` and then tampered with the way an attacker would: a TOC that
+//! lies about the tar it describes, a TOC that expands to gigabytes, paths deeper than any stack,
+//! a config that lies about diff IDs, annotations that point arbord at someone else's blobs.
+//!
+//! The tampering is written here from the bytes up (zstd frames, the zstd:chunked footer, the
+//! OCI layout's JSON), not with Arbor's own format code: an attacker does not use our library,
+//! and a bug in it must not hide a hole from its own tests.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The annotations that locate and authenticate a TOC (containers/storage's and Arbor's).
+const POSITION_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-position",
+    "containerd.io/snapshot/arbor.toc-position",
+];
+const CHECKSUM_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-checksum",
+    "containerd.io/snapshot/arbor.toc-digest",
+];
+const BLOB_SIZE_KEY: &str = "containerd.io/snapshot/arbor.blob-size";
+/// Arbor's labels that name a layer's source (what `arbor pull` sets).
+pub const SOURCE_LABELS: [&str; 2] = [
+    "containerd.io/snapshot/arbor.layer-digest",
+    "containerd.io/snapshot/arbor.image-ref",
+];
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// One image in an OCI layout directory, opened for tampering.
+pub struct Layout {
+    dir: PathBuf,
+    pub manifest: Value,
+    pub config: Value,
+}
+
+impl Layout {
+    /// Opens the image tagged `tag` in the OCI layout at `dir`.
+    pub fn open(dir: &Path, tag: &str) -> Result<Layout> {
+        let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
+        let desc = index["manifests"]
+            .as_array()
+            .and_then(|m| {
+                m.iter().find(|d| {
+                    d.pointer("/annotations").and_then(|a| a.get(REF_NAME)) == Some(&json!(tag))
+                })
+            })
+            .with_context(|| format!("no manifest tagged {tag} in {}", dir.display()))?;
+        let digest = desc["digest"].as_str().context("manifest digest")?;
+        let manifest: Value = serde_json::from_slice(&read_blob(dir, digest)?)?;
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .context("config digest")?;
+        let config: Value = serde_json::from_slice(&read_blob(dir, config_digest)?)?;
+        Ok(Layout {
+            dir: dir.to_path_buf(),
+            manifest,
+            config,
+        })
+    }
+
+    /// Number of layers.
+    pub fn layers(&self) -> usize {
+        self.manifest["layers"].as_array().map_or(0, Vec::len)
+    }
+
+    /// The descriptor of layer `i` (bottom first).
+    pub fn layer(&self, i: usize) -> &Value {
+        &self.manifest["layers"][i]
+    }
+
+    /// The blob of layer `i`.
+    pub fn layer_blob(&self, i: usize) -> Result<Vec<u8>> {
+        let d = self.layer(i)["digest"].as_str().context("layer digest")?;
+        read_blob(&self.dir, d)
+    }
+
+    /// The annotations of layer `i`.
+    pub fn annotations_mut(&mut self, i: usize) -> &mut Map<String, Value> {
+        let l = &mut self.manifest["layers"][i];
+        if !l["annotations"].is_object() {
+            l["annotations"] = json!({});
+        }
+        l["annotations"]
+            .as_object_mut()
+            .expect("made an object above")
+    }
+
+    /// Replaces layer `i`'s blob (digest and size follow it).
+    pub fn set_layer_blob(&mut self, i: usize, blob: &[u8]) -> Result<()> {
+        let digest = write_blob(&self.dir, blob)?;
+        let l = &mut self.manifest["layers"][i];
+        l["digest"] = json!(digest);
+        l["size"] = json!(blob.len());
+        Ok(())
+    }
+
+    /// The config's `rootfs.diff_ids`.
+    pub fn diff_ids_mut(&mut self) -> &mut Vec<Value> {
+        self.config["rootfs"]["diff_ids"]
+            .as_array_mut()
+            .expect("an image config has rootfs.diff_ids")
+    }
+
+    /// Rewrites the TOC of layer `i` with `edit` (which gets the TOC's JSON) and updates the
+    /// layer's annotations to match, as a careful attacker would (so only a reader that checks
+    /// the TOC against the tar notices).
+    pub fn edit_toc(&mut self, i: usize, edit: impl FnOnce(&mut Value)) -> Result<()> {
+        let blob = self.layer_blob(i)?;
+        let pos = TocPos::of(self.layer(i))?;
+        let toc_bytes = &blob[pos.offset as usize..(pos.offset + pos.length) as usize];
+        let mut toc: Value = serde_json::from_slice(&zstd::decode_all(toc_bytes)?)?;
+        edit(&mut toc);
+        let json = serde_json::to_vec(&toc)?;
+        let compressed = zstd::encode_all(&json[..], 3)?;
+        self.replace_toc(i, &blob, pos, &compressed, json.len() as u64)
+    }
+
+    /// Replaces the TOC of layer `i` with `compressed` (zstd bytes), claiming it expands to
+    /// `claimed_len` bytes.
+    pub fn replace_toc(
+        &mut self,
+        i: usize,
+        blob: &[u8],
+        pos: TocPos,
+        compressed: &[u8],
+        claimed_len: u64,
+    ) -> Result<()> {
+        let frame_start = pos.offset.checked_sub(8).context("TOC offset below 8")? as usize;
+        let mut out = blob[..frame_start].to_vec();
+        let offset = out.len() as u64 + 8;
+        out.extend_from_slice(&skippable(compressed));
+        let new = TocPos {
+            offset,
+            length: compressed.len() as u64,
+            uncompressed: claimed_len,
+        };
+        out.extend_from_slice(&skippable(&new.footer()));
+        let checksum = sha256(compressed);
+        self.set_layer_blob(i, &out)?;
+        let ann = self.annotations_mut(i);
+        for k in POSITION_KEYS {
+            ann.insert(k.into(), json!(new.annotation()));
+        }
+        for k in CHECKSUM_KEYS {
+            ann.insert(k.into(), json!(checksum));
+        }
+        ann.insert(BLOB_SIZE_KEY.into(), json!(out.len().to_string()));
+        Ok(())
+    }
+
+    /// Writes the (tampered) config and manifest and tags the manifest `tag`. Returns the
+    /// manifest digest.
+    pub fn save(&mut self, tag: &str) -> Result<String> {
+        let config = serde_json::to_vec(&self.config)?;
+        let config_digest = write_blob(&self.dir, &config)?;
+        self.manifest["config"]["digest"] = json!(config_digest);
+        self.manifest["config"]["size"] = json!(config.len());
+        let manifest = serde_json::to_vec(&self.manifest)?;
+        let digest = write_blob(&self.dir, &manifest)?;
+        let index_path = self.dir.join("index.json");
+        let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+        let list = index["manifests"]
+            .as_array_mut()
+            .context("index manifests")?;
+        list.retain(|m| {
+            m.pointer("/annotations").and_then(|a| a.get(REF_NAME)) != Some(&json!(tag))
+        });
+        list.push(json!({
+            "mediaType": MT_MANIFEST,
+            "digest": digest,
+            "size": manifest.len(),
+            "annotations": {REF_NAME: tag},
+        }));
+        std::fs::write(&index_path, serde_json::to_vec_pretty(&index)?)?;
+        Ok(digest)
+    }
+}
+
+/// Where a TOC lies, as its annotation says.
+#[derive(Clone, Copy, Debug)]
+pub struct TocPos {
+    pub offset: u64,
+    pub length: u64,
+    pub uncompressed: u64,
+}
+
+impl TocPos {
+    /// Reads the position annotation of a layer descriptor.
+    pub fn of(layer: &Value) -> Result<TocPos> {
+        let v = POSITION_KEYS
+            .iter()
+            .find_map(|k| layer["annotations"][*k].as_str())
+            .context("layer has no TOC position annotation (not converted?)")?;
+        let n: Vec<u64> = v.split(':').map(str::parse).collect::<Result<_, _>>()?;
+        if n.len() != 4 {
+            bail!("bad TOC position {v:?}");
+        }
+        Ok(TocPos {
+            offset: n[0],
+            length: n[1],
+            uncompressed: n[2],
+        })
+    }
+
+    fn annotation(&self) -> String {
+        format!("{}:{}:{}:1", self.offset, self.length, self.uncompressed)
+    }
+
+    /// The 64-byte zstd:chunked footer.
+    fn footer(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(64);
+        for v in [self.offset, self.length, self.uncompressed, 1, 0, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(b"GNUlInUx");
+        f
+    }
+}
+
+fn skippable(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    out.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn read_blob(dir: &Path, digest: &str) -> Result<Vec<u8>> {
+    let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
+    let p = dir.join("blobs/sha256").join(hex);
+    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn write_blob(dir: &Path, data: &[u8]) -> Result<String> {
+    let digest = sha256(data);
+    let p = dir.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
+    Ok(digest)
+}
+
+/// A compressed TOC that expands to about `expanded` bytes of valid JSON: `entries` copies of
+/// one small entry. zstd squeezes the repetition more than 1,000-fold, so well under a MB
+/// becomes hundreds of MB (and millions of entries) in a reader that trusts it.
+pub fn toc_bomb(expanded: u64) -> Result<(Vec<u8>, u64)> {
+    let entry = br#"{"type":"dir","name":"d","mode":493},"#;
+    // An ordinary window (level 3: 1 MiB or so), so that a reader's window cap does not
+    // refuse it: what must stop it is counting what it expands to.
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+    enc.write_all(br#"{"version":1,"entries":["#)?;
+    let block: Vec<u8> = entry
+        .iter()
+        .copied()
+        .cycle()
+        .take(entry.len() * 4096)
+        .collect();
+    let mut written = 0u64;
+    while written < expanded {
+        enc.write_all(&block)?;
+        written += block.len() as u64;
+    }
+    enc.write_all(br#"{"type":"dir","name":"e","mode":493}]}"#)?;
+    Ok((enc.finish()?, written))
+}
+
+/// A path `depth` components deep (`a/a/.../a`).
+pub fn deep_path(depth: usize) -> String {
+    vec!["a"; depth].join("/")
+}
+
+/// A TOC entry (zstd:chunked JSON) for a directory named `name`.
+pub fn toc_dir(name: &str) -> Value {
+    json!({"type": "dir", "name": name, "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"})
+}
+
+/// The TOC's entries array.
+pub fn toc_entries(toc: &mut Value) -> &mut Vec<Value> {
+    toc["entries"]
+        .as_array_mut()
+        .expect("a zstd:chunked TOC has an entries array")
+}
