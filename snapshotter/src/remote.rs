@@ -87,6 +87,9 @@ pub struct Remote {
     toc_dir: PathBuf,
     tls: RegistryClient,
     plain: RegistryClient,
+    /// Clients for TOC reads on Prepare: one retry, inside the Prepare's deadline.
+    toc_tls: RegistryClient,
+    toc_plain: RegistryClient,
     limits: Arc<Limits>,
     stores: Mutex<HashMap<String, RepoSource>>,
     mounts: Mutex<HashMap<u64, Active>>,
@@ -111,11 +114,11 @@ impl Remote {
             None => CredentialStore::load_default(),
         }
         .map_err(|e| Error::Internal(format!("reading registry credentials: {e}")))?;
-        let client = |plain_http| {
+        let client = |plain_http, retries| {
             RegistryClient::new(
                 ClientOptions {
                     plain_http,
-                    retries: opts.registry_retries,
+                    retries,
                     ..Default::default()
                 },
                 creds.clone(),
@@ -123,8 +126,10 @@ impl Remote {
             .map_err(|e| Error::Internal(format!("creating the registry client: {e}")))
         };
         Ok(Remote {
-            tls: client(false)?,
-            plain: client(true)?,
+            tls: client(false, opts.registry_retries)?,
+            plain: client(true, opts.registry_retries)?,
+            toc_tls: client(false, opts.registry_retries.min(1))?,
+            toc_plain: client(true, opts.registry_retries.min(1))?,
             limits: Limits::new(opts.registry_concurrency),
             fetcher,
             opts,
@@ -192,6 +197,22 @@ impl Remote {
     /// Reads the layer's TOC from the registry, validates it and keeps a copy on disk.
     pub async fn fetch_index(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
         let (store, _) = self.store(&layer.image_ref)?;
+        // The same repository through the one-retry client: a Prepare waits for this read,
+        // and its deadline (`toc_timeout`) covers the whole of it.
+        let store = match store {
+            Store::Registry { reference, .. } => {
+                let toc_client = if self.plain_http(&reference.registry) {
+                    &self.toc_plain
+                } else {
+                    &self.toc_tls
+                };
+                Store::Registry {
+                    client: toc_client.clone(),
+                    reference,
+                }
+            }
+            other => other,
+        };
         let mut desc = Descriptor {
             media_type: arbor_format::MEDIA_TYPE_LAYER_ZSTD.into(),
             digest: layer.digest.clone(),
