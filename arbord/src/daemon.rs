@@ -69,6 +69,26 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// Opens the chunk cache. The cache repairs what is wrong inside it; if its directory itself
+/// is unusable (e.g. a file in its place), that is moved aside as `cache.broken-<secs>` and a
+/// fresh cache is started: a damaged cache costs refetches, never a node without arbord.
+fn open_cache(dir: &Path, budget: u64) -> Result<ChunkCache> {
+    match ChunkCache::open(dir, budget) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = dir.with_file_name(format!("cache.broken-{secs}"));
+            warn!(dir = %dir.display(), error = %e, aside = %aside.display(), "unusable chunk cache; moving it aside and starting an empty one");
+            std::fs::rename(dir, &aside)
+                .with_context(|| format!("moving {} aside", dir.display()))?;
+            ChunkCache::open(dir, budget)
+                .with_context(|| format!("opening the chunk cache in {}", dir.display()))
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
@@ -79,10 +99,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let cache_dir = cfg.root.join("cache");
-    let cache = Arc::new(
-        ChunkCache::open(&cache_dir, cfg.cache.disk_size.0)
-            .with_context(|| format!("opening the chunk cache in {}", cache_dir.display()))?,
-    );
+    let cache = Arc::new(open_cache(&cache_dir, cfg.cache.disk_size.0)?);
     let fetcher = Fetcher::new(
         cache,
         Arc::clone(&metrics),
@@ -186,4 +203,33 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::task::spawn_blocking(move || r.unmount_all()).await?;
     info!("stopped");
     served.context("serving the snapshots API")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_cache_dir_does_not_stop_start() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join("cache");
+        // Damage inside the cache is repaired by the cache itself.
+        std::fs::create_dir_all(cache.join("chunks")).unwrap();
+        std::fs::write(cache.join("chunks/ab"), b"not a directory").unwrap();
+        std::fs::write(cache.join("tmp"), b"not a directory").unwrap();
+        open_cache(&cache, 1 << 20).expect("a damaged cache must not stop arbord");
+        assert!(cache.join("chunks/ab").is_dir());
+        // The cache directory itself unusable (a file in its place): moved aside.
+        std::fs::remove_dir_all(&cache).unwrap();
+        std::fs::write(&cache, b"not a directory").unwrap();
+        let c = open_cache(&cache, 1 << 20).expect("an unusable cache must not stop arbord");
+        assert_eq!(c.usage(), (0, 0));
+        assert!(cache.is_dir());
+        let aside: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("cache.broken-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+    }
 }
