@@ -60,6 +60,10 @@ fn metrics_endpoint_rejects_other_paths() {
     assert_eq!(code, 200);
     assert!(body.contains("arbor_test_metric 1"), "{body}");
     assert_eq!(get(addr, "/metrics?x=1").0, 200);
+    // HTTP/1.0 clients (the test harness's, curl -0) too.
+    let (code, body) = request(addr, "GET /metrics HTTP/1.0\r\n\r\n");
+    assert_eq!(code, 200);
+    assert!(body.contains("arbor_test_metric 1"), "{body}");
     // Prefix matches used to be served.
     for path in [
         "/metricsfoo",
