@@ -98,8 +98,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _lock = RootLock::take(&cfg.root)?;
 
     let metrics = Arc::new(Metrics::default());
-    let cache_dir = cfg.root.join("cache");
-    let cache = Arc::new(open_cache(&cache_dir, cfg.cache.disk_size.0)?);
+    // Scanning a large cache takes a while: not on a runtime thread.
+    let (dir, budget) = (cfg.root.join("cache"), cfg.cache.disk_size.0);
+    let cache = Arc::new(tokio::task::spawn_blocking(move || open_cache(&dir, budget)).await??);
     let fetcher = Fetcher::new(
         cache,
         Arc::clone(&metrics),

@@ -58,8 +58,10 @@ pub async fn run(
     }
     let img = &resolved.images[0];
     let metrics = Arc::new(Metrics::default());
+    let (cache_dir, cache_size) = (a.cache_dir.clone(), a.cache_size);
     let cache = Arc::new(
-        ChunkCache::open(&a.cache_dir, a.cache_size)
+        tokio::task::spawn_blocking(move || ChunkCache::open(&cache_dir, cache_size))
+            .await?
             .with_context(|| format!("opening the chunk cache in {}", a.cache_dir.display()))?,
     );
     let fetcher = Fetcher::new(

@@ -212,9 +212,11 @@ pub const BACKGROUND_PACE_WHILE_ACTIVE: Duration = Duration::from_millis(25);
 /// workload's next read (after a short burst of CPU work) does not queue behind it.
 pub const QUIET_BEFORE_BACKGROUND: Duration = Duration::from_millis(100);
 
-/// Write-back batches (blocking-pool tasks) in flight at most. On a slow or full disk,
-/// writes would otherwise pile up as blocked threads and queued chunks without bound.
-pub const MAX_WRITEBACK_BATCHES: usize = 8;
+/// Write-back batches (blocking-pool tasks, usually one evicted chunk each) in flight at
+/// most. On a slow or full disk, writes would otherwise pile up as blocked threads and queued
+/// chunks without bound; on a healthy one a write takes about a millisecond, and 32 leaves
+/// room for the low-priority writers to lag behind a cold start without dropping anything.
+pub const MAX_WRITEBACK_BATCHES: usize = 32;
 /// Bytes of chunks waiting to be written to the disk cache at most. Beyond it, chunks evicted
 /// from memory are not written (counted in `arbor_cache_writeback_dropped_total`; they are
 /// refetched if read again) and flushes leave chunks dirty in memory for the next flush.

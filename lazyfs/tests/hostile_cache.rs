@@ -81,7 +81,7 @@ fn write_back_queue_is_bounded() {
     }
     let rt = runtime();
     let reg = Registry::start().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..40u64)
+    let files: Vec<(String, Vec<u8>)> = (0..80u64)
         .map(|i| (format!("f/{i}"), pseudo_random_bytes(100 + i, 600 << 10)))
         .collect();
     let entries = std::iter::once(Entry::dir("f"))
