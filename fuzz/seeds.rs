@@ -1,5 +1,6 @@
 //! Writes seed corpora for the fuzz targets: small tar streams built with the `tar` crate go to
-//! `<out>/tar/`, and the layers `convert_layer` makes of them to `<out>/toc/`.
+//! `<out>/tar/`, the layers `convert_layer` makes of them to `<out>/toc/`, and their TOCs'
+//! JSON (plus hand-written hostile TOCs and raw entry lists) to `<out>/tree/`.
 //!
 //! Usage: `cargo run --manifest-path fuzz/Cargo.toml --bin seeds [-- OUT_DIR]`
 //! (`OUT_DIR` defaults to `fuzz/corpus`). Output names are fixed, so reruns overwrite.
@@ -161,6 +162,10 @@ fn main() {
     ];
     std::fs::create_dir_all(out.join("tar")).unwrap();
     std::fs::create_dir_all(out.join("toc")).unwrap();
+    std::fs::create_dir_all(out.join("tree")).unwrap();
+    for (name, seed) in tree_seeds() {
+        std::fs::write(out.join("tree").join(format!("seed-{name}")), seed).unwrap();
+    }
     for (name, tar_bytes, prefetch) in tars {
         let opts = WriterOptions {
             chunk_size: 4096,
@@ -193,6 +198,10 @@ fn main() {
         }
         std::fs::write(out.join("tar").join(format!("seed-{name}.tar")), &tar_bytes).unwrap();
         std::fs::write(out.join("toc").join(format!("seed-{name}.blob")), &blob).unwrap();
+        let position = summary.toc_position;
+        let toc = &blob[position.offset as usize..(position.offset + position.length) as usize];
+        let json = zstd::stream::decode_all(toc).unwrap();
+        std::fs::write(out.join("tree").join(format!("seed-{name}.json")), &json).unwrap();
         println!(
             "seed {name}: tar {} bytes, layer {} bytes, {} entries, {chunks} chunks",
             tar_bytes.len(),
@@ -200,4 +209,58 @@ fn main() {
             index.entries.len()
         );
     }
+}
+
+/// Hostile TOCs (JSON) and raw entry lists (`KIND NAME [LINK]` lines) for the `tree` target.
+fn tree_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let entry = |kind: &str, name: &str, link: &str| {
+        format!(r#"{{"type":"{kind}","name":"{name}","linkName":"{link}","mode":493}}"#)
+    };
+    let toc = |entries: &[String]| format!(r#"{{"version":1,"entries":[{}]}}"#, entries.join(","));
+    let deep = vec!["a"; 600].join("/");
+    vec![
+        (
+            "hostile-links.json",
+            toc(&[
+                entry("dir", ".", ""),
+                entry("dir", "d", ""),
+                entry("reg", "f", ""),
+                entry("hardlink", "d/loop", "d"),
+                entry("hardlink", "d/f", "f"),
+                entry("hardlink", "up", "."),
+            ])
+            .into_bytes(),
+        ),
+        (
+            "hostile-whiteouts.json",
+            toc(&[
+                entry("reg", ".wh.", ""),
+                entry("reg", "d/.wh..", ""),
+                entry("reg", "d/.wh...", ""),
+                entry("reg", "d/.wh.x", ""),
+                entry("reg", "d/.wh..wh..opq", ""),
+                entry("reg", "x/y", ""),
+            ])
+            .into_bytes(),
+        ),
+        (
+            "hostile-parents.json",
+            toc(&[
+                entry("reg", "a", ""),
+                entry("reg", "a/b", ""),
+                entry("symlink", "s", "/etc"),
+                entry("reg", "s/passwd", ""),
+                entry("dir", "dup", ""),
+                entry("reg", "dup", ""),
+                entry("hardlink", "l", "dup"),
+            ])
+            .into_bytes(),
+        ),
+        ("hostile-deep.json", toc(&[entry("dir", &deep, "")]).into_bytes()),
+        (
+            "raw-entries.txt",
+            b"d d\nh d/loop d\nh up .\nf a\nf a/b\ns s /etc\nf s/x\nf .wh.\nf d/.wh..\nf d/.wh.y\nf d/.wh..wh..opq\nh l a/b\nf a\nd a\n"
+                .to_vec(),
+        ),
+    ]
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes arbor-format with cargo-fuzz (libFuzzer): the `toc` target (whole layer blobs: footer,
-# TOC, chunk decoding) and the `tar` target (tar parsing and conversion).
+# TOC, chunk decoding), the `tar` target (tar parsing and conversion) and the `tree` target
+# (TOC JSON through the validating reader into the tree a lazy mount serves, checked to be a tree).
 # Needs only cargo: cargo-fuzz is installed from crates.io when missing, and the nightly toolchain
 # is used when present (else the default one with RUSTC_BOOTSTRAP=1).
 #
@@ -13,7 +14,7 @@
 # full logs under fuzz/target/fuzz-logs/).
 #
 # Environment:
-#   FUZZ_TARGETS="toc tar"   targets to run
+#   FUZZ_TARGETS="toc tar tree"   targets to run
 #   FUZZ_TIMEOUT=30          libFuzzer -timeout: seconds one input may take before it counts as a hang
 #   FUZZ_ARGS=""             extra libFuzzer flags (e.g. "-jobs=2" or "-dict=...")
 set -uo pipefail
@@ -24,7 +25,7 @@ die() { printf '[fuzz] error: %s\n' "$*" >&2; exit 2; }
 SECONDS_PER_TARGET="${1:-60}"
 [[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ && "$SECONDS_PER_TARGET" -gt 0 ]] \
   || die "SECONDS must be a positive integer, got '$SECONDS_PER_TARGET'"
-read -r -a TARGETS <<<"${FUZZ_TARGETS:-toc tar}"
+read -r -a TARGETS <<<"${FUZZ_TARGETS:-toc tar tree}"
 read -r -a EXTRA <<<"${FUZZ_ARGS:-}"
 TIMEOUT="${FUZZ_TIMEOUT:-30}"
 

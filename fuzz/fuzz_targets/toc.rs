@@ -19,6 +19,7 @@ const LIMITS: Limits = Limits {
     max_toc_compressed: 1 << 20,
     max_toc_uncompressed: 8 << 20,
     max_entries: 100_000,
+    ..Limits::DEFAULT
 };
 const DECODE_BUDGET: u64 = 256 << 20;
 
