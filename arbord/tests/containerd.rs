@@ -915,3 +915,26 @@ fn lying_diff_id_fails_pull_and_cleans_up() {
     assert!(!ls.contains("Active"), "{ls}");
     assert!(ls.lines().count() <= 2, "only the honest base layer: {ls}");
 }
+
+/// `arbor pull` without `ARBORD_ROOT` finds the pull key of the arbord behind the snapshotter
+/// through the `root` its proxy plugin exports (containerd's introspection service), so the
+/// labels it sets are authenticated and layers mount lazily.
+#[test]
+fn arbor_pull_finds_the_pull_key_through_containerd() {
+    let test = "arbor_pull_finds_the_pull_key_through_containerd";
+    if skip(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    let node = Node::start();
+    let mut args = vec!["pull".to_string(), "--plain-http".into(), "--json".into()];
+    args.extend(node.ctd_args());
+    args.push(dst.clone());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = arbor(&a);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Value = serde_json::from_str(&ok(out, "arbor pull")).unwrap();
+    assert_eq!(hows(&report), ["lazy", "lazy", "lazy"], "{report}\n{err}");
+}

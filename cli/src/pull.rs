@@ -14,8 +14,9 @@
 //!
 //! The layer-digest and image-ref labels name what arbord fetches with the node's
 //! credentials, so arbord trusts them only with `containerd.io/snapshot/arbor.pull-mac`, an
-//! HMAC under arbord's key `<root>/pull.key` (root only; `$ARBORD_ROOT`, default
-//! `/var/lib/arbor`). Without the key, layers are unpacked by containerd instead.
+//! HMAC under arbord's key `<root>/pull.key` (root only; the root is `$ARBORD_ROOT`, else
+//! the `root` the snapshotter's proxy plugin exports, else `/var/lib/arbor`). Without the
+//! key, layers are unpacked by containerd instead.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -306,19 +307,45 @@ pub async fn has_image(t: &Target, name: &str) -> Result<bool> {
     }
 }
 
-/// arbord's pull key, from `$ARBORD_ROOT` (default `/var/lib/arbor`); `None` (with a note)
-/// when it cannot be read: arbord then unpacks converted layers instead of mounting them.
-fn pull_key() -> Option<Vec<u8>> {
-    let root = std::env::var_os("ARBORD_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/var/lib/arbor".into());
+/// The pull key of the arbord behind `t.snapshotter`, from its root: `$ARBORD_ROOT`, else
+/// what containerd's introspection service says of the snapshotter's proxy plugin — the
+/// `root` it exports (containerd 1.7+ with Arbor's snippets), or the root of the arbord
+/// listening on the `address` it exports (1.6) — else `/var/lib/arbor`. `None` (with a
+/// note) when the key cannot be read: arbord then unpacks converted layers instead of
+/// mounting them.
+async fn pull_key(ch: &Channel, t: &Target) -> Option<Vec<u8>> {
+    let root = match std::env::var_os("ARBORD_ROOT") {
+        Some(r) => std::path::PathBuf::from(r),
+        None => {
+            let exports = arbor_snapshotter::introspect::snapshotter_exports(
+                ch,
+                &t.namespace,
+                &t.snapshotter,
+            )
+            .await
+            .inspect_err(|e| tracing::debug!(error = %e, "containerd's introspection service"))
+            .unwrap_or_default();
+            let by_root = exports
+                .get("root")
+                .filter(|r| !r.is_empty())
+                .map(std::path::PathBuf::from);
+            let by_socket = || {
+                exports.get("address").and_then(|a| {
+                    arbor_snapshotter::introspect::root_of_socket(std::path::Path::new(a))
+                })
+            };
+            by_root
+                .or_else(by_socket)
+                .unwrap_or_else(|| "/var/lib/arbor".into())
+        }
+    };
     match snaplabels::read_pull_key(&root) {
         Ok(k) => Some(k),
         Err(e) => {
             tracing::warn!(
                 root = %root.display(),
                 error = %e,
-                "cannot read arbord's pull key (run as root; set ARBORD_ROOT to arbord's root): converted layers will be downloaded, not mounted lazily"
+                "cannot read arbord's pull key (run as root on arbord's node, or set ARBORD_ROOT to arbord's root): converted layers will be downloaded, not mounted lazily"
             );
             None
         }
@@ -436,7 +463,7 @@ async fn pull_under_lease(
     lease: &str,
 ) -> Result<Vec<LayerReport>> {
     let m = &img.manifest;
-    let pull_key = pull_key();
+    let pull_key = pull_key(ch, t).await;
     let top = chains.last().cloned().unwrap_or_default();
     // The config keeps the unpacked snapshots alive; the manifest keeps config and layers.
     write_content(

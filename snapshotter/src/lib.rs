@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod filter;
+pub mod introspect;
 pub mod labels;
 pub mod meta;
 pub mod remote;
