@@ -38,9 +38,9 @@ use crate::writer::MAX_CHUNK_SIZE;
 /// - the compressed TOC is fetched whole into memory: 32 MiB is far more than the 64 MiB of
 ///   JSON it may expand to ever compresses to.
 ///
-/// zstd decoders reading untrusted frames are also capped to an 8 MiB window (what any common
-/// encoder uses), or the content size when that is larger, up to 128 MiB (see
-/// [`window_log_max`]).
+/// zstd decoders reading untrusted frames are also capped to a 32 MiB window (the most any
+/// common encoder declares by default), or the content size when that is larger, up to
+/// 128 MiB (see [`window_log_max`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_toc_compressed: u64,
@@ -68,13 +68,15 @@ impl Default for Limits {
 }
 
 /// The largest zstd window (as a power of two) a decoder accepts for a frame whose content
-/// is `content_len` bytes: 8 MiB (zstd's and klauspost/compress's defaults up to level 19),
-/// or the next power of two above the content when that is larger (an encoder never needs a
-/// window larger than its input), never above 128 MiB (zstd's own default cap). A frame
-/// declaring more is refused instead of making the decoder allocate it.
+/// is `content_len` bytes: 32 MiB (the largest window klauspost/compress declares by default,
+/// at its best level, as containers/storage and skopeo write TOCs and chunks; zstd itself
+/// uses 8 MiB up to level 19), or the next power of two above the content when that is
+/// larger (an encoder never needs a window larger than its input), never above 128 MiB
+/// (zstd's own default cap). A frame declaring more is refused instead of making the decoder
+/// allocate it.
 pub fn window_log_max(content_len: u64) -> u32 {
     let need = 64 - content_len.saturating_sub(1).leading_zeros();
-    need.clamp(23, 27)
+    need.clamp(25, 27)
 }
 
 /// Where a layer's TOC is, and the digest it must have, per the descriptor's annotations.

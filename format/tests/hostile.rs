@@ -316,7 +316,7 @@ fn toc_with_a_huge_zstd_window_is_refused() {
     let e = decode_toc(&c, &pos, None, &Limits::default()).unwrap_err();
     assert!(e.to_string().contains("decompress"), "{e}");
 
-    // The same for a chunk frame: a 4 KiB chunk may not ask for more than 8 MiB.
+    // The same for a chunk frame: a 4 KiB chunk may not ask for more than 32 MiB.
     let data = vec![7u8; 4096];
     let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
     enc.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
