@@ -84,6 +84,9 @@ pub struct Fetch {
     pub read_ahead: usize,
     /// Longest a lazy Prepare may spend reading a TOC before it falls back.
     pub toc_timeout_secs: u64,
+    /// Read every lazily mounted layer through in the background to prove its digest, diff ID
+    /// and TOC; a layer that lies is taken out of service.
+    pub verify_layers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -169,6 +172,7 @@ impl Default for Fetch {
             retries: 4,
             read_ahead: 0,
             toc_timeout_secs: 30,
+            verify_layers: true,
         }
     }
 }

@@ -131,6 +131,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             allow_registries: cfg.registry.allow.clone(),
             trust_cri_labels: cfg.registry.trust_cri_labels,
             toc_timeout: Duration::from_secs(cfg.fetch.toc_timeout_secs),
+            verify_layers: cfg.fetch.verify_layers,
         },
         &cfg.root.join("tocs"),
         tokio::runtime::Handle::current(),

@@ -278,11 +278,15 @@ fn empty_and_dot_whiteouts_in_toc_are_harmless() {
             e.push(json!({"type": "reg", "name": name, "mode": 0o644}));
         }
     });
-    s.assert_node_healthy();
     assert!(out.status.success(), "pull: {}", text(&out));
-    // Whatever arbord made of them, the directory still lists and reads.
-    let got = s.run(&reference, &["cat", "/app/hello.txt"]).unwrap();
-    assert_eq!(got, "attacker\n");
+    // Whatever the tree made of them, the directory lists and reads right while mounted...
+    match s.run(&reference, &["cat", "/app/hello.txt"]) {
+        Ok(got) => assert_eq!(got, "attacker\n"),
+        Err(e) => panic!("{e:#}\nlog:\n{}", s.arbord.log_tail(20)),
+    }
+    // ...and as the entries are not in the tar, the background proof takes the layer out.
+    assert!(s.wait_metric(LIED, 1.0) >= 1.0, "{}", s.arbord.log_tail(20));
+    s.assert_node_healthy();
 }
 
 #[test]
@@ -323,4 +327,95 @@ fn image_annotations_cannot_choose_the_fetch_source() {
         "the attacker's image read another image's layer"
     );
     s.assert_node_healthy();
+}
+
+impl Scene {
+    /// Waits (60 s) until the metric `sample` reaches `min`.
+    fn wait_metric(&self, sample: &str, min: f64) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let v = self.arbord.metric(sample).unwrap_or(0.0);
+            if v >= min || std::time::Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+const LIED: &str = r#"arbor_snapshotter_layer_verifications_total{result="lied"}"#;
+const PROVED: &str = r#"arbor_snapshotter_layer_verifications_total{result="proved"}"#;
+
+#[test]
+fn lying_diff_id_cannot_poison_another_images_layer() {
+    if skip("lying_diff_id_cannot_poison_another_images_layer") {
+        return;
+    }
+    let mut s = Scene::start();
+    // The victim: the same base, its own top layer. Pushed, not pulled yet.
+    let victim = s.converted("victim", "victim bytes\n");
+    let victim_ref = s.push(&victim, "arbor", "victim");
+    let victim_diff_ids = Layout::open(&victim, "arbor")
+        .unwrap()
+        .diff_ids_mut()
+        .clone();
+    // The attacker's top layer claims the victim's diff ID, so its chain ID is the victim's:
+    // containerd reuses a committed chain ID for every later image.
+    let dir = s.converted("liar", "EVIL\n");
+    let mut l = Layout::open(&dir, "arbor").unwrap();
+    *l.diff_ids_mut() = victim_diff_ids;
+    l.save("evil").unwrap();
+    let reference = s.push(&dir, "evil", "liar");
+    let out = s.arbor_pull(&reference);
+    assert!(out.status.success(), "pull: {}", text(&out));
+    assert!(text(&out).contains("mounted lazily"), "{}", text(&out));
+    // Proved a liar in the background and taken out of service.
+    let lied = s.wait_metric(LIED, 1.0);
+    assert!(
+        lied >= 1.0,
+        "the lying layer was not caught; log:\n{}",
+        s.arbord.log_tail(30)
+    );
+    assert!(s.log().contains("lies about the layer's diff ID"));
+    // The victim, pulled now, reuses the chain ID: it must not read the attacker's bytes.
+    let out = s.arbor_pull(&victim_ref);
+    assert!(out.status.success(), "victim pull: {}", text(&out));
+    match s.run(&victim_ref, &["cat", "/app/hello.txt"]) {
+        Ok(got) => assert_eq!(
+            got, "victim bytes\n",
+            "the victim read the attacker's layer"
+        ),
+        Err(e) => eprintln!("victim refused to start on the poisoned chain (expected): {e:#}"),
+    }
+    // Neither does the attacker's own image start on it any more.
+    assert!(s.run(&reference, &["cat", "/app/hello.txt"]).is_err());
+    s.assert_node_healthy();
+}
+
+#[test]
+fn toc_that_disagrees_with_its_tar_is_taken_out_of_service() {
+    if skip("toc_that_disagrees_with_its_tar_is_taken_out_of_service") {
+        return;
+    }
+    // The TOC (what a lazy mount serves) makes a plain file setuid root; the tar (what a stock
+    // runtime unpacks, and what the diff ID covers) does not.
+    let (mut s, out, reference) = attack_toc("setuid", |toc| {
+        for e in hostile::toc_entries(toc) {
+            if e["name"] == "app/hello.txt" {
+                e["mode"] = json!(0o4755);
+            }
+        }
+    });
+    assert!(out.status.success(), "pull: {}", text(&out));
+    let lied = s.wait_metric(LIED, 1.0);
+    assert!(
+        lied >= 1.0,
+        "the lying TOC was not caught; log:\n{}",
+        s.arbord.log_tail(30)
+    );
+    assert!(s.log().contains("TOC disagrees with its tar"));
+    assert!(s.run(&reference, &["cat", "/app/hello.txt"]).is_err());
+    s.assert_node_healthy();
+    // The honest image's layers were proved.
+    assert!(s.wait_metric(PROVED, 1.0) >= 1.0);
 }

@@ -53,6 +53,9 @@ pub struct RemoteOptions {
     /// Longest a lazy Prepare may spend reading the TOC (and waiting for another Prepare of
     /// the same layer) before it falls back to an ordinary snapshot.
     pub toc_timeout: std::time::Duration,
+    /// Read every lazily mounted layer through in the background and take it out of service
+    /// if its blob, diff ID (chain ID) or TOC lies (see `snapshotter::verify`).
+    pub verify_layers: bool,
 }
 
 impl Default for RemoteOptions {
@@ -68,6 +71,7 @@ impl Default for RemoteOptions {
             allow_registries: Vec::new(),
             trust_cri_labels: true,
             toc_timeout: std::time::Duration::from_secs(30),
+            verify_layers: true,
         }
     }
 }
@@ -160,7 +164,7 @@ impl Remote {
     }
 
     /// The store and fetch source for the repository of `image_ref` (no network traffic).
-    fn store(&self, image_ref: &str) -> Result<RepoSource> {
+    pub(crate) fn store(&self, image_ref: &str) -> Result<RepoSource> {
         let r = Reference::parse(image_ref)
             .map_err(|e| Error::InvalidArgument(format!("image reference: {e}")))?;
         // Checked here too, for every source (restored mounts included), not only on Prepare.

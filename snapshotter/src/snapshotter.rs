@@ -27,6 +27,9 @@ use crate::meta::{Kind, Meta, Record, RemoteLayer, Usage, now_nanos};
 use crate::remote::{Remote, detach, index_usage};
 use tracing::Instrument;
 
+mod verify;
+pub use verify::VERIFIED;
+
 /// Counters of what the snapshotter did (rendered as Prometheus text by [`Snapshotter::render_metrics`]).
 #[derive(Default)]
 pub struct Counters {
@@ -35,9 +38,19 @@ pub struct Counters {
     pub restore_failures: AtomicU64,
     fallbacks: Mutex<BTreeMap<&'static str, u64>>,
     ops: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    verifications: Mutex<BTreeMap<verify::Outcome, u64>>,
 }
 
 impl Counters {
+    fn verification(&self, outcome: verify::Outcome) {
+        *self
+            .verifications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
     fn fallback(&self, reason: &'static str) {
         *self
             .fallbacks
@@ -176,12 +189,24 @@ impl Snapshotter {
             let Some(layer) = rec.remote.clone() else {
                 continue;
             };
+            if rec.labels.get(VERIFIED).map(String::as_str) == Some("false") {
+                warn!(snapshot = %name, "not mounting a lazy layer that lied (remove its image)");
+                continue;
+            }
             let dir = Self::dir(&self.root, rec.id).join("fs");
             match self.remote.stored_index(&layer).await {
-                Ok(index) => match self.mount_blocking(rec.id, layer, index, dir).await {
+                Ok(index) => match self.mount_blocking(rec.id, layer.clone(), index, dir).await {
                     Ok(()) => {
                         n += 1;
                         self.counters.restored.fetch_add(1, Ordering::Relaxed);
+                        if rec.labels.get(VERIFIED).map(String::as_str) != Some("true") {
+                            self.spawn_verification(
+                                name.clone(),
+                                rec.id,
+                                rec.parent.clone(),
+                                layer,
+                            );
+                        }
                     }
                     Err(e) => {
                         self.counters
@@ -238,7 +263,10 @@ impl Snapshotter {
                     .prepare_remote_detached(&target, parent, &labels, layer)
                     .await
                 {
-                    Ok(()) => return Err(Error::AlreadyExists(target)),
+                    Ok(()) => {
+                        self.verify_committed(&target).await;
+                        return Err(Error::AlreadyExists(target));
+                    }
                     Err(Error::AlreadyExists(t)) => return Err(Error::AlreadyExists(t)),
                     Err(e @ Error::Timeout(_)) => {
                         self.counters.fallback("toc_timeout");
@@ -690,6 +718,21 @@ impl Snapshotter {
                 "arbor_snapshotter_fallbacks_total{{reason=\"{reason}\"}} {}\n",
                 c.fallbacks(reason)
             ));
+        }
+        s.push_str("# HELP arbor_snapshotter_layer_verifications_total Lazily mounted layers read through in the background and compared with their digest, diff ID and TOC, by result (lied: taken out of service).\n# TYPE arbor_snapshotter_layer_verifications_total counter\n");
+        {
+            let v = c.verifications.lock().unwrap_or_else(|p| p.into_inner());
+            for o in [
+                verify::Outcome::Proved,
+                verify::Outcome::Lied,
+                verify::Outcome::Failed,
+            ] {
+                s.push_str(&format!(
+                    "arbor_snapshotter_layer_verifications_total{{result=\"{}\"}} {}\n",
+                    o.label(),
+                    v.get(&o).copied().unwrap_or(0)
+                ));
+            }
         }
         s.push_str("# HELP arbor_snapshotter_requests_total Snapshots API requests by method and outcome.\n# TYPE arbor_snapshotter_requests_total counter\n");
         for ((op, outcome), n) in c.ops.lock().unwrap_or_else(|p| p.into_inner()).iter() {

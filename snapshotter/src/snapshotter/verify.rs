@@ -1,0 +1,323 @@
+//! Proving lazily mounted layers in the background.
+//!
+//! A lazy layer is committed under the chain ID containerd computed from the image config's
+//! diff IDs, and it is served from its TOC. Neither is proved by the Prepare: a config can lie
+//! about a diff ID (and so claim another image's chain ID, which containerd then reuses for
+//! that image), and a TOC can lie about the tar it describes (modes, owners, xattrs, devices,
+//! link targets reach containers from the TOC alone). So once a layer is mounted, arbord reads
+//! the whole blob once, at the lowest CPU priority and after the start-up delay of the
+//! background prefetch, and proves it with [`arbor_convert::verify::verify_layer`]:
+//!
+//! - the blob hashes to the layer digest it was fetched as;
+//! - its tar stream hashes to a diff ID that, over the parent's chain ID, gives the chain ID
+//!   the snapshot is committed under;
+//! - every tar header and every chunk of content agrees with the TOC.
+//!
+//! A proved layer gets the label [`VERIFIED`]` = true` (kept across restarts, so it is proved
+//! once). A layer that lies is taken out of service at once: unmounted, its `fs` directory
+//! replaced by an empty file so that no overlay can stack it again (a container that was
+//! already running on it keeps its view until it exits), labelled `false` so a restart does not
+//! mount it again, logged as an error and counted. Transient failures (registry gone) are
+//! retried a few times, then counted and left unproved.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbor_convert::verify::{LayerProof, chain_id, verify_layer};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{Snapshotter, blocking};
+use crate::error::{Error, Result};
+use crate::meta::RemoteLayer;
+
+/// Label on a lazily mounted snapshot: `true` once its blob is proved, `false` once it lied.
+pub const VERIFIED: &str = "containerd.io/snapshot/arbor.verified";
+
+/// Attempts at reading a layer through before giving up on proving it.
+const ATTEMPTS: u32 = 3;
+
+/// What a verification ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Outcome {
+    Proved,
+    Lied,
+    Failed,
+}
+
+impl Outcome {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Outcome::Proved => "proved",
+            Outcome::Lied => "lied",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The chain ID of the layers below a snapshot whose parent is named `parent`: committed
+/// names are the chain ID itself (lazy layers, committed by arbord under containerd's target)
+/// or containerd's backend key `<namespace>/<n>/<chain ID>`.
+fn parent_chain(parent: &str) -> Option<&str> {
+    if parent.is_empty() {
+        return None;
+    }
+    Some(parent.rsplit('/').next().unwrap_or(parent))
+}
+
+/// Why `proof` does not prove a layer fetched as `digest` and committed as `chain` over
+/// `parent`; `None` when it does.
+fn lie(proof: &LayerProof, digest: &str, chain: &str, parent: &str) -> Option<String> {
+    if proof.compressed_digest != digest {
+        return Some(format!(
+            "the blob hashes to {}, not to the layer digest {digest}",
+            proof.compressed_digest
+        ));
+    }
+    let computed = chain_id(parent_chain(parent), &proof.diff_id);
+    if computed != chain {
+        return Some(format!(
+            "its tar has diff ID {}, so chain ID {computed}, but it was committed as {chain} \
+             (the image config lies about the layer's diff ID)",
+            proof.diff_id
+        ));
+    }
+    if !proof.differences.is_empty() {
+        return Some(format!(
+            "its TOC disagrees with its tar: {}",
+            proof.differences.join("; ")
+        ));
+    }
+    None
+}
+
+/// Lowers the calling thread's CPU priority to the least (nice 19) until dropped.
+struct Niced(Option<i32>);
+
+impl Niced {
+    fn new() -> Niced {
+        // SAFETY: gettid has no preconditions; getpriority/setpriority on this thread's id
+        // only change this thread's scheduling priority.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if *libc::__errno_location() != 0 {
+                return Niced(None);
+            }
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+            Niced(Some(old))
+        }
+    }
+}
+
+impl Drop for Niced {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // SAFETY: as in `new`; restores this (pooled) thread's priority.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, old);
+            }
+        }
+    }
+}
+
+/// Takes a lying layer's directory out of service: whatever is mounted there is detached and
+/// the directory becomes an empty file, which overlayfs refuses as a lower directory.
+fn poison(fs: &Path) -> std::io::Result<()> {
+    if fs.is_dir() {
+        std::fs::remove_dir(fs)?;
+    }
+    let f = std::fs::File::create(fs)?;
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o000))
+}
+
+impl Snapshotter {
+    /// Starts proving the lazy snapshot committed as `name`, unless it is proved already.
+    pub(crate) async fn verify_committed(self: &Arc<Self>, name: &str) {
+        let meta = Arc::clone(&self.meta);
+        let n = name.to_string();
+        match blocking(move || meta.get(&n)).await {
+            Ok(Some(rec)) if !rec.labels.contains_key(VERIFIED) => {
+                if let Some(layer) = rec.remote.clone() {
+                    self.spawn_verification(name.to_string(), rec.id, rec.parent, layer);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(snapshot = name, error = %e, "cannot read the record to prove"),
+        }
+    }
+
+    /// Proves the lazily mounted snapshot `name` (id `id`, over `parent`) in the background.
+    pub(crate) fn spawn_verification(
+        self: &Arc<Self>,
+        name: String,
+        id: u64,
+        parent: String,
+        layer: RemoteLayer,
+    ) {
+        if !self.remote.options().verify_layers {
+            return;
+        }
+        let me = Arc::clone(self);
+        let span = info_span!("verify", snapshot = %name, layer = %layer.digest);
+        tokio::spawn(
+            async move {
+                tokio::time::sleep(me.remote.options().prefetch_opts.rest_delay).await;
+                let outcome = me.verify(&name, id, &parent, &layer).await;
+                me.counters.verification(outcome);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn verify(&self, name: &str, id: u64, parent: &str, layer: &RemoteLayer) -> Outcome {
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match self.prove(layer).await {
+                Ok(proof) => match lie(&proof, &layer.digest, name, parent) {
+                    None => {
+                        let meta = Arc::clone(&self.meta);
+                        let n = name.to_string();
+                        let r = blocking(move || {
+                            meta.update_labels(&n, |l| {
+                                l.insert(VERIFIED.into(), "true".into());
+                            })
+                        })
+                        .await;
+                        if let Err(e) = r {
+                            warn!(error = %e, "recording the proof failed (the snapshot is gone?)");
+                        }
+                        info!(
+                            diff_id = %proof.diff_id,
+                            entries = proof.entries,
+                            bytes = proof.compressed_size,
+                            "lazy layer proved: blob digest, diff ID (chain ID) and TOC agree"
+                        );
+                        return Outcome::Proved;
+                    }
+                    Some(why) => {
+                        error!(
+                            image = %layer.image_ref,
+                            reason = %why,
+                            "LAZY LAYER LIED: taking it out of service (unmounted; containers \
+                             cannot start on it; remove the image)"
+                        );
+                        self.take_out_of_service(name, id).await;
+                        return Outcome::Lied;
+                    }
+                },
+                Err(e) => {
+                    last = e.to_string();
+                    warn!(attempt, error = %e, "reading the layer to prove it failed");
+                    tokio::time::sleep(Duration::from_secs(5 * u64::from(attempt))).await;
+                }
+            }
+        }
+        warn!(error = %last, "the layer stays unproved: it could not be read through");
+        Outcome::Failed
+    }
+
+    /// Streams the layer's blob and compares it with its TOC (on a low-priority blocking
+    /// thread).
+    async fn prove(&self, layer: &RemoteLayer) -> Result<LayerProof> {
+        let index = self.remote.stored_index(layer).await?;
+        let (store, _) = self.remote.store(&layer.image_ref)?;
+        let reader = store
+            .blob_reader(&layer.digest, Some(layer.blob_size))
+            .await
+            .map_err(|e| Error::Internal(format!("reading {}: {e}", layer.digest)))?;
+        tokio::task::spawn_blocking(move || {
+            let _niced = Niced::new();
+            verify_layer(reader, &index)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("verification thread: {e}")))?
+        .map_err(|e| Error::Internal(format!("reading {} through: {e}", layer.digest)))
+    }
+
+    async fn take_out_of_service(&self, name: &str, id: u64) {
+        let (remote, meta, fs, n) = (
+            Arc::clone(&self.remote),
+            Arc::clone(&self.meta),
+            Self::dir(&self.root, id).join("fs"),
+            name.to_string(),
+        );
+        let r = blocking(move || {
+            remote.unmount(id);
+            poison(&fs).map_err(Error::io(format!("replacing {}", fs.display())))?;
+            meta.update_labels(&n, |l| {
+                l.insert(VERIFIED.into(), "false".into());
+            })?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            error!(error = %e, "taking the lying layer out of service failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    const B: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+
+    fn proof() -> LayerProof {
+        LayerProof {
+            compressed_digest: B.into(),
+            diff_id: D.into(),
+            compressed_size: 1,
+            entries: 1,
+            differences: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parent_chain_from_either_kind_of_name() {
+        assert_eq!(parent_chain(""), None);
+        assert_eq!(parent_chain(P), Some(P));
+        assert_eq!(parent_chain(&format!("default/7/{P}")), Some(P));
+    }
+
+    #[test]
+    fn an_honest_layer_over_either_kind_of_parent_is_proved() {
+        let chain = chain_id(Some(P), D);
+        assert_eq!(lie(&proof(), B, &chain, P), None);
+        assert_eq!(lie(&proof(), B, &chain, &format!("ns/3/{P}")), None);
+        assert_eq!(lie(&proof(), B, D, ""), None);
+    }
+
+    #[test]
+    fn lying_diff_id_blob_or_toc_is_named() {
+        let chain = chain_id(Some(P), D);
+        // Committed under a chain ID its tar does not give (the config lied).
+        let why = lie(&proof(), B, &chain_id(Some(P), B), P).unwrap();
+        assert!(why.contains("lies about the layer's diff ID"), "{why}");
+        // Bottom layer claiming another diff ID.
+        assert!(lie(&proof(), B, P, "").is_some());
+        // Another blob than the one named.
+        let why = lie(&proof(), D, &chain, P).unwrap();
+        assert!(why.contains("not to the layer digest"), "{why}");
+        // A TOC that disagrees with its tar.
+        let mut p = proof();
+        p.differences.push("etc/conf: mode".into());
+        let why = lie(&p, B, &chain, P).unwrap();
+        assert!(why.contains("TOC disagrees"), "{why}");
+    }
+
+    #[test]
+    fn poisoned_directory_cannot_be_a_lower_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let fs = t.path().join("fs");
+        std::fs::create_dir(&fs).unwrap();
+        poison(&fs).unwrap();
+        assert!(fs.is_file() && !fs.is_dir());
+        poison(&fs).unwrap(); // idempotent
+    }
+}
