@@ -460,6 +460,19 @@ impl Fetcher {
         }
     }
 
+    /// True when background work may use the link now: no urgent fetch in flight or within
+    /// [`QUIET_BEFORE_BACKGROUND`], and no workload read within [`ACTIVE_WITHIN`]. Other
+    /// background readers of whole layers (the snapshotter's read-through proof) pace
+    /// themselves on it, as [`Fetcher::background_window`] does.
+    pub fn is_quiet(&self) -> bool {
+        let now = self.now_ms();
+        self.urgent.load(Ordering::Acquire) == 0
+            && now.saturating_sub(self.last_urgent_ms.load(Ordering::Relaxed))
+                >= QUIET_BEFORE_BACKGROUND.as_millis() as u64
+            && now.saturating_sub(self.last_read_ms.load(Ordering::Relaxed))
+                >= ACTIVE_WITHIN.as_millis() as u64
+    }
+
     /// [`Fetcher::window`] for background work (prefetching the rest of a layer): starts only
     /// when no urgent fetch has been in flight for [`QUIET_BEFORE_BACKGROUND`], so reads a
     /// workload is waiting for never queue behind it for the link or the registry; and not

@@ -5,8 +5,8 @@
 //! about a diff ID (and so claim another image's chain ID, which containerd then reuses for
 //! that image), and a TOC can lie about the tar it describes (modes, owners, xattrs, devices,
 //! link targets reach containers from the TOC alone). So once a layer is mounted, arbord reads
-//! the whole blob once, at the lowest CPU priority and after the start-up delay of the
-//! background prefetch, and proves it with [`arbor_convert::verify::verify_layer`]:
+//! the whole blob once, at the lowest CPU priority, after the start-up delay of the background
+//! prefetch and only while no workload reads (paced like the background prefetch), and proves it with [`arbor_convert::verify::verify_layer`]:
 //!
 //! - the blob hashes to the layer digest it was fetched as;
 //! - its tar stream hashes to a diff ID that, over the parent's chain ID, gives the chain ID
@@ -123,6 +123,24 @@ impl Drop for Niced {
     }
 }
 
+/// A blob reader that waits, before each read, until the node's fetcher is quiet (no reads a
+/// workload waits for, see [`arbor_fetch::Fetcher::is_quiet`]): the proof reads whole layers
+/// and must never compete with a cold start for the link or the CPU. The registry's stream is
+/// held back by TCP flow control meanwhile.
+struct Paced<R> {
+    inner: R,
+    fetcher: Arc<arbor_fetch::Fetcher>,
+}
+
+impl<R: std::io::Read> std::io::Read for Paced<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while !self.fetcher.is_quiet() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// Takes a lying layer's directory out of service: whatever is mounted there is detached and
 /// the directory becomes an empty file, which overlayfs refuses as a lower directory.
 fn poison(fs: &Path) -> std::io::Result<()> {
@@ -229,9 +247,13 @@ impl Snapshotter {
             .blob_reader(&layer.digest, Some(layer.blob_size))
             .await
             .map_err(|e| Error::Internal(format!("reading {}: {e}", layer.digest)))?;
+        let paced = Paced {
+            inner: reader,
+            fetcher: Arc::clone(self.remote.fetcher()),
+        };
         tokio::task::spawn_blocking(move || {
             let _niced = Niced::new();
-            verify_layer(reader, &index)
+            verify_layer(paced, &index)
         })
         .await
         .map_err(|e| Error::Internal(format!("verification thread: {e}")))?
