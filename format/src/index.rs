@@ -236,6 +236,29 @@ pub struct IndexEntry {
     pub chunks: Vec<Chunk>,
 }
 
+impl IndexEntry {
+    /// An entry of `kind` named `name` (pointing at `link` for links), mode 0644, owned by
+    /// root, empty and undated: for tools, tests and fuzzers that build indexes by hand
+    /// (bypassing the TOC reader's validation).
+    pub fn bare(kind: EntryKind, name: &str, link: &str) -> IndexEntry {
+        IndexEntry {
+            name: name.to_string(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            size: 0,
+            link_name: link.to_string(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+            digest: None,
+            chunks: Vec::new(),
+        }
+    }
+}
+
 /// A validated table of contents of one layer.
 #[derive(Debug, Clone)]
 pub struct LayerIndex {

@@ -2,14 +2,13 @@
 //! checks that the reader (or the converter) refuses it with a clear error, or that the tree a
 //! reader builds stays a tree, without crashing or allocating without bound.
 
-use std::collections::BTreeMap;
 use std::io::Cursor;
 
 use arbor_format::footer::{SKIPPABLE_HEADER_LEN, TocPosition, skippable_frame};
 use arbor_format::index::{
     Chunk, IndexEntry, LayerIndex, Limits, data_end_of, decode_chunk, decode_toc,
 };
-use arbor_format::tarstream::{EntryKind, Timestamp};
+use arbor_format::tarstream::EntryKind;
 use arbor_format::toc::{Toc, TocEntry, types};
 use arbor_format::tree::{LayerTree, NodeKind, OPAQUE_XATTR, ROOT};
 use arbor_format::writer::{WriterOptions, convert_layer};
@@ -35,21 +34,7 @@ fn toc(entries: Vec<TocEntry>) -> Toc {
 
 /// An index entry built by hand, bypassing validation (the tree must cope with anything).
 fn raw(kind: EntryKind, name: &str, link: &str) -> IndexEntry {
-    IndexEntry {
-        name: name.to_string(),
-        kind,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        size: 0,
-        link_name: link.to_string(),
-        dev_major: 0,
-        dev_minor: 0,
-        xattrs: BTreeMap::new(),
-        digest: None,
-        chunks: Vec::new(),
-    }
+    IndexEntry::bare(kind, name, link)
 }
 
 fn index(entries: Vec<IndexEntry>) -> LayerIndex {

@@ -10,11 +10,10 @@
 
 #![no_main]
 
-use std::collections::BTreeMap;
 
 use arbor_format::footer::TocPosition;
 use arbor_format::index::{IndexEntry, LayerIndex, Limits, decode_toc};
-use arbor_format::tarstream::{EntryKind, Timestamp};
+use arbor_format::tarstream::EntryKind;
 use arbor_format::tree::LayerTree;
 use libfuzzer_sys::fuzz_target;
 
@@ -67,19 +66,8 @@ fn raw_entries(data: &[u8]) -> Vec<IndexEntry> {
             let name = it.next()?.to_string();
             let link_name = it.next().unwrap_or("").to_string();
             Some(IndexEntry {
-                name,
-                kind,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: Timestamp::default(),
                 size: (line.len() % 7) as u64,
-                link_name,
-                dev_major: 0,
-                dev_minor: 0,
-                xattrs: BTreeMap::new(),
-                digest: None,
-                chunks: Vec::new(),
+                ..IndexEntry::bare(kind, &name, &link_name)
             })
         })
         .collect()

@@ -136,29 +136,13 @@ impl Tree {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use arbor_format::index::IndexEntry;
     use arbor_format::tarstream::EntryKind;
 
     use super::*;
 
     fn raw(kind: EntryKind, name: &str, link: &str) -> IndexEntry {
-        IndexEntry {
-            name: name.to_string(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
-            size: 0,
-            link_name: link.to_string(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: BTreeMap::new(),
-            digest: None,
-            chunks: Vec::new(),
-        }
+        IndexEntry::bare(kind, name, link)
     }
 
     fn build(entries: Vec<IndexEntry>) -> Tree {
