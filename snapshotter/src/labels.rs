@@ -202,6 +202,13 @@ pub fn remote_layer(
         Ok(None) => return Err(NotRemote::Plain),
         Err(e) => return Err(NotRemote::Bad(e.to_string())),
     };
+    // The TOC decides what a lazy mount shows; it is trusted only through a digest that the
+    // manifest (which the image reference pins) binds it to.
+    let Some(toc_digest) = locator.digest.as_ref().map(|d| d.to_string()) else {
+        return Err(NotRemote::Bad(
+            "no TOC digest annotation: the TOC would not be bound to the manifest".into(),
+        ));
+    };
     let blob_size: u64 = size
         .parse()
         .map_err(|_| NotRemote::Bad(format!("blob size {size:?} is not a number")))?;
@@ -220,7 +227,7 @@ pub fn remote_layer(
         digest,
         blob_size,
         toc_position: locator.position.annotation(),
-        toc_digest: locator.digest.map(|d| d.to_string()),
+        toc_digest: Some(toc_digest),
     })
 }
 
@@ -278,9 +285,21 @@ mod tests {
     fn toc() -> BTreeMap<String, String> {
         labels(&[
             (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
+            (arbor_format::ANN_ARBOR_TOC_DIGEST, D2),
             (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
             (TARGET, D1),
         ])
+    }
+
+    #[test]
+    fn toc_without_a_digest_bound_to_the_manifest_is_not_mounted() {
+        let mut l = pulled(D1, "r.example/a:1");
+        assert!(remote_layer(&l, &trust()).is_ok());
+        l.remove(arbor_format::ANN_ARBOR_TOC_DIGEST);
+        match remote_layer(&l, &trust()) {
+            Err(NotRemote::Bad(why)) => assert!(why.contains("no TOC digest"), "{why}"),
+            other => panic!("mounted a TOC bound to nothing: {other:?}"),
+        }
     }
 
     /// The labels `arbor pull` sets (with its MAC).
