@@ -31,8 +31,9 @@ use crate::writer::MAX_CHUNK_SIZE;
 ///   JSON holds ~200 000 real entries;
 /// - a deserialized entry costs ~350 bytes (`TocEntry`) and then ~200 (`IndexEntry`) on top
 ///   of its strings, whatever its JSON size: `{"type":"dir","name":"a"}` is 26 bytes. Entries
-///   are therefore counted while deserializing and refused past `max_entries` (1 000 000, so a
-///   decode peaks under ~1 GiB: 64 MiB of JSON, 1 M entries, their index), and so are
+///   are therefore counted while deserializing and refused past `max_entries` (500 000, so a
+///   decode peaks near ~0.5 GiB: 64 MiB of JSON, 500 k entries, their index; two decodes at
+///   once stay well inside the 2 GiB `MemoryMax` of arbord's unit), and so are
 ///   xattrs (`max_xattrs`, every entry may carry a SELinux label and a capability) and
 ///   prefetch names (at most `max_entries`);
 /// - the compressed TOC is fetched whole into memory: 32 MiB is far more than the 64 MiB of
@@ -56,7 +57,7 @@ impl Limits {
     pub const DEFAULT: Limits = Limits {
         max_toc_compressed: 32 << 20,
         max_toc_uncompressed: 64 << 20,
-        max_entries: 1_000_000,
+        max_entries: 500_000,
         max_xattrs: 2_000_000,
     };
 }
