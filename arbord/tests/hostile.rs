@@ -11,10 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use arbor_testkit::hostile::{self, Layout};
+use arbor_testkit::hostile::{self, Layout, edits};
 use arbor_testkit::{
-    Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, Registry, busybox_image,
-    skip_unless_root, skip_unless_tools, skopeo_push, write_oci_layout,
+    Arbord, ArbordOptions, Containerd, ContainerdOptions, Registry, skip_unless_root,
+    skip_unless_tools,
 };
 use serde_json::{Value, json};
 
@@ -23,16 +23,6 @@ const HONEST: &str = "honest bytes\n";
 
 fn arbor_bin() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_arbord")).with_file_name("arbor")
-}
-
-fn arbor(args: &[&str]) -> Output {
-    Command::new(arbor_bin())
-        .args(args)
-        .env_remove("CONTAINERD_ADDRESS")
-        .env_remove("CONTAINERD_NAMESPACE")
-        .env_remove("CONTAINERD_SNAPSHOTTER")
-        .output()
-        .expect("running arbor")
 }
 
 fn text(o: &Output) -> String {
@@ -72,34 +62,15 @@ impl Scene {
         }
     }
 
-    /// Builds an image of busybox plus `app` (a file `/app/hello.txt` holding `hello`), pushes
-    /// it as `repo:v1` and converts it with `arbor convert` into an OCI layout; returns the
-    /// layout directory (tag `arbor`).
+    /// [`hostile::converted_image`] on this scene's registry.
     fn converted(&self, repo: &str, hello: &str) -> PathBuf {
-        let src = self.tmp.path().join(format!("{repo}-src"));
-        let spec = busybox_image(
-            vec![Entry::dir("app"), Entry::file("app/hello.txt", hello)],
-            &["cat", "/app/hello.txt"],
-        );
-        write_oci_layout(&src, "v1", &spec).expect("writing layout");
-        let reference = self.reg.reference(&format!("{repo}:v1"));
-        skopeo_push(&src, "v1", &reference, None).expect("pushing");
-        let dst = self.tmp.path().join(format!("{repo}-arbor"));
-        let out = arbor(&[
-            "convert",
-            "--plain-http",
-            &reference,
-            &format!("oci:{}:arbor", dst.display()),
-        ]);
-        assert!(out.status.success(), "arbor convert: {}", text(&out));
-        dst
+        hostile::converted_image(&self.reg, &arbor_bin(), self.tmp.path(), repo, hello)
+            .expect("building and converting an image")
     }
 
     /// Pushes the layout's `tag` to `repo:tag`; returns the reference.
     fn push(&self, layout: &Path, tag: &str, repo: &str) -> String {
-        let reference = self.reg.reference(&format!("{repo}:{tag}"));
-        skopeo_push(layout, tag, &reference, None).expect("pushing tampered image");
-        reference
+        hostile::push(&self.reg, layout, tag, repo).expect("pushing")
     }
 
     /// `arbor pull` through this node's containerd.
@@ -164,16 +135,13 @@ fn skip(test: &str) -> bool {
     skip_unless_root(test) || skip_unless_tools(test, TOOLS)
 }
 
-/// Builds the attacker's image, tampers with its top layer's TOC, pushes it and pulls it with
-/// `arbor pull`; returns the scene and the pull's output (and the tampered reference).
+/// Pushes the attacker's image with its top layer's TOC rewritten by `edit`
+/// ([`hostile::toc_attack`]) and pulls it with `arbor pull`; returns the scene, the pull's
+/// output and the reference.
 fn attack_toc(repo: &str, edit: impl FnOnce(&mut Value)) -> (Scene, Output, String) {
     let s = Scene::start();
-    let dir = s.converted(repo, "attacker\n");
-    let mut l = Layout::open(&dir, "arbor").expect("opening converted layout");
-    let top = l.layers() - 1;
-    l.edit_toc(top, edit).expect("editing the TOC");
-    l.save("evil").expect("saving");
-    let reference = s.push(&dir, "evil", repo);
+    let reference = hostile::toc_attack(&s.reg, &arbor_bin(), s.tmp.path(), repo, edit)
+        .expect("building the attacker's image");
     let out = s.arbor_pull(&reference);
     (s, out, reference)
 }
@@ -183,10 +151,7 @@ fn deep_path_toc_does_not_crash_arbord() {
     if skip("deep_path_toc_does_not_crash_arbord") {
         return;
     }
-    // 20,000 components: recursion over it overflows any thread's stack.
-    let (mut s, out, reference) = attack_toc("deep", |toc| {
-        hostile::toc_entries(toc).push(hostile::toc_dir(&hostile::deep_path(20_000)));
-    });
+    let (mut s, out, reference) = attack_toc("deep", edits::deep_path_dir);
     s.assert_node_healthy();
     // The lazy mount was refused and named why; the layer's tar (which is honest) was
     // unpacked by containerd instead, so the image still runs.
@@ -211,18 +176,8 @@ fn toc_bomb_is_refused_without_exhausting_memory() {
         return;
     }
     let mut s = Scene::start();
-    let dir = s.converted("bomb", "attacker\n");
-    let mut l = Layout::open(&dir, "arbor").expect("opening converted layout");
-    let top = l.layers() - 1;
-    let blob = l.layer_blob(top).unwrap();
-    let pos = hostile::TocPos::of(l.layer(top)).unwrap();
-    // 512 MiB of JSON (about 14 M entries) in a small frame, claiming to be 64 MiB (the most
-    // a reader accepts by default): the claim is believed only as far as the limits go.
-    let (bomb, expanded) = hostile::toc_bomb(512 << 20).unwrap();
-    assert!(bomb.len() < 4 << 20 && expanded >= 512 << 20);
-    l.replace_toc(top, &blob, pos, &bomb, 64 << 20).unwrap();
-    l.save("evil").unwrap();
-    let reference = s.push(&dir, "evil", "bomb");
+    let reference = hostile::toc_bomb_attack(&s.reg, &arbor_bin(), s.tmp.path(), "bomb")
+        .expect("building the TOC bomb");
     let out = s.arbor_pull(&reference);
     let rss = s.arbord.peak_rss().expect("arbord's peak RSS");
     assert!(
@@ -248,11 +203,7 @@ fn hard_link_to_directory_in_toc_is_refused() {
     if skip("hard_link_to_directory_in_toc_is_refused") {
         return;
     }
-    let (mut s, out, reference) = attack_toc("dirlink", |toc| {
-        hostile::toc_entries(toc).push(json!({
-            "type": "hardlink", "name": "app/loop", "linkName": "app", "mode": 0o755,
-        }));
-    });
+    let (mut s, out, reference) = attack_toc("dirlink", edits::dir_hard_link);
     s.assert_node_healthy();
     assert!(
         s.log().contains("hard link"),
@@ -272,12 +223,7 @@ fn empty_and_dot_whiteouts_in_toc_are_harmless() {
     if skip("empty_and_dot_whiteouts_in_toc_are_harmless") {
         return;
     }
-    let (mut s, out, reference) = attack_toc("whiteout", |toc| {
-        let e = hostile::toc_entries(toc);
-        for name in ["app/.wh.", "app/.wh..", "app/.wh...", ".wh."] {
-            e.push(json!({"type": "reg", "name": name, "mode": 0o644}));
-        }
-    });
+    let (mut s, out, reference) = attack_toc("whiteout", edits::dot_whiteouts);
     assert!(out.status.success(), "pull: {}", text(&out));
     // Whatever the tree made of them, the directory lists and reads right while mounted...
     match s.run(&reference, &["cat", "/app/hello.txt"]) {
@@ -399,13 +345,7 @@ fn toc_that_disagrees_with_its_tar_is_taken_out_of_service() {
     }
     // The TOC (what a lazy mount serves) makes a plain file setuid root; the tar (what a stock
     // runtime unpacks, and what the diff ID covers) does not.
-    let (mut s, out, reference) = attack_toc("setuid", |toc| {
-        for e in hostile::toc_entries(toc) {
-            if e["name"] == "app/hello.txt" {
-                e["mode"] = json!(0o4755);
-            }
-        }
-    });
+    let (mut s, out, reference) = attack_toc("setuid", edits::setuid_in_toc_only);
     assert!(out.status.success(), "pull: {}", text(&out));
     let lied = s.wait_metric(LIED, 1.0);
     assert!(

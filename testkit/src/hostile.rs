@@ -288,3 +288,115 @@ pub fn toc_entries(toc: &mut Value) -> &mut Vec<Value> {
         .as_array_mut()
         .expect("a zstd:chunked TOC has an entries array")
 }
+
+/// Builds an image of busybox plus `/app/hello.txt` holding `hello`, pushes it to `reg` as
+/// `repo:v1` and converts it with the `arbor` binary at `arbor` (`arbor convert`, as a user
+/// would) into an OCI layout under `work`; returns the layout directory (tag `arbor`).
+pub fn converted_image(
+    reg: &crate::Registry,
+    arbor: &Path,
+    work: &Path,
+    repo: &str,
+    hello: &str,
+) -> Result<PathBuf> {
+    use crate::Entry;
+    let src = work.join(format!("{repo}-src"));
+    let spec = crate::busybox_image(
+        vec![Entry::dir("app"), Entry::file("app/hello.txt", hello)],
+        &["cat", "/app/hello.txt"],
+    );
+    crate::write_oci_layout(&src, "v1", &spec)?;
+    let reference = reg.reference(&format!("{repo}:v1"));
+    crate::skopeo_push(&src, "v1", &reference, None)?;
+    let dst = work.join(format!("{repo}-arbor"));
+    let out = std::process::Command::new(arbor)
+        .args(["convert", "--plain-http", &reference])
+        .arg(format!("oci:{}:arbor", dst.display()))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "arbor convert {reference}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(dst)
+}
+
+/// Pushes `layout`'s `tag` to `repo:tag` on `reg`; returns the reference.
+pub fn push(reg: &crate::Registry, layout: &Path, tag: &str, repo: &str) -> Result<String> {
+    let reference = reg.reference(&format!("{repo}:{tag}"));
+    crate::skopeo_push(layout, tag, &reference, None)?;
+    Ok(reference)
+}
+
+/// The attacker's image: [`converted_image`] (`/app/hello.txt` holds `attacker\n`) with its
+/// top layer's TOC rewritten by `edit`, pushed as `repo:evil`; returns the reference.
+pub fn toc_attack(
+    reg: &crate::Registry,
+    arbor: &Path,
+    work: &Path,
+    repo: &str,
+    edit: impl FnOnce(&mut Value),
+) -> Result<String> {
+    let dir = converted_image(reg, arbor, work, repo, "attacker\n")?;
+    let mut l = Layout::open(&dir, "arbor")?;
+    let top = l.layers() - 1;
+    l.edit_toc(top, edit)?;
+    l.save("evil")?;
+    push(reg, &dir, "evil", repo)
+}
+
+/// The attacker's image with a TOC bomb: 512 MiB of JSON (about 14 M entries) in a small
+/// frame, claiming to be 64 MiB (the most a reader accepts by default), pushed as `repo:evil`.
+pub fn toc_bomb_attack(
+    reg: &crate::Registry,
+    arbor: &Path,
+    work: &Path,
+    repo: &str,
+) -> Result<String> {
+    let dir = converted_image(reg, arbor, work, repo, "attacker\n")?;
+    let mut l = Layout::open(&dir, "arbor")?;
+    let top = l.layers() - 1;
+    let blob = l.layer_blob(top)?;
+    let pos = TocPos::of(l.layer(top))?;
+    let (bomb, _) = toc_bomb(512 << 20)?;
+    l.replace_toc(top, &blob, pos, &bomb, 64 << 20)?;
+    l.save("evil")?;
+    push(reg, &dir, "evil", repo)
+}
+
+/// TOC edits, one per attack.
+pub mod edits {
+    use serde_json::{Value, json};
+
+    use super::{deep_path, toc_dir, toc_entries};
+
+    /// A directory 20,000 components deep: recursion over it overflows any thread's stack.
+    pub fn deep_path_dir(toc: &mut Value) {
+        toc_entries(toc).push(toc_dir(&deep_path(20_000)));
+    }
+
+    /// `app/loop`, a hard link to the directory `app`: a cycle in a tree that trusts it.
+    pub fn dir_hard_link(toc: &mut Value) {
+        toc_entries(toc).push(json!({
+            "type": "hardlink", "name": "app/loop", "linkName": "app", "mode": 0o755,
+        }));
+    }
+
+    /// Whiteouts of an empty name, `.` and `..`.
+    pub fn dot_whiteouts(toc: &mut Value) {
+        let e = toc_entries(toc);
+        for name in ["app/.wh.", "app/.wh..", "app/.wh...", ".wh."] {
+            e.push(json!({"type": "reg", "name": name, "mode": 0o644}));
+        }
+    }
+
+    /// `app/hello.txt` made setuid in the TOC only (the tar keeps 0644).
+    pub fn setuid_in_toc_only(toc: &mut Value) {
+        for e in toc_entries(toc) {
+            if e["name"] == "app/hello.txt" {
+                e["mode"] = json!(0o4755);
+            }
+        }
+    }
+}
