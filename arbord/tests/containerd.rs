@@ -436,16 +436,10 @@ fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
     })
 }
 
-#[test]
-fn cri_pull_gets_lazy_layers() {
-    if skip("cri_pull_gets_lazy_layers") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
-    // CRI's registry config: plain HTTP to the local registry.
-    let certs = tmp.path().join("certs.d");
+/// A node whose containerd runs CRI with the shipped 1.6/1.7 snippet (after `edit`), pointed at
+/// this arbord, and plain HTTP to `reg` (CRI's `hosts.toml` under `tmp`).
+fn cri_node(tmp: &Path, reg: &Registry, edit: impl FnOnce(String) -> String) -> Node {
+    let certs = tmp.join("certs.d");
     let host_dir = certs.join(reg.addr());
     std::fs::create_dir_all(&host_dir).unwrap();
     std::fs::write(
@@ -456,21 +450,34 @@ fn cri_pull_gets_lazy_layers() {
         ),
     )
     .unwrap();
-    // The shipped containerd 1.6/1.7 snippet, pointed at this arbord.
     let snippet = include_str!("../../packaging/containerd/config-1.6-1.7.toml");
-    let node = Node::start_with(|a| ContainerdOptions {
+    Node::start_with(|a| ContainerdOptions {
         cri: true,
         extra_config: format!(
             "{}\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-            snippet
-                .replace(
-                    "/run/arbor/snapshotter.sock",
-                    &a.socket().display().to_string()
-                )
-                .replace("/var/lib/arbor/", &a.root().display().to_string()),
+            edit(
+                snippet
+                    .replace(
+                        "/run/arbor/snapshotter.sock",
+                        &a.socket().display().to_string()
+                    )
+                    .replace("/var/lib/arbor/", &a.root().display().to_string())
+            ),
             certs.display()
         ),
-    });
+    })
+}
+
+#[test]
+fn cri_pull_gets_lazy_layers() {
+    if skip("cri_pull_gets_lazy_layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, dst) = push_sample(&reg, tmp.path(), "fn/app");
+    // The shipped containerd 1.6/1.7 snippet, as it is.
+    let node = cri_node(tmp.path(), &reg, |snippet| snippet);
     let image_ref = cri_pull(node.ctd.socket(), &dst).unwrap_or_else(|e| {
         panic!(
             "CRI PullImage failed: {e}\ncontainerd log:\n{}",
@@ -738,34 +745,12 @@ fn image_annotations_cannot_choose_fetch_source() {
             );
         }
     });
-    let certs = tmp.path().join("certs.d");
-    let host_dir = certs.join(reg.addr());
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            a = reg.addr()
-        ),
-    )
-    .unwrap();
-    let snippet = include_str!("../../packaging/containerd/config-1.6-1.7.toml");
-    let node = Node::start_with(|a| ContainerdOptions {
-        cri: true,
-        extra_config: format!(
-            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-            snippet
-                .replace(
-                    "/run/arbor/snapshotter.sock",
-                    &a.socket().display().to_string()
-                )
-                .replace("/var/lib/arbor/", &a.root().display().to_string())
-                .replace(
-                    "disable_snapshot_annotations = false",
-                    "disable_snapshot_annotations = true"
-                ),
-            certs.display()
-        ),
+    // containerd's default: CRI sets no labels, the image's own annotations pass through.
+    let node = cri_node(tmp.path(), &reg, |snippet| {
+        snippet.replace(
+            "disable_snapshot_annotations = false",
+            "disable_snapshot_annotations = true",
+        )
     });
     cri_pull(node.ctd.socket(), &bad).unwrap_or_else(|e| {
         panic!(
