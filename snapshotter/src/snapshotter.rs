@@ -904,6 +904,7 @@ mod tests {
         let image = format!("{addr}/fn/stall:v1");
         let l: BTreeMap<String, String> = [
             (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
+            (arbor_format::ANN_ARBOR_TOC_DIGEST, digest.as_str()),
             (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
             (labels::TARGET, chain.as_str()),
             (labels::ARBOR_LAYER_DIGEST, digest.as_str()),
