@@ -343,36 +343,8 @@ async fn concurrent_remote_prepares_mount_once_and_unlabelled_layers_fall_back()
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let layout = tmp.path().join("layout");
-    write_oci_layout(&layout, "v1", &busybox_image(vec![], &["/bin/true"])).unwrap();
-    let src = reg.reference("fn/bb:v1");
-    skopeo_push(&layout, "v1", &src, None).unwrap();
-    let dst = reg.reference("fn/bb:v1-arbor");
-    let arbor = Path::new(env!("CARGO_BIN_EXE_arbord")).with_file_name("arbor");
-    let out = Command::new(&arbor)
-        .args(["convert", "--plain-http", &src, &dst])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (code_, body) = arbor_testkit::http_request(
-        &reg.addr(),
-        "GET",
-        "/v2/fn/bb/manifests/v1-arbor",
-        &[(
-            "Accept".into(),
-            "application/vnd.oci.image.manifest.v1+json".into(),
-        )],
-        &[],
-    )
-    .unwrap();
-    assert_eq!(code_, 200);
-    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let layer = &m["layers"][0];
+    let (_reg, dst, layer) = converted_image(tmp.path());
+    let layer = &layer;
 
     let a = start();
     let c = client(&a).await;
