@@ -56,6 +56,11 @@ impl Layout {
             })
             .with_context(|| format!("no manifest tagged {tag} in {}", dir.display()))?;
         let digest = desc["digest"].as_str().context("manifest digest")?;
+        Layout::open_digest(dir, digest)
+    }
+
+    /// Opens the image whose manifest has digest `digest` in the OCI layout at `dir`.
+    pub fn open_digest(dir: &Path, digest: &str) -> Result<Layout> {
         let manifest: Value = serde_json::from_slice(&read_blob(dir, digest)?)?;
         let config_digest = manifest["config"]["digest"]
             .as_str()
@@ -398,5 +403,250 @@ pub mod edits {
                 e["mode"] = json!(0o4755);
             }
         }
+    }
+}
+
+/// The committed hostile-image suite (`testdata/hostile/`): one OCI layout, one tag per attack,
+/// built from small files only (no binaries), converted by the real `arbor convert` and then
+/// tampered with by this module. [`suite::generate`] writes it; the same `arbor` always gives
+/// byte-identical output.
+pub mod suite {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::process::Command;
+
+    use anyhow::{Context, Result, bail};
+    use serde_json::{Value, json};
+
+    use super::{Layout, REF_NAME, SOURCE_LABELS, TocPos, edits, toc_bomb};
+    use crate::{Entry, ImageSpec, LayerSource, layer_tar, write_oci_layout};
+
+    /// Every tag of the suite, in index order: (tag, the attack).
+    pub const TAGS: [(&str, &str); 10] = [
+        ("honest", "control: an honest converted image"),
+        ("victim", "an honest image whose layer another image claims"),
+        ("deep-path", "TOC entry 20,000 components deep"),
+        (
+            "toc-bomb",
+            "TOC that expands past 64 MiB from a small frame",
+        ),
+        (
+            "lying-diff-id",
+            "config claims victim's diff IDs for its own bytes",
+        ),
+        (
+            "toc-disagrees",
+            "TOC makes app/hello.txt setuid; the tar does not",
+        ),
+        (
+            "setuid-and-devices",
+            "honest setuid-root file, char and block devices",
+        ),
+        (
+            "foreign-source-labels",
+            "victim's TOC annotations and Arbor source labels",
+        ),
+        (
+            "dir-hard-link",
+            "TOC hard link app/loop -> app (a directory)",
+        ),
+        ("empty-whiteout", "TOC whiteouts .wh. / .wh.. / .wh..."),
+    ];
+
+    /// The suite's tags, in index order.
+    pub fn tags() -> impl Iterator<Item = &'static str> {
+        TAGS.iter().map(|(t, _)| *t)
+    }
+
+    /// What `app/hello.txt` holds in the tar of image `tag`: its tag and a newline.
+    pub fn hello(tag: &str) -> String {
+        format!("{tag}\n")
+    }
+
+    /// Content of `app/suid` in `setuid-and-devices` (mode 04755, owner root).
+    pub const SUID_FILE: &str = "#!/bin/sh\necho not a real setuid program\n";
+
+    /// The image reference the `foreign-source-labels` image names as its source (a fixed
+    /// placeholder: the suite cannot know the port of a test's registry).
+    pub const FOREIGN_IMAGE_REF: &str = "127.0.0.1:5000/hostile:victim";
+
+    /// What the TOC bomb expands to, and what its footer claims (the reader's default limit).
+    pub const BOMB_EXPANDS_TO: u64 = 256 << 20;
+    pub const BOMB_CLAIMS: u64 = 64 << 20;
+
+    fn base_layer() -> Vec<u8> {
+        layer_tar(&[
+            Entry::dir("etc"),
+            Entry::file("etc/passwd", "root:x:0:0:root:/:/.busybox/busybox\n"),
+            Entry::file("etc/group", "root:x:0:\n"),
+            Entry::dir("tmp").with_mode(0o1777),
+        ])
+    }
+
+    fn app_layer(tag: &str) -> Vec<u8> {
+        let mut app = vec![Entry::dir("app"), Entry::file("app/hello.txt", hello(tag))];
+        if tag == "setuid-and-devices" {
+            app.extend([
+                Entry::file("app/suid", SUID_FILE).with_mode(0o4755),
+                Entry::char_dev("app/null", 1, 3),
+                Entry::block_dev("app/loop0", 7, 0),
+            ]);
+        }
+        layer_tar(&app)
+    }
+
+    fn spec(tag: &str) -> ImageSpec {
+        ImageSpec {
+            layers: vec![
+                LayerSource::Tar(base_layer()),
+                LayerSource::Tar(app_layer(tag)),
+            ],
+            // No shell in the images: tests bind-mount a static busybox at /.busybox/busybox (busybox picks its applet from argv[0], so the file keeps its name).
+            cmd: vec![
+                "/.busybox/busybox".into(),
+                "cat".into(),
+                "/app/hello.txt".into(),
+            ],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            ..Default::default()
+        }
+    }
+
+    /// Writes the suite as a fresh OCI layout into `dir` (created; must not hold a layout),
+    /// converting with the `arbor` binary at `arbor`.
+    pub fn generate_into(arbor: &Path, dir: &Path) -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let src = tmp.path().join("src");
+        for tag in tags() {
+            write_oci_layout(&src, tag, &spec(tag))?;
+        }
+        for tag in tags() {
+            // One job and one compression thread: the output must not depend on the machine.
+            let out = Command::new(arbor)
+                .args(["convert", "--jobs", "1", "--threads", "1", "--tmp-dir"])
+                .arg(tmp.path())
+                .arg(format!("oci:{}:{tag}", src.display()))
+                .arg(format!("oci:{}:{tag}", dir.display()))
+                .output()
+                .with_context(|| format!("running {}", arbor.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "arbor convert {tag}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let victim = Layout::open(dir, "victim")?;
+        let victim_top = victim.layer(victim.layers() - 1).clone();
+        let victim_diff_ids = victim.config["rootfs"]["diff_ids"].clone();
+
+        let tamper = |tag: &str, f: &dyn Fn(&mut Layout, usize) -> Result<()>| -> Result<()> {
+            let mut l = Layout::open(dir, tag)?;
+            let top = l.layers() - 1;
+            f(&mut l, top)?;
+            l.save(tag)?;
+            Ok(())
+        };
+        tamper("deep-path", &|l, top| l.edit_toc(top, edits::deep_path_dir))?;
+        tamper("toc-bomb", &|l, top| {
+            let blob = l.layer_blob(top)?;
+            let pos = TocPos::of(l.layer(top))?;
+            let (bomb, _) = toc_bomb(BOMB_EXPANDS_TO)?;
+            l.replace_toc(top, &blob, pos, &bomb, BOMB_CLAIMS)
+        })?;
+        tamper("lying-diff-id", &|l, _| {
+            l.config["rootfs"]["diff_ids"] = victim_diff_ids.clone();
+            Ok(())
+        })?;
+        tamper("toc-disagrees", &|l, top| {
+            l.edit_toc(top, edits::setuid_in_toc_only)
+        })?;
+        tamper("foreign-source-labels", &|l, top| {
+            let ann = l.annotations_mut(top);
+            for (k, v) in victim_top["annotations"]
+                .as_object()
+                .context("annotations")?
+            {
+                ann.insert(k.clone(), v.clone());
+            }
+            ann.insert(SOURCE_LABELS[0].into(), victim_top["digest"].clone());
+            ann.insert(SOURCE_LABELS[1].into(), json!(FOREIGN_IMAGE_REF));
+            // A MAC the attacker cannot compute without the node's pull key.
+            ann.insert(
+                "containerd.io/snapshot/arbor.pull-mac".into(),
+                json!("00".repeat(32)),
+            );
+            Ok(())
+        })?;
+        tamper("dir-hard-link", &|l, top| {
+            l.edit_toc(top, edits::dir_hard_link)
+        })?;
+        tamper("empty-whiteout", &|l, top| {
+            l.edit_toc(top, edits::dot_whiteouts)
+        })?;
+        finish(dir)
+    }
+
+    /// Puts index.json in [`TAGS`] order and removes the blobs no tag references (the
+    /// untampered originals).
+    fn finish(dir: &Path) -> Result<()> {
+        let index_path = dir.join("index.json");
+        let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+        let list = index["manifests"].as_array_mut().context("manifests")?;
+        let order = |m: &Value| {
+            let tag = m["annotations"][REF_NAME].as_str().unwrap_or_default();
+            TAGS.iter()
+                .position(|(t, _)| *t == tag)
+                .unwrap_or(usize::MAX)
+        };
+        list.sort_by_key(order);
+        let mut keep = BTreeSet::new();
+        for m in list.iter() {
+            let digest = m["digest"].as_str().context("digest")?;
+            keep.insert(digest.to_string());
+            let l = Layout::open_digest(dir, digest)?;
+            keep.insert(
+                l.manifest["config"]["digest"]
+                    .as_str()
+                    .context("config")?
+                    .into(),
+            );
+            for i in 0..l.layers() {
+                keep.insert(l.layer(i)["digest"].as_str().context("layer")?.into());
+            }
+        }
+        let mut bytes = serde_json::to_vec_pretty(&index)?;
+        bytes.push(b'\n');
+        std::fs::write(&index_path, bytes)?;
+        for e in std::fs::read_dir(dir.join("blobs/sha256"))? {
+            let e = e?;
+            let name = format!("sha256:{}", e.file_name().to_string_lossy());
+            if !keep.contains(&name) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Regenerates the suite in `out` (a directory that may hold an older suite, a README and
+    /// the script): index.json, oci-layout and blobs/ are replaced, nothing else is touched.
+    pub fn generate(arbor: &Path, out: &Path) -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let fresh = tmp.path().join("suite");
+        generate_into(arbor, &fresh)?;
+        std::fs::create_dir_all(out)?;
+        let blobs = out.join("blobs");
+        if blobs.exists() {
+            std::fs::remove_dir_all(&blobs)?;
+        }
+        std::fs::create_dir_all(blobs.join("sha256"))?;
+        for e in std::fs::read_dir(fresh.join("blobs/sha256"))? {
+            let e = e?;
+            std::fs::copy(e.path(), blobs.join("sha256").join(e.file_name()))?;
+        }
+        for f in ["index.json", "oci-layout"] {
+            std::fs::copy(fresh.join(f), out.join(f))?;
+        }
+        Ok(())
     }
 }
