@@ -14,6 +14,9 @@ use arbor_testkit::{
 };
 use serde_json::Value;
 
+mod cri;
+use cri::cri_pull;
+
 const TOOLS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr", "runc"];
 
 fn skip(test: &str) -> bool {
@@ -411,29 +414,6 @@ fn arbor_testkit_wait(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
-}
-
-/// Pulls `image` through containerd's CRI image service (`runtime.v1.ImageService/PullImage`).
-fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
-    use arbor_proto::cri::image_service_client::ImageServiceClient;
-    use arbor_proto::cri::{ImageSpec as CriImage, PullImageRequest};
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ch = arbor_proto::connect(socket)
-            .await
-            .expect("connecting to containerd");
-        let mut c = ImageServiceClient::new(ch);
-        let r = c
-            .pull_image(PullImageRequest {
-                image: Some(CriImage {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                auth: None,
-            })
-            .await?;
-        Ok(r.into_inner().image_ref)
-    })
 }
 
 /// A node whose containerd runs CRI with the shipped 1.6/1.7 snippet (after `edit`), pointed at

@@ -18,6 +18,8 @@ use arbor_testkit::{
 };
 use serde_json::{Value, json};
 
+mod cri;
+
 const TOOLS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr", "runc"];
 const HONEST: &str = "honest bytes\n";
 
@@ -39,26 +41,51 @@ struct Scene {
     arbord: Arbord,
     ctd: Containerd,
     tmp: tempfile::TempDir,
+    /// Containers started by [`Scene::run_with_busybox_in`] (for unique ids).
+    runs: std::cell::Cell<u32>,
 }
 
 impl Scene {
     fn start() -> Scene {
+        Scene::start_with(false)
+    }
+
+    /// With `cri`, containerd also runs its CRI plugin as Kubernetes nodes do (the shipped
+    /// snippet's `snapshotter = "arbor"`, `disable_snapshot_annotations = false`; plain HTTP to
+    /// this scene's registry), for [`cri::cri_pull`].
+    fn start_with(cri: bool) -> Scene {
+        let tmp = tempfile::tempdir().expect("temp dir");
         let reg = Registry::start().expect("starting docker-registry");
         let arbord = Arbord::start(&ArbordOptions {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
             ..Default::default()
         })
         .expect("starting arbord");
-        let ctd = Containerd::start_with(&ContainerdOptions {
-            extra_config: arbord.containerd_config(),
-            cri: false,
-        })
-        .expect("starting containerd");
+        let mut extra_config = arbord.containerd_config();
+        if cri {
+            let host_dir = tmp.path().join("certs.d").join(reg.addr());
+            std::fs::create_dir_all(&host_dir).unwrap();
+            std::fs::write(
+                host_dir.join("hosts.toml"),
+                format!(
+                    "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                    a = reg.addr()
+                ),
+            )
+            .unwrap();
+            extra_config.push_str(&format!(
+                "\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"arbor\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+                tmp.path().join("certs.d").display()
+            ));
+        }
+        let ctd = Containerd::start_with(&ContainerdOptions { extra_config, cri })
+            .expect("starting containerd");
         Scene {
             reg,
             arbord,
             ctd,
-            tmp: tempfile::tempdir().expect("temp dir"),
+            tmp,
+            runs: Default::default(),
         }
     }
 
@@ -358,4 +385,276 @@ fn toc_that_disagrees_with_its_tar_is_taken_out_of_service() {
     s.assert_node_healthy();
     // The honest image's layers were proved.
     assert!(s.wait_metric(PROVED, 1.0) >= 1.0);
+}
+
+/// The committed hostile-image suite (`testdata/hostile/`, written by its `generate.sh`).
+fn suite_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/hostile")
+}
+
+/// Every fallback arbord counted (converted layers it did not mount lazily), whatever the
+/// reason.
+fn fallbacks(s: &Scene) -> f64 {
+    s.arbord
+        .metrics()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("arbor_snapshotter_fallbacks_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Scene {
+    /// Runs `cmd` in `reference` with the host's static busybox bind-mounted at
+    /// `/.busybox/busybox` (the suite's images hold no binaries; busybox picks its applet from
+    /// argv[0], so the file keeps its name).
+    fn run_with_busybox(&self, reference: &str, cmd: &[&str]) -> anyhow::Result<String> {
+        self.run_with_busybox_in(self.ctd.namespace(), reference, cmd)
+    }
+
+    /// [`Scene::run_with_busybox`] in containerd namespace `ns` (CRI's is `k8s.io`).
+    fn run_with_busybox_in(
+        &self,
+        ns: &str,
+        reference: &str,
+        cmd: &[&str],
+    ) -> anyhow::Result<String> {
+        let busybox = arbor_testkit::find_in_path("busybox").expect("busybox");
+        let busybox = std::fs::canonicalize(busybox).expect("busybox path");
+        let mount = format!(
+            "type=bind,src={},dst=/.busybox/busybox,options=rbind:ro",
+            busybox.display()
+        );
+        self.runs.set(self.runs.get() + 1);
+        let id = format!("suite-{}", self.runs.get());
+        let mut args = vec!["run", "--rm", "--snapshotter", "arbor", "--mount", &mount];
+        args.extend([reference, id.as_str(), "/.busybox/busybox"]);
+        args.extend_from_slice(cmd);
+        self.ctd.ctr_in(ns, &args).map_err(|e| {
+            // A container that did not start is left behind by `--rm`, and with it a snapshot
+            // on the image's chain: remove both, as an operator would.
+            let _ = self.ctd.ctr_in(ns, &["container", "rm", &id]);
+            let _ = self
+                .ctd
+                .ctr_in(ns, &["snapshot", "--snapshotter", "arbor", "rm", &id]);
+            e.context(format!("running {cmd:?} in {reference}"))
+        })
+    }
+
+    /// What arbord logged since `from` (a byte offset of its log).
+    fn log_since(&self, from: usize) -> String {
+        self.log().get(from..).unwrap_or_default().to_string()
+    }
+
+    /// arbord runs and answers containerd.
+    fn assert_alive(&mut self, after: &str) {
+        assert!(
+            self.arbord.is_running(),
+            "arbord died after {after}; log:\n{}",
+            self.arbord.log_tail(40)
+        );
+        self.ctd
+            .ctr(&["snapshot", "--snapshotter", "arbor", "ls"])
+            .unwrap_or_else(|e| {
+                panic!("containerd cannot list arbor's snapshots after {after}: {e:#}")
+            });
+    }
+}
+
+/// Every tag of the committed suite pulled into one node (one registry, arbord and
+/// containerd), one after another: after each, arbord runs and answers, the pull succeeded or
+/// its reason is named, and what a container reads is the tar's bytes (or nothing: a layer
+/// proved a liar refuses to start). The layers that lie (`toc-disagrees`, `empty-whiteout`,
+/// `lying-diff-id`) are each caught by the background proof; the victim never reads the liar's
+/// bytes; the honest image at the end still pulls lazily.
+#[test]
+fn committed_hostile_suite_through_arbor_pull_and_containerd() {
+    if skip("committed_hostile_suite_through_arbor_pull_and_containerd") {
+        return;
+    }
+    use arbor_testkit::hostile::suite;
+    let mut s = Scene::start_with(true);
+    let refs: std::collections::HashMap<&str, String> = suite::tags()
+        .map(|tag| (tag, s.push(&suite_dir(), tag, "hostile")))
+        .collect();
+    let cat = ["cat", "/app/hello.txt"];
+    let mut lied = 0.0;
+    // `victim` after `lying-diff-id` (which claims its chain), `honest` last.
+    let order = [
+        "deep-path",
+        "toc-bomb",
+        "setuid-and-devices",
+        "toc-disagrees",
+        "empty-whiteout",
+        "foreign-source-labels",
+        "dir-hard-link",
+        "lying-diff-id",
+        "victim",
+        "honest",
+    ];
+    assert_eq!(
+        order
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        suite::tags().collect(),
+        "every tag of the suite is pulled"
+    );
+    for tag in order {
+        let started = std::time::Instant::now();
+        let reference = &refs[tag];
+        let from = s.log().len();
+        let want = suite::hello(tag);
+        let out = if tag == "foreign-source-labels" {
+            // Through CRI, which forwards the image's own `containerd.io/snapshot/*` layer
+            // annotations to the snapshotter (as nerdctl and containerd's client libraries
+            // do; `ctr image pull` of containerd 1.6 unpacks without them).
+            let before = fallbacks(&s);
+            cri::cri_pull(s.ctd.socket(), reference).unwrap_or_else(|e| {
+                panic!("CRI pull: {e}\ncontainerd log:\n{}", s.ctd.log_tail(30))
+            });
+            assert!(
+                fallbacks(&s) > before,
+                "the forged source labels did not make arbord fall back; log:\n{}",
+                s.log_since(from)
+            );
+            None
+        } else {
+            Some(s.arbor_pull(reference))
+        };
+        let pulled = out.as_ref().is_none_or(|o| o.status.success());
+        let pull_text = out.as_ref().map(text).unwrap_or_default();
+        s.assert_alive(tag);
+        // The reason a layer was refused (or proved a liar), named in arbord's log.
+        let named = |s: &Scene, reasons: &[&str]| {
+            let log = s.log_since(from);
+            assert!(
+                reasons
+                    .iter()
+                    .any(|r| log.contains(r) || pull_text.contains(r)),
+                "{tag}: none of the reasons {reasons:?} is named; pull: {pull_text}\nlog:\n{log}"
+            );
+        };
+        // A container reads the tar's bytes, or (`may_refuse`: a layer proved a liar) does
+        // not start.
+        let reads_tar = |s: &Scene, reference: &str, want: &str, may_refuse: bool| match s
+            .run_with_busybox(reference, &cat)
+        {
+            Ok(got) => assert_eq!(got, want, "{tag}: wrong bytes from {reference}"),
+            Err(e) if may_refuse => eprintln!("{tag}: {reference} refused to start: {e:#}"),
+            Err(e) => panic!(
+                "{tag}: reading {reference}: {e:#}\nlog:\n{}",
+                s.arbord.log_tail(30)
+            ),
+        };
+        match tag {
+            "deep-path" | "toc-bomb" | "dir-hard-link" => {
+                // Refused lazily, named, unpacked by containerd from its honest tar.
+                named(
+                    &s,
+                    &[match tag {
+                        "deep-path" => "deeper than 512 components",
+                        "toc-bomb" => "TOC decompresses to",
+                        _ => "which is a directory",
+                    }],
+                );
+                if pulled {
+                    reads_tar(&s, reference, &want, false);
+                }
+                if tag == "toc-bomb" {
+                    let rss = s.arbord.peak_rss().expect("arbord's peak RSS");
+                    assert!(
+                        rss < 400 << 20,
+                        "arbord's peak RSS reached {} MiB decoding a TOC bomb",
+                        rss >> 20
+                    );
+                }
+                if tag == "dir-hard-link" && pulled {
+                    let ls = s.run_with_busybox(reference, &["ls", "/app"]).unwrap();
+                    assert_eq!(ls.split_whitespace().collect::<Vec<_>>(), ["hello.txt"]);
+                }
+            }
+            "setuid-and-devices" => {
+                assert!(pulled, "pull: {pull_text}");
+                reads_tar(&s, reference, &want, false);
+                let got = s
+                    .run_with_busybox(reference, &["cat", "/app/suid"])
+                    .unwrap();
+                assert_eq!(got, suite::SUID_FILE);
+            }
+            "toc-disagrees" | "empty-whiteout" | "lying-diff-id" => {
+                assert!(pulled, "pull: {pull_text}");
+                if tag == "lying-diff-id" {
+                    assert!(pull_text.contains("mounted lazily"), "{pull_text}");
+                }
+                reads_tar(&s, reference, &want, true);
+                lied += 1.0;
+                let got = s.wait_metric(LIED, lied);
+                assert!(
+                    got >= lied,
+                    "{tag}: the lying layer was not caught; log:\n{}",
+                    s.log_since(from)
+                );
+                named(
+                    &s,
+                    &[if tag == "lying-diff-id" {
+                        "lies about the layer's diff ID"
+                    } else {
+                        "TOC disagrees with its tar"
+                    }],
+                );
+                // Taken out of service: no container starts on it any more.
+                assert!(
+                    s.run_with_busybox(reference, &cat).is_err(),
+                    "{tag}: a container started on a layer proved a liar"
+                );
+            }
+            "foreign-source-labels" => {
+                // Its unauthenticated Arbor labels are refused (the forged MAC), and with them
+                // the victim's blob: arbord takes CRI's labels (the image's own blob), where the
+                // victim's TOC annotations do not match, or none.
+                named(&s, &["unauthenticated", "digest mismatch for TOC"]);
+                let victim = Layout::open(&suite_dir(), "victim").unwrap();
+                let victim_blob = victim.layer(victim.layers() - 1)["digest"].clone();
+                let victim_blob = victim_blob.as_str().unwrap();
+                assert!(
+                    !s.log_since(from).contains(victim_blob),
+                    "arbord went near the victim's blob {victim_blob}:\n{}",
+                    s.log_since(from)
+                );
+                let got = s
+                    .run_with_busybox_in("k8s.io", reference, &cat)
+                    .unwrap_or_else(|e| panic!("{tag}: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
+                assert_eq!(got, want, "the attacker's image read another image's layer");
+            }
+            "victim" => {
+                // Pulled after `lying-diff-id` claimed its chain ID: never the liar's bytes.
+                // Refusing the pull, naming the liar, is as good.
+                if pulled {
+                    reads_tar(&s, reference, &want, true);
+                } else {
+                    named(&s, &["proved to lie"]);
+                }
+            }
+            "honest" => {
+                assert!(pulled, "honest pull: {pull_text}");
+                assert!(
+                    pull_text.contains("mounted lazily"),
+                    "the honest image was not mounted lazily: {pull_text}"
+                );
+                reads_tar(&s, reference, &want, false);
+            }
+            other => panic!("no expectation for tag {other}"),
+        }
+        s.assert_alive(tag);
+        eprintln!(
+            "{tag}: {} in {:.1?}",
+            if pulled { "pulled" } else { "pull failed" },
+            started.elapsed()
+        );
+    }
+    assert!(
+        s.wait_metric(PROVED, 1.0) >= 1.0,
+        "no honest layer was proved"
+    );
 }
