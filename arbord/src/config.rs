@@ -87,6 +87,9 @@ pub struct Fetch {
     /// Read every lazily mounted layer through in the background to prove its digest, diff ID
     /// and TOC; a layer that lies is taken out of service.
     pub verify_layers: bool,
+    /// Longest a Prepare waits for the proof of another image's unproved lazy layer that holds
+    /// its chain ID before it fails with `Unavailable` (containerd's pull fails; retried later).
+    pub proof_wait_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -173,6 +176,7 @@ impl Default for Fetch {
             read_ahead: 0,
             toc_timeout_secs: 30,
             verify_layers: true,
+            proof_wait_secs: 300,
         }
     }
 }
@@ -244,6 +248,10 @@ impl Config {
         anyhow::ensure!(
             self.fetch.toc_timeout_secs >= 1,
             "fetch.toc_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.fetch.proof_wait_secs >= 1,
+            "fetch.proof_wait_secs must be at least 1"
         );
         for a in &self.registry.allow {
             anyhow::ensure!(

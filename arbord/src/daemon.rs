@@ -132,6 +132,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             trust_cri_labels: cfg.registry.trust_cri_labels,
             toc_timeout: Duration::from_secs(cfg.fetch.toc_timeout_secs),
             verify_layers: cfg.fetch.verify_layers,
+            proof_wait: Duration::from_secs(cfg.fetch.proof_wait_secs),
         },
         &cfg.root.join("tocs"),
         tokio::runtime::Handle::current(),

@@ -23,6 +23,9 @@ pub enum Error {
     Internal(String),
     #[error("{0}")]
     Timeout(String),
+    /// Not now, maybe later (a layer this one would share is still being proved).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,6 +64,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Store(_) | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -50,6 +50,20 @@ pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// Set ("true") on snapshots Arbor mounted lazily, so `ctr snapshot info` shows it.
 pub const REMOTE: &str = "containerd.io/snapshot/arbor.remote";
+/// Label on a lazily mounted snapshot: `true` once its blob is proved, `false` once it lied
+/// (see `snapshotter::verify`).
+pub const VERIFIED: &str = "containerd.io/snapshot/arbor.verified";
+/// Labels only arbord sets: a client's (or an image annotation's) value for them is dropped,
+/// so that nobody can mark an unproved layer proved.
+pub const OWN: [&str; 2] = [REMOTE, VERIFIED];
+
+/// Drops the labels only arbord may set ([`OWN`]) from a client's `labels`; returns the keys
+/// it dropped.
+pub fn strip_own(labels: &mut BTreeMap<String, String>) -> Vec<&'static str> {
+    OWN.into_iter()
+        .filter(|k| labels.remove(*k).is_some())
+        .collect()
+}
 
 /// File under arbord's root holding the key of [`PULL_MAC`].
 pub const PULL_KEY_FILE: &str = "pull.key";

@@ -56,6 +56,9 @@ pub struct RemoteOptions {
     /// Read every lazily mounted layer through in the background and take it out of service
     /// if its blob, diff ID (chain ID) or TOC lies (see `snapshotter::verify`).
     pub verify_layers: bool,
+    /// Longest a Prepare waits for the proof of another image's unproved lazy layer that holds
+    /// its chain ID before it answers `Unavailable` (see `snapshotter::share`).
+    pub proof_wait: std::time::Duration,
 }
 
 impl Default for RemoteOptions {
@@ -72,6 +75,7 @@ impl Default for RemoteOptions {
             trust_cri_labels: true,
             toc_timeout: std::time::Duration::from_secs(30),
             verify_layers: true,
+            proof_wait: std::time::Duration::from_secs(300),
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::meta::{Kind, Meta, Record, RemoteLayer, Usage, now_nanos};
 use crate::remote::{Remote, detach, index_usage};
 use tracing::Instrument;
 
+mod share;
 mod verify;
 pub use verify::VERIFIED;
 
@@ -91,6 +92,8 @@ pub struct Snapshotter {
     targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// What may name a lazy layer's source.
     trust: labels::Trust,
+    /// Proofs of lazy layers running now, by snapshot name.
+    proofs: Mutex<HashMap<String, Arc<verify::Proof>>>,
     /// Ids whose directory may exist before their record: reserved by a Prepare/View that
     /// has not finished. Cleanup holds this lock while it decides what is orphaned, so it
     /// never removes the directory of a snapshot about to be recorded (containerd's
@@ -156,6 +159,7 @@ impl Snapshotter {
             counters: Arc::new(Counters::default()),
             targets: Mutex::new(HashMap::new()),
             trust,
+            proofs: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             #[cfg(test)]
             after_dirs: None,
@@ -255,10 +259,24 @@ impl Snapshotter {
         self: &Arc<Self>,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.drop_own_labels(key, &mut labels);
         if let Some(target) = labels.get(labels::TARGET).cloned() {
-            match labels::remote_layer(&labels, &self.trust) {
+            let remote = labels::remote_layer(&labels, &self.trust);
+            // The blob this Prepare is for, as far as it says: what decides whether a lazy
+            // layer already committed under the target may be shared with it (see `share`).
+            let claim = match &remote {
+                Ok(l) => Some(l.digest.clone()),
+                Err(_) => labels
+                    .get(labels::CRI_LAYER_DIGEST)
+                    .or_else(|| labels.get(labels::ARBOR_LAYER_DIGEST))
+                    .cloned(),
+            };
+            if self.settle_existing(&target, claim.as_deref()).await? {
+                return Err(Error::AlreadyExists(target));
+            }
+            match remote {
                 Ok(layer) => match self
                     .prepare_remote_detached(&target, parent, &labels, layer)
                     .await
@@ -268,6 +286,11 @@ impl Snapshotter {
                         return Err(Error::AlreadyExists(target));
                     }
                     Err(Error::AlreadyExists(t)) => return Err(Error::AlreadyExists(t)),
+                    // Another image committed the target meanwhile and it may not be shared:
+                    // an ordinary snapshot would be committed over it (and share it) too.
+                    Err(e @ (Error::Unavailable(_) | Error::FailedPrecondition(_))) => {
+                        return Err(e);
+                    }
                     Err(e @ Error::Timeout(_)) => {
                         self.counters.fallback("toc_timeout");
                         warn!(key, target = %target, error = %e,
@@ -292,12 +315,21 @@ impl Snapshotter {
         self.create(key, parent, Kind::Active, labels).await
     }
 
+    /// Drops labels only arbord sets (`labels::OWN`) from a client's request.
+    fn drop_own_labels(&self, key: &str, labels: &mut BTreeMap<String, String>) {
+        let dropped = labels::strip_own(labels);
+        if !dropped.is_empty() {
+            warn!(key, ?dropped, "ignoring labels only arbord may set");
+        }
+    }
+
     pub async fn view(
         &self,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.drop_own_labels(key, &mut labels);
         self.create(key, parent, Kind::View, labels).await
     }
 
@@ -423,7 +455,15 @@ impl Snapshotter {
         let t = target.to_string();
         if let Some(existing) = blocking(move || meta.get(&t)).await? {
             if existing.kind == Kind::Committed {
-                return Err(Error::AlreadyExists(target.into()));
+                // Committed by another Prepare since `settle_existing` looked.
+                let claim = Some(layer.digest.as_str());
+                return match share::sharing(&existing, claim, self.remote.options().verify_layers) {
+                    share::Sharing::Share => Err(Error::AlreadyExists(target.into())),
+                    _ => Err(Error::Unavailable(format!(
+                        "another image committed a different, unproved layer under chain ID \
+                         {target} at the same time; retry"
+                    ))),
+                };
             }
         }
         let index = match tokio::time::timeout_at(deadline, self.remote.fetch_index(&layer)).await {
@@ -545,8 +585,9 @@ impl Snapshotter {
         &self,
         name: &str,
         key: &str,
-        labels: BTreeMap<String, String>,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        self.drop_own_labels(name, &mut labels);
         let (meta, root, name, key) = (
             Arc::clone(&self.meta),
             self.root.clone(),
@@ -609,20 +650,31 @@ impl Snapshotter {
         let (meta, key) = (Arc::clone(&self.meta), key.to_string());
         blocking(move || {
             meta.update_labels(&key, |labels| {
+                // Labels only arbord sets keep their values whatever the update says.
+                let own: Vec<(&str, Option<String>)> = labels::OWN
+                    .into_iter()
+                    .map(|k| (k, labels.get(k).cloned()))
+                    .collect();
                 if paths.is_empty() || paths.iter().any(|p| p == "labels") {
                     *labels = new_labels;
-                    return;
-                }
-                for p in &paths {
-                    let k = &p["labels.".len()..];
-                    match new_labels.get(k) {
-                        Some(v) => {
-                            labels.insert(k.to_string(), v.clone());
-                        }
-                        None => {
-                            labels.remove(k);
+                } else {
+                    for p in &paths {
+                        let k = &p["labels.".len()..];
+                        match new_labels.get(k) {
+                            Some(v) => {
+                                labels.insert(k.to_string(), v.clone());
+                            }
+                            None => {
+                                labels.remove(k);
+                            }
                         }
                     }
+                }
+                for (k, v) in own {
+                    match v {
+                        Some(v) => labels.insert(k.to_string(), v),
+                        None => labels.remove(k),
+                    };
                 }
             })
         })

@@ -22,6 +22,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arbor_convert::verify::{LayerProof, chain_id, verify_layer};
@@ -31,8 +32,7 @@ use super::{Snapshotter, blocking};
 use crate::error::{Error, Result};
 use crate::meta::RemoteLayer;
 
-/// Label on a lazily mounted snapshot: `true` once its blob is proved, `false` once it lied.
-pub const VERIFIED: &str = "containerd.io/snapshot/arbor.verified";
+pub use crate::labels::VERIFIED;
 
 /// Attempts at reading a layer through before giving up on proving it.
 const ATTEMPTS: u32 = 3;
@@ -91,6 +91,38 @@ fn lie(proof: &LayerProof, digest: &str, chain: &str, parent: &str) -> Option<St
     None
 }
 
+/// A running proof of one snapshot, which Prepares of other images can wait on.
+#[derive(Default)]
+pub(crate) struct Proof {
+    hurry: AtomicBool,
+    hurried: tokio::sync::Notify,
+    done: tokio::sync::watch::Sender<Option<Outcome>>,
+}
+
+impl Proof {
+    /// Starts the proof now and reads at full speed: an image is waiting on it.
+    pub(crate) fn hurry(&self) {
+        if !self.hurry.swap(true, Ordering::AcqRel) {
+            info!("an image waits to share this layer: proving it now, at full speed");
+        }
+        self.hurried.notify_one();
+    }
+
+    fn is_hurried(&self) -> bool {
+        self.hurry.load(Ordering::Acquire)
+    }
+
+    /// Waits until the proof ends; returns how.
+    pub(crate) async fn finished(&self) -> Outcome {
+        let mut rx = self.done.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(o) => o.unwrap_or(Outcome::Failed),
+            // The sender lives as long as `self`.
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
 /// Lowers the calling thread's CPU priority to the least (nice 19) until dropped.
 struct Niced(Option<i32>);
 
@@ -127,14 +159,16 @@ impl Drop for Niced {
 /// workload waits for, see [`arbor_fetch::Fetcher::is_quiet`]): the proof reads whole layers
 /// and must never compete with a cold start for the link or the CPU. The registry's stream is
 /// held back by TCP flow control meanwhile.
+/// Once hurried (an image waits on the proof), it reads at full speed.
 struct Paced<R> {
     inner: R,
     fetcher: Arc<arbor_fetch::Fetcher>,
+    state: Arc<Proof>,
 }
 
 impl<R: std::io::Read> std::io::Read for Paced<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while !self.fetcher.is_quiet() {
+        while !self.state.is_hurried() && !self.fetcher.is_quiet() {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.inner.read(buf)
@@ -168,7 +202,9 @@ impl Snapshotter {
         }
     }
 
-    /// Proves the lazily mounted snapshot `name` (id `id`, over `parent`) in the background.
+    /// Proves the lazily mounted snapshot `name` (id `id`, over `parent`) in the background,
+    /// unless a proof of it is running already. The proof waits for the start-up delay and
+    /// for quiet, unless [`Proof::hurry`] is called (another image waits to share the layer).
     pub(crate) fn spawn_verification(
         self: &Arc<Self>,
         name: String,
@@ -179,22 +215,47 @@ impl Snapshotter {
         if !self.remote.options().verify_layers {
             return;
         }
+        let proof = {
+            let mut running = self.proofs.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&name) {
+                return;
+            }
+            let proof = Arc::new(Proof::default());
+            running.insert(name.clone(), Arc::clone(&proof));
+            proof
+        };
         let me = Arc::clone(self);
         let span = info_span!("verify", snapshot = %name, layer = %layer.digest);
         tokio::spawn(
             async move {
-                tokio::time::sleep(me.remote.options().prefetch_opts.rest_delay).await;
-                let outcome = me.verify(&name, id, &parent, &layer).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(me.remote.options().prefetch_opts.rest_delay) => {}
+                    _ = proof.hurried.notified() => {}
+                }
+                let outcome = me.verify(&name, id, &parent, &layer, &proof).await;
                 me.counters.verification(outcome);
+                let mut running = me.proofs.lock().unwrap_or_else(|p| p.into_inner());
+                if running.get(&name).is_some_and(|p| Arc::ptr_eq(p, &proof)) {
+                    running.remove(&name);
+                }
+                drop(running);
+                proof.done.send_replace(Some(outcome));
             }
             .instrument(span),
         );
     }
 
-    async fn verify(&self, name: &str, id: u64, parent: &str, layer: &RemoteLayer) -> Outcome {
+    async fn verify(
+        &self,
+        name: &str,
+        id: u64,
+        parent: &str,
+        layer: &RemoteLayer,
+        state: &Arc<Proof>,
+    ) -> Outcome {
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {
-            match self.prove(layer).await {
+            match self.prove(layer, state).await {
                 Ok(proof) => match lie(&proof, &layer.digest, name, parent) {
                     None => {
                         let meta = Arc::clone(&self.meta);
@@ -240,7 +301,7 @@ impl Snapshotter {
 
     /// Streams the layer's blob and compares it with its TOC (on a low-priority blocking
     /// thread).
-    async fn prove(&self, layer: &RemoteLayer) -> Result<LayerProof> {
+    async fn prove(&self, layer: &RemoteLayer, state: &Arc<Proof>) -> Result<LayerProof> {
         let index = self.remote.stored_index(layer).await?;
         let (store, _) = self.remote.store(&layer.image_ref)?;
         let reader = store
@@ -250,6 +311,7 @@ impl Snapshotter {
         let paced = Paced {
             inner: reader,
             fetcher: Arc::clone(self.remote.fetcher()),
+            state: Arc::clone(state),
         };
         tokio::task::spawn_blocking(move || {
             let _niced = Niced::new();
