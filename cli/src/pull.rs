@@ -352,6 +352,126 @@ async fn pull_key(ch: &Channel, t: &Target) -> Option<Vec<u8>> {
     }
 }
 
+/// The labels a layer is prepared with: the image's own snapshot annotations (the TOC
+/// location), but never labels that name where to fetch from, which are ours (with the MAC
+/// when arbord's key is readable) or CRI's.
+fn layer_labels(
+    l: &Descriptor,
+    name: &str,
+    chain: &str,
+    pull_key: Option<&[u8]>,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = l
+        .annotations
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with(arbor_format::SNAPSHOT_LABEL_PREFIX)
+                && !k.starts_with("containerd.io/snapshot/cri.")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(snaplabels::TARGET.into(), chain.to_string());
+    labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
+    labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
+    labels.remove(snaplabels::PULL_MAC);
+    if let Some(k) = pull_key {
+        labels.insert(
+            snaplabels::PULL_MAC.into(),
+            snaplabels::pull_mac(k, &l.digest, name, chain),
+        );
+    }
+    labels
+}
+
+/// A connection to the arbord behind `t.snapshotter` itself (the `address` its proxy plugin
+/// exports), for what containerd cannot be asked: its metadata store merges a namespace's own
+/// labels (which an image's annotations can set) over arbord's. `None` when not reachable.
+async fn arbord_direct(ch: &Channel, t: &Target) -> Option<Channel> {
+    let exports =
+        arbor_snapshotter::introspect::snapshotter_exports(ch, &t.namespace, &t.snapshotter)
+            .await
+            .ok()?;
+    let address = exports.get("address").filter(|a| !a.is_empty())?;
+    match arbor_proto::connect(address).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!(address, error = %e, "cannot reach arbord directly");
+            None
+        }
+    }
+}
+
+/// Before this image reuses a chain ID its namespace already has: containerd answers that
+/// from its own records, without asking arbord whether the snapshot there is a lazy layer of
+/// *another* blob that is not proved yet (which would make this image run that blob's files).
+/// If it is, the layer is prepared against arbord directly, which proves the holder at once
+/// and answers when it has a verdict (see `arbor_snapshotter` `share`): shared when proved,
+/// replaced by this layer when it lied, an error when there is no verdict in time.
+async fn check_shared(
+    direct: &Channel,
+    chain: &str,
+    l: &Descriptor,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let mut sc = SnapshotsClient::new(direct.clone());
+    let info = match sc
+        .stat(StatSnapshotRequest {
+            snapshotter: String::new(),
+            key: chain.to_string(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().info.unwrap_or_default(),
+        // Not a layer arbord mounted lazily (those are committed under the chain ID itself).
+        Err(e) if e.code() == Code::NotFound => return Ok(()),
+        Err(e) => return Err(e).context("asking arbord about the snapshot"),
+    };
+    let get = |k: &str| info.labels.get(k).map(String::as_str);
+    let held_by = get(snaplabels::ARBOR_LAYER_DIGEST).or(get(snaplabels::CRI_LAYER_DIGEST));
+    if get(snaplabels::REMOTE) != Some("true")
+        || get(snaplabels::VERIFIED) == Some("true")
+        || held_by == Some(l.digest.as_str())
+    {
+        return Ok(());
+    }
+    info!(
+        chain,
+        held_by = held_by.unwrap_or("unknown"),
+        layer = %l.digest,
+        "the chain ID is held by another image's unproved lazy layer: waiting for its proof"
+    );
+    let key = format!("arbor-pull-check-{}-{}", std::process::id(), now_nanos());
+    let prepared = sc
+        .prepare(PrepareSnapshotRequest {
+            snapshotter: String::new(),
+            key: key.clone(),
+            parent: info.parent.clone(),
+            labels,
+        })
+        .await;
+    match prepared {
+        Err(e) if e.code() == Code::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{}", e.message())).context("arbord refused to share it"),
+        Ok(_) => {
+            // An ordinary snapshot: the holder was removed as a liar and this layer could not
+            // be mounted lazily in its place. Undo it; the chain ID is free for a new pull.
+            let _ = sc
+                .remove(RemoveSnapshotRequest {
+                    snapshotter: String::new(),
+                    key,
+                })
+                .await;
+            bail!("the layer under this chain ID was proved to lie and removed; pull again")
+        }
+    }
+}
+
+fn now_nanos() -> u32 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
 fn default_platform() -> String {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -464,6 +584,7 @@ async fn pull_under_lease(
 ) -> Result<Vec<LayerReport>> {
     let m = &img.manifest;
     let pull_key = pull_key(ch, t).await;
+    let arbord = arbord_direct(ch, t).await;
     let top = chains.last().cloned().unwrap_or_default();
     // The config keeps the unpacked snapshots alive; the manifest keeps config and layers.
     write_content(
@@ -516,6 +637,12 @@ async fn pull_under_lease(
             )?)
             .await;
         if stat.is_ok() {
+            if let Some(direct) = &arbord {
+                let labels = layer_labels(l, name, chain, pull_key.as_deref());
+                check_shared(direct, chain, l, labels)
+                    .await
+                    .with_context(|| format!("layer {i} ({})", l.digest))?;
+            }
             reports.push(LayerReport {
                 digest: l.digest.clone(),
                 chain_id: chain.clone(),
@@ -525,35 +652,8 @@ async fn pull_under_lease(
             });
             continue;
         }
-        let mut labels: HashMap<String, String> = l
-            .annotations
-            .iter()
-            // The image's own snapshot annotations (the TOC location), but never labels that
-            // name where to fetch from: those are ours (below) or CRI's.
-            .filter(|(k, _)| {
-                k.starts_with(arbor_format::SNAPSHOT_LABEL_PREFIX)
-                    && !k.starts_with("containerd.io/snapshot/cri.")
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert(snaplabels::TARGET.into(), chain.clone());
-        labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
-        labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
-        // Never an image's own: only ours, with the MAC when arbord's key is readable.
-        labels.remove(snaplabels::PULL_MAC);
-        if let Some(k) = &pull_key {
-            labels.insert(
-                snaplabels::PULL_MAC.into(),
-                snaplabels::pull_mac(k, &l.digest, name, chain),
-            );
-        }
-        let key = format!(
-            "extract-{}-{} {chain}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        );
+        let labels = layer_labels(l, name, chain, pull_key.as_deref());
+        let key = format!("extract-{}-{} {chain}", std::process::id(), now_nanos());
         let prepared = sc
             .prepare(req(
                 t,
