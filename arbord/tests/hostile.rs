@@ -102,10 +102,15 @@ impl Scene {
 
     /// `arbor pull` through this node's containerd.
     fn arbor_pull(&self, reference: &str) -> Output {
+        self.arbor_pull_in(self.ctd.namespace(), reference)
+    }
+
+    /// `arbor pull` into containerd namespace `namespace`.
+    fn arbor_pull_in(&self, namespace: &str, reference: &str) -> Output {
         let sock = self.ctd.socket().display().to_string();
         Command::new(arbor_bin())
             .args(["pull", "--plain-http", "--address", &sock, "--namespace"])
-            .args([self.ctd.namespace(), reference])
+            .args([namespace, reference])
             .env("ARBORD_ROOT", self.arbord.root())
             .env_remove("CONTAINERD_ADDRESS")
             .env_remove("CONTAINERD_NAMESPACE")
@@ -319,49 +324,131 @@ impl Scene {
 const LIED: &str = r#"arbor_snapshotter_layer_verifications_total{result="lied"}"#;
 const PROVED: &str = r#"arbor_snapshotter_layer_verifications_total{result="proved"}"#;
 
-#[test]
-fn lying_diff_id_cannot_poison_another_images_layer() {
-    if skip("lying_diff_id_cannot_poison_another_images_layer") {
-        return;
-    }
-    let mut s = Scene::start();
-    // The victim: the same base, its own top layer. Pushed, not pulled yet.
+/// The attacker's image, pushed: [`Scene::converted`] with `EVIL` in `/app/hello.txt` and a
+/// config claiming the victim's diff IDs, so that its top layer's chain ID is the victim's
+/// (containerd reuses a committed chain ID for every later image). Returns (victim reference,
+/// attacker reference); neither is pulled yet.
+fn liar_and_victim(s: &Scene) -> (String, String) {
     let victim = s.converted("victim", "victim bytes\n");
     let victim_ref = s.push(&victim, "arbor", "victim");
     let victim_diff_ids = Layout::open(&victim, "arbor")
         .unwrap()
         .diff_ids_mut()
         .clone();
-    // The attacker's top layer claims the victim's diff ID, so its chain ID is the victim's:
-    // containerd reuses a committed chain ID for every later image.
     let dir = s.converted("liar", "EVIL\n");
     let mut l = Layout::open(&dir, "arbor").unwrap();
     *l.diff_ids_mut() = victim_diff_ids;
     l.save("evil").unwrap();
-    let reference = s.push(&dir, "evil", "liar");
+    (victim_ref, s.push(&dir, "evil", "liar"))
+}
+
+#[test]
+fn lying_diff_id_cannot_poison_another_images_layer() {
+    if skip("lying_diff_id_cannot_poison_another_images_layer") {
+        return;
+    }
+    let mut s = Scene::start();
+    let (victim_ref, reference) = liar_and_victim(&s);
     let out = s.arbor_pull(&reference);
     assert!(out.status.success(), "pull: {}", text(&out));
     assert!(text(&out).contains("mounted lazily"), "{}", text(&out));
-    // Proved a liar in the background and taken out of service.
-    let lied = s.wait_metric(LIED, 1.0);
-    assert!(
-        lied >= 1.0,
-        "the lying layer was not caught; log:\n{}",
-        s.arbord.log_tail(30)
-    );
-    assert!(s.log().contains("lies about the layer's diff ID"));
-    // The victim, pulled now, reuses the chain ID: it must not read the attacker's bytes.
+    // The victim is pulled right away, in the same namespace, long before the background proof
+    // would start: containerd finds the chain ID committed, but `arbor pull` asks arbord, which
+    // proves the holder first (a liar) and mounts the victim's own layer in its place.
     let out = s.arbor_pull(&victim_ref);
     assert!(out.status.success(), "victim pull: {}", text(&out));
-    match s.run(&victim_ref, &["cat", "/app/hello.txt"]) {
-        Ok(got) => assert_eq!(
-            got, "victim bytes\n",
-            "the victim read the attacker's layer"
-        ),
-        Err(e) => eprintln!("victim refused to start on the poisoned chain (expected): {e:#}"),
+    assert!(
+        s.arbord.metric(LIED).unwrap_or(0.0) >= 1.0,
+        "the victim's pull returned before the holder's proof; log:\n{}",
+        s.arbord.log_tail(30)
+    );
+    let log = s.log();
+    assert!(log.contains("lies about the layer's diff ID"), "{log}");
+    assert!(log.contains("waiting for its proof"), "{log}");
+    let got = s
+        .run(&victim_ref, &["cat", "/app/hello.txt"])
+        .unwrap_or_else(|e| panic!("victim: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
+    assert_eq!(
+        got, "victim bytes\n",
+        "the victim read the attacker's layer"
+    );
+    // The attacker's image, whose config claims the victim's layer, gets the victim's layer
+    // (what that diff ID names), never its own lying bytes.
+    if let Ok(got) = s.run(&reference, &["cat", "/app/hello.txt"]) {
+        assert_ne!(got, "EVIL\n", "the lying layer is still served");
     }
-    // Neither does the attacker's own image start on it any more.
-    assert!(s.run(&reference, &["cat", "/app/hello.txt"]).is_err());
+    s.assert_node_healthy();
+}
+
+#[test]
+fn lying_diff_id_cannot_poison_another_namespace() {
+    if skip("lying_diff_id_cannot_poison_another_namespace") {
+        return;
+    }
+    let mut s = Scene::start();
+    let (victim_ref, reference) = liar_and_victim(&s);
+    let out = s.arbor_pull(&reference);
+    assert!(out.status.success(), "pull: {}", text(&out));
+    // Right away, another tenant's namespace pulls the victim. containerd has no record of the
+    // chain ID there, so it Prepares it with the target label (as its unpacker does for CRI)
+    // and arbord decides: it does not hand over the unproved layer of another blob, it proves
+    // it now (a liar), removes it and mounts the victim's layer in its place.
+    let out = s.arbor_pull_in("tenant-b", &victim_ref);
+    assert!(out.status.success(), "victim pull: {}", text(&out));
+    assert!(
+        s.arbord.metric(LIED).unwrap_or(0.0) >= 1.0,
+        "the victim's pull returned before the holder's proof; log:\n{}",
+        s.arbord.log_tail(40)
+    );
+    assert!(text(&out).contains("mounted lazily"), "{}", text(&out));
+    let got = s
+        .ctd
+        .ctr_in(
+            "tenant-b",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "arbor",
+                &victim_ref,
+                "victim-b",
+                "cat",
+                "/app/hello.txt",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("victim: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
+    assert_eq!(
+        got, "victim bytes\n",
+        "the victim read the attacker's layer"
+    );
+    s.assert_node_healthy();
+}
+
+#[test]
+fn image_annotations_cannot_mark_a_layer_proved() {
+    if skip("image_annotations_cannot_mark_a_layer_proved") {
+        return;
+    }
+    let mut s = Scene::start();
+    let (victim_ref, _) = liar_and_victim(&s);
+    // The liar again, this time also claiming in its layer annotations (which become snapshot
+    // labels) that arbord already proved the layer.
+    let dir = s.tmp.path().join("liar-arbor");
+    let mut l = Layout::open(&dir, "evil").unwrap();
+    let top = l.layers() - 1;
+    l.annotations_mut(top).insert(
+        "containerd.io/snapshot/arbor.verified".into(),
+        json!("true"),
+    );
+    l.save("evil-proved").unwrap();
+    let reference = s.push(&dir, "evil-proved", "liar");
+    let out = s.arbor_pull(&reference);
+    assert!(out.status.success(), "pull: {}", text(&out));
+    let out = s.arbor_pull(&victim_ref);
+    assert!(out.status.success(), "victim pull: {}", text(&out));
+    let got = s.run(&victim_ref, &["cat", "/app/hello.txt"]).unwrap();
+    assert_eq!(got, "victim bytes\n", "a forged proof label was believed");
+    assert!(s.log().contains("ignoring labels only arbord may set"));
     s.assert_node_healthy();
 }
 
