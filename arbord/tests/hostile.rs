@@ -272,7 +272,7 @@ fn image_annotations_cannot_choose_the_fetch_source() {
     if skip("image_annotations_cannot_choose_the_fetch_source") {
         return;
     }
-    let mut s = Scene::start();
+    let mut s = Scene::start_with(true);
     // The victim's private image, which the node can read.
     let victim = s.converted("private", "victim secret\n");
     let victim_ref = s.push(&victim, "arbor", "private");
@@ -295,11 +295,33 @@ fn image_annotations_cannot_choose_the_fetch_source() {
     ann.insert(hostile::SOURCE_LABELS[1].into(), json!(victim_ref));
     l.save("evil").unwrap();
     let reference = s.push(&dir, "evil", "attacker");
-    // `ctr image pull` passes no labels of its own: only the image's annotations reach arbord.
-    s.ctd
-        .pull(&reference, &["--snapshotter", "arbor"])
-        .expect("ctr image pull");
-    let got = s.run(&reference, &["cat", "/app/hello.txt"]).unwrap();
+    // Through CRI, which forwards the image's own `containerd.io/snapshot/*` layer annotations
+    // to the snapshotter next to its own labels (`ctr image pull` of containerd 1.6 forwards
+    // none, so it could not carry this attack).
+    let before = fallbacks(&s);
+    cri::cri_pull(s.ctd.socket(), &reference)
+        .unwrap_or_else(|e| panic!("CRI pull: {e}\ncontainerd log:\n{}", s.ctd.log_tail(30)));
+    assert!(
+        fallbacks(&s) > before,
+        "the forged source labels did not make arbord refuse the lazy mount; log:\n{}",
+        s.arbord.log_tail(30)
+    );
+    let got = s
+        .ctd
+        .ctr_in(
+            "k8s.io",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "arbor",
+                &reference,
+                "annotations",
+                "cat",
+                "/app/hello.txt",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("running it: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
     assert_eq!(
         got, "attacker\n",
         "the attacker's image read another image's layer"
