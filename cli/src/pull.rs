@@ -414,13 +414,16 @@ async fn check_shared(
     labels: HashMap<String, String>,
 ) -> Result<()> {
     let mut sc = SnapshotsClient::new(direct.clone());
-    let info = match sc
-        .stat(StatSnapshotRequest {
-            snapshotter: String::new(),
-            key: chain.to_string(),
-        })
-        .await
-    {
+    let mut stat = tonic::Request::new(StatSnapshotRequest {
+        snapshotter: String::new(),
+        key: chain.to_string(),
+    });
+    // The record as it is: the Prepare below is what waits for a proof (and replaces a liar).
+    stat.metadata_mut().insert(
+        arbor_snapshotter::service::RAW_STAT_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let info = match sc.stat(stat).await {
         Ok(r) => r.into_inner().info.unwrap_or_default(),
         // Not a layer arbord mounted lazily (those are committed under the chain ID itself).
         Err(e) if e.code() == Code::NotFound => return Ok(()),

@@ -20,6 +20,11 @@ use crate::error::Result;
 use crate::meta::{Kind, Record};
 use crate::snapshotter::Snapshotter;
 
+/// gRPC metadata key: a `Stat` carrying it is answered with the record as it is, without
+/// waiting for a lazy layer's proof (`arbor pull` asking arbord directly what holds a chain ID;
+/// containerd never sends it).
+pub const RAW_STAT_HEADER: &str = "arbor-raw-stat";
+
 /// Serves a [`Snapshotter`] over gRPC.
 #[derive(Clone)]
 pub struct Service {
@@ -185,9 +190,14 @@ impl Snapshots for Service {
         &self,
         req: Request<StatSnapshotRequest>,
     ) -> Result<Response<StatSnapshotResponse>, Status> {
+        let raw = req.metadata().get(RAW_STAT_HEADER).is_some();
         let r = req.into_inner();
-        let span = info_span!("stat", key = %r.key);
-        let res = self.inner.stat(&r.key).instrument(span.clone()).await;
+        let span = info_span!("stat", key = %r.key, raw);
+        let res = if raw {
+            self.inner.record_of(&r.key).instrument(span.clone()).await
+        } else {
+            self.inner.stat(&r.key).instrument(span.clone()).await
+        };
         let _e = span.enter();
         let rec = self.done("stat", res)?;
         Ok(Response::new(StatSnapshotResponse {

@@ -94,6 +94,8 @@ pub struct Snapshotter {
     trust: labels::Trust,
     /// Proofs of lazy layers running now, by snapshot name.
     proofs: Mutex<HashMap<String, Arc<verify::Proof>>>,
+    /// Unproved lazy snapshots whose `Stat`s are answered at once until then (see `share`).
+    graces: Mutex<HashMap<String, std::time::Instant>>,
     /// Ids whose directory may exist before their record: reserved by a Prepare/View that
     /// has not finished. Cleanup holds this lock while it decides what is orphaned, so it
     /// never removes the directory of a snapshot about to be recorded (containerd's
@@ -160,6 +162,7 @@ impl Snapshotter {
             targets: Mutex::new(HashMap::new()),
             trust,
             proofs: Mutex::new(HashMap::new()),
+            graces: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             #[cfg(test)]
             after_dirs: None,
@@ -523,6 +526,7 @@ impl Snapshotter {
         })
         .await?;
         drop(in_flight);
+        self.grant_stat_grace(target);
         self.counters.remote_mounts.fetch_add(1, Ordering::Relaxed);
         info!(target, layer = %layer.digest, image = %layer.image_ref, id, "layer mounted lazily");
         Ok(())
@@ -627,9 +631,17 @@ impl Snapshotter {
         .await
     }
 
-    pub async fn stat(&self, key: &str) -> Result<Record> {
-        let (meta, key) = (Arc::clone(&self.meta), key.to_string());
-        blocking(move || meta.get(&key)?.ok_or(Error::NotFound(key))).await
+    /// The record of `key` as it is now.
+    pub async fn record_of(&self, key: &str) -> Result<Record> {
+        let (meta, k) = (Arc::clone(&self.meta), key.to_string());
+        blocking(move || meta.get(&k)?.ok_or(Error::NotFound(k))).await
+    }
+
+    /// The record of `key`; for a lazy layer not proved yet, asked for past its grace, once
+    /// its proof has a verdict (see `share::settle_stat`).
+    pub async fn stat(self: &Arc<Self>, key: &str) -> Result<Record> {
+        let rec = self.record_of(key).await?;
+        self.settle_stat(key, rec).await
     }
 
     /// Updates labels: `paths` empty or `labels` replaces them all, `labels.<k>` sets or

@@ -36,6 +36,12 @@ use crate::meta::{Kind, Record};
 /// Verdicts before a layer is declared unprovable here (a failed proof is retried once).
 const PROOF_ROUNDS: usize = 2;
 
+/// How long after an unproved lazy snapshot is committed (or handed to an image fetching the
+/// same blob) a `Stat` of it is answered at once: the unpacker that made it `Stat`s it right
+/// after the `AlreadyExists`. Later `Stat`s wait for the proof (see
+/// [`Snapshotter::settle_stat`]).
+pub(crate) const STAT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What to do with the committed snapshot `existing` that a new Prepare's target names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sharing {
@@ -83,7 +89,13 @@ impl Snapshotter {
                 return Ok(false);
             }
             match sharing(&existing, claim, proving) {
-                Sharing::Share => return Ok(true),
+                Sharing::Share => {
+                    if existing.remote.is_some() && !existing.labels.contains_key(VERIFIED) {
+                        // The same blob: its unpacker `Stat`s the chain ID next.
+                        self.grant_stat_grace(target);
+                    }
+                    return Ok(true);
+                }
                 Sharing::Replace => {
                     self.replace_liar(target, &existing).await?;
                     return Ok(false);
@@ -103,6 +115,64 @@ impl Snapshotter {
             None,
             claim,
             "no verdict: it could not be read through",
+        ))
+    }
+
+    /// Lets `Stat`s of `name` through for [`STAT_GRACE`] without waiting for its proof.
+    pub(crate) fn grant_stat_grace(&self, name: &str) {
+        let mut g = self.graces.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        g.retain(|_, until| *until > now);
+        g.insert(name.to_string(), now + STAT_GRACE);
+    }
+
+    /// What a `Stat` of `rec` (named `name`) answers. containerd answers a `Stat` of a chain
+    /// ID its namespace already has from its own records and then asks arbord for that
+    /// snapshot's info; in one namespace (CRI's `k8s.io`) that is all a later image's
+    /// unpacker does before reusing the chain ID, no Prepare reaches arbord. So past its grace,
+    /// a `Stat` of a lazy layer not proved yet hurries the proof and answers with its verdict:
+    /// the info once proved, `FailedPrecondition` naming a liar, `Unavailable` without a
+    /// verdict (the registry unreachable: fail closed).
+    pub(crate) async fn settle_stat(self: &Arc<Self>, name: &str, rec: Record) -> Result<Record> {
+        let unproved = |r: &Record| {
+            r.kind == Kind::Committed && r.remote.is_some() && !r.labels.contains_key(VERIFIED)
+        };
+        let in_grace = || {
+            self.graces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .is_some_and(|until| *until > std::time::Instant::now())
+        };
+        if !unproved(&rec) || !self.remote.options().verify_layers || in_grace() {
+            return Ok(rec);
+        }
+        let mut rec = rec;
+        for round in 0..=PROOF_ROUNDS {
+            match rec.labels.get(VERIFIED).map(String::as_str) {
+                Some("true") => return Ok(rec),
+                Some(_) => {
+                    let image = rec.remote.as_ref().map(|l| l.image_ref.as_str());
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {name} is a lazily mounted layer of {} that was proved to \
+                         lie about its content (see arbord's log): no image may use it; \
+                         remove that image",
+                        image.unwrap_or("an image")
+                    )));
+                }
+                None if round == PROOF_ROUNDS => break,
+                None => self.await_proof(name, &rec, None).await?,
+            }
+            rec = self
+                .record(name)
+                .await?
+                .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        }
+        Err(self.unproved(
+            name,
+            rec.remote.as_ref(),
+            None,
+            "no verdict: it could not be read through (registry unreachable?)",
         ))
     }
 
@@ -149,7 +219,7 @@ impl Snapshotter {
             held_by = %layer.digest,
             image = %layer.image_ref,
             claim = claim.unwrap_or("unknown"),
-            "another image's layer holds this chain ID and is not proved yet: waiting for its proof before sharing it"
+            "a lazy layer not proved yet is asked for past its grace (another image's Prepare or a later Stat): waiting for its proof before sharing it"
         );
         proof.hurry();
         let wait = self.remote.options().proof_wait;
@@ -176,10 +246,10 @@ impl Snapshotter {
         });
         warn!(target, claim, why, "not sharing an unproved lazy layer");
         Error::Unavailable(format!(
-            "chain ID {target} is held by another image's lazily mounted layer{holder} that is \
-             not proved yet, and this layer ({}) is a different blob: not sharing it before \
+            "chain ID {target} is held by a lazily mounted layer{holder} that is not proved \
+             yet, and this request (layer {}) may be another image's: not sharing it before \
              it is proved; {why}; retry later",
-            claim.unwrap_or("digest unknown")
+            claim.unwrap_or("unknown")
         ))
     }
 
