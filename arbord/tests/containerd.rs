@@ -535,8 +535,19 @@ fn restart_restores_mounts_without_the_registry() {
     let node = &mut sample.node;
     node.pull(&dst);
     assert_eq!(node.run_arbor(&dst, PROBE), want);
-    // Background prefetch brings in the rest of every layer; then the registry goes away.
+    // Background prefetch brings in the rest of every layer and the background proof reads
+    // every layer through (a `Stat` of an unproved layer would wait for it, and without the
+    // registry it could not be had); then the registry goes away.
     wait_fetch_idle(node);
+    let t = std::time::Instant::now();
+    while node.metric(r#"arbor_snapshotter_layer_verifications_total{result="proved"}"#) < 3.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the three lazy layers were not proved; log:\n{}",
+            node.arbord.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let status = node.arbord.stop().expect("stopping arbord");
     assert!(status.success(), "arbord exited with {status}");
     assert_eq!(

@@ -54,10 +54,16 @@ impl Scene {
     /// snippet's `snapshotter = "arbor"`, `disable_snapshot_annotations = false`; plain HTTP to
     /// this scene's registry), for [`cri::cri_pull`].
     fn start_with(cri: bool) -> Scene {
+        Scene::start_configured(cri, None)
+    }
+
+    /// [`Scene::start_with`], arbord reading `config` (TOML).
+    fn start_configured(cri: bool, config: Option<&str>) -> Scene {
         let tmp = tempfile::tempdir().expect("temp dir");
         let reg = Registry::start().expect("starting docker-registry");
         let arbord = Arbord::start(&ArbordOptions {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+            config: config.map(str::to_string),
             ..Default::default()
         })
         .expect("starting arbord");
@@ -443,6 +449,64 @@ fn lying_diff_id_cannot_poison_another_namespace() {
         got, "victim bytes\n",
         "the victim read the attacker's layer"
     );
+    s.assert_node_healthy();
+}
+
+#[test]
+fn lying_diff_id_cannot_poison_an_image_pulled_by_cri_in_the_same_namespace() {
+    if skip("lying_diff_id_cannot_poison_an_image_pulled_by_cri_in_the_same_namespace") {
+        return;
+    }
+    // The proof would not start on its own for ten minutes: only the victim's pull can make it.
+    let mut s = Scene::start_configured(true, Some("[prefetch]\nrest_delay_secs = 600\n"));
+    let (victim_ref, reference) = liar_and_victim(&s);
+    cri::cri_pull(s.ctd.socket(), &reference)
+        .unwrap_or_else(|e| panic!("CRI pull: {e}\nlog:\n{}", s.arbord.log_tail(30)));
+    assert!(
+        s.log().contains("layer mounted lazily"),
+        "{}",
+        s.arbord.log_tail(30)
+    );
+    // Past the grace in which the liar's own unpacker `Stat`s its chain ID.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    // CRI pulls every image into `k8s.io`, where containerd finds the chain ID in its own
+    // records and only `Stat`s it: arbord answers that `Stat` with the proof's verdict.
+    let pulled = cri::cri_pull(s.ctd.socket(), &victim_ref);
+    assert!(
+        s.arbord.metric(LIED).unwrap_or(0.0) >= 1.0,
+        "the victim's pull ({pulled:?}) returned before the holder's proof; log:\n{}",
+        s.arbord.log_tail(40)
+    );
+    let log = s.log();
+    assert!(log.contains("waiting for its proof"), "{log}");
+    match pulled {
+        // Refused, naming the liar: the chain ID is unusable in `k8s.io` until the liar's
+        // image is removed there.
+        Err(e) => assert!(e.message().contains("proved to lie"), "{e}"),
+        // Or pulled: then it must read its own bytes.
+        Ok(_) => {
+            let got = s
+                .ctd
+                .ctr_in(
+                    "k8s.io",
+                    &[
+                        "run",
+                        "--rm",
+                        "--snapshotter",
+                        "arbor",
+                        &victim_ref,
+                        "victim-k8s",
+                        "cat",
+                        "/app/hello.txt",
+                    ],
+                )
+                .unwrap_or_else(|e| panic!("victim: {e:#}"));
+            assert_eq!(
+                got, "victim bytes\n",
+                "the victim read the attacker's layer"
+            );
+        }
+    }
     s.assert_node_healthy();
 }
 
