@@ -42,6 +42,8 @@ pub enum FetchError {
     },
     #[error("no such file entry {0}")]
     NoEntry(usize),
+    #[error("layer {0} was proved to lie about its content: it is not served any more")]
+    Poisoned(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -98,6 +100,8 @@ pub struct LayerHandle {
     windows: Vec<Window>,
     /// Window of each chunk: `chunk_window[entry][chunk]` (u32::MAX for zero chunks).
     chunk_window: Vec<Vec<u32>>,
+    /// Set once the layer is proved to lie: nothing of it is served any more.
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 /// A run of chunk frames fetched with one request.
@@ -153,7 +157,20 @@ impl LayerHandle {
             sources,
             windows,
             chunk_window,
+            poisoned: Default::default(),
         }
+    }
+
+    /// Stops serving this layer: every later read of it fails ([`FetchError::Poisoned`]), and
+    /// a filesystem serving it answers EIO (a layer proved to lie, still under running
+    /// containers).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Whether [`LayerHandle::poison`] was called.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     pub fn chunk(&self, r: ChunkRef) -> Option<(&str, &Chunk)> {
@@ -326,6 +343,9 @@ impl Fetcher {
         layer: &Arc<LayerHandle>,
         r: ChunkRef,
     ) -> Result<Bytes, FetchError> {
+        if layer.is_poisoned() {
+            return Err(FetchError::Poisoned(layer.digest.clone()));
+        }
         let (name, c) = layer
             .chunk(r)
             .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;

@@ -75,6 +75,9 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         match self.tree.lookup(parent.0, name) {
             Some(ino) => match self.tree.get(ino) {
                 Some(n) => reply.entry(&self.ttl, &n.attr(ino), Generation(0)),
@@ -85,6 +88,9 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         match self.tree.get(ino.0) {
             Some(n) => reply.attr(&self.ttl, &n.attr(ino.0)),
             None => reply.error(Errno::ENOENT),
@@ -92,6 +98,9 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         match self.tree.get(ino.0).and_then(|n| n.link.as_ref()) {
             Some(l) => reply.data(l.as_bytes()),
             None => reply.error(Errno::EINVAL),
@@ -166,6 +175,9 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         let Some(n) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -193,6 +205,9 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         let Some(n) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -241,6 +256,9 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         let Some(n) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -251,6 +269,9 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if self.layer.is_poisoned() {
+            return reply.error(Errno::EIO);
+        }
         let Some(n) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };

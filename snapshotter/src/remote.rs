@@ -85,6 +85,7 @@ type RepoSource = (Store, Arc<dyn BlobSource>);
 
 struct Active {
     mounted: Mounted,
+    handle: Arc<LayerHandle>,
     prefetch: Option<JoinHandle<()>>,
 }
 
@@ -321,11 +322,18 @@ impl Remote {
         let prefetch = self.opts.prefetch.then(|| {
             self.rt.spawn(prefetch_layer(
                 Arc::clone(&self.fetcher),
-                handle,
+                Arc::clone(&handle),
                 self.opts.prefetch_opts.clone(),
             ))
         });
-        lock(&self.mounts).insert(id, Active { mounted, prefetch });
+        lock(&self.mounts).insert(
+            id,
+            Active {
+                mounted,
+                handle,
+                prefetch,
+            },
+        );
         Ok(())
     }
 
@@ -347,6 +355,16 @@ impl Remote {
             }
             info!(id, dir = %dir.display(), "layer unmounted");
         }
+    }
+
+    /// Stops serving layer `id` at once, then unmounts it: containers still running on it
+    /// (whose overlays keep the detached mount) get EIO from every further lookup and read
+    /// that reaches arbord. Pages the kernel already cached stay readable until evicted.
+    pub fn poison_and_unmount(&self, id: u64) {
+        if let Some(a) = lock(&self.mounts).get(&id) {
+            a.handle.poison();
+        }
+        self.unmount(id);
     }
 
     /// Unmounts every layer (daemon shutdown). Blocking.

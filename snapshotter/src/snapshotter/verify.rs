@@ -14,10 +14,11 @@
 //! - every tar header and every chunk of content agrees with the TOC.
 //!
 //! A proved layer gets the label [`VERIFIED`]` = true` (kept across restarts, so it is proved
-//! once). A layer that lies is taken out of service at once: unmounted, its `fs` directory
-//! replaced by an empty file so that no overlay can stack it again (a container that was
-//! already running on it keeps its view until it exits), labelled `false` so a restart does not
-//! mount it again, logged as an error and counted. Transient failures (registry gone) are
+//! once). A layer that lies is taken out of service at once: poisoned (its filesystem answers
+//! EIO to every lookup, stat and read that reaches it, so containers already running on it
+//! stop reading it; pages the kernel cached before stay readable until evicted), unmounted, its
+//! `fs` directory replaced by an empty file so that no overlay can stack it again, labelled
+//! `false` so a restart does not mount it again, logged as an error and counted. Transient failures (registry gone) are
 //! retried a few times, then counted and left unproved.
 
 use std::path::Path;
@@ -330,7 +331,7 @@ impl Snapshotter {
             name.to_string(),
         );
         let r = blocking(move || {
-            remote.unmount(id);
+            remote.poison_and_unmount(id);
             poison(&fs).map_err(Error::io(format!("replacing {}", fs.display())))?;
             meta.update_labels(&n, |l| {
                 l.insert(VERIFIED.into(), "false".into());
