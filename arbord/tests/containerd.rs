@@ -419,17 +419,7 @@ fn arbor_testkit_wait(mut f: impl FnMut() -> bool) -> bool {
 /// A node whose containerd runs CRI with the shipped 1.6/1.7 snippet (after `edit`), pointed at
 /// this arbord, and plain HTTP to `reg` (CRI's `hosts.toml` under `tmp`).
 fn cri_node(tmp: &Path, reg: &Registry, edit: impl FnOnce(String) -> String) -> Node {
-    let certs = tmp.join("certs.d");
-    let host_dir = certs.join(reg.addr());
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            a = reg.addr()
-        ),
-    )
-    .unwrap();
+    let certs = reg.write_cri_hosts(tmp).expect("writing hosts.toml");
     let snippet = include_str!("../../packaging/containerd/config-1.6-1.7.toml");
     Node::start_with(|a| ContainerdOptions {
         cri: true,

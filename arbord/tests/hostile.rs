@@ -69,19 +69,10 @@ impl Scene {
         .expect("starting arbord");
         let mut extra_config = arbord.containerd_config();
         if cri {
-            let host_dir = tmp.path().join("certs.d").join(reg.addr());
-            std::fs::create_dir_all(&host_dir).unwrap();
-            std::fs::write(
-                host_dir.join("hosts.toml"),
-                format!(
-                    "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                    a = reg.addr()
-                ),
-            )
-            .unwrap();
+            let certs = reg.write_cri_hosts(tmp.path()).expect("writing hosts.toml");
             extra_config.push_str(&format!(
                 "\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"arbor\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-                tmp.path().join("certs.d").display()
+                certs.display()
             ));
         }
         let ctd = Containerd::start_with(&ContainerdOptions { extra_config, cri })

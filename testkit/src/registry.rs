@@ -229,6 +229,23 @@ impl Registry {
         format!("http://{}", self.addr)
     }
 
+    /// Writes containerd's registry host config for this registry (plain HTTP, pull and
+    /// resolve) under `dir/certs.d/<addr>/hosts.toml`; returns `dir/certs.d`, the CRI
+    /// `registry.config_path`.
+    pub fn write_cri_hosts(&self, dir: &Path) -> Result<PathBuf> {
+        let certs = dir.join("certs.d");
+        let host_dir = certs.join(self.addr());
+        std::fs::create_dir_all(&host_dir)?;
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                a = self.addr()
+            ),
+        )?;
+        Ok(certs)
+    }
+
     /// `ADDR/<repo_and_tag>`, e.g. `reference("app:v1")` = "127.0.0.1:PORT/app:v1".
     pub fn reference(&self, repo_and_tag: &str) -> String {
         format!("{}/{}", self.addr, repo_and_tag)
