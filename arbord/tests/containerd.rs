@@ -482,18 +482,7 @@ fn cri_pull_gets_lazy_layers() {
     // And the image CRI pulled runs from them.
     let out = node
         .ctd
-        .ctr_in(
-            "k8s.io",
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "arbor",
-                &dst,
-                "cri-run",
-                "/app/run.sh",
-            ],
-        )
+        .run_arbor_in("k8s.io", &dst, "cri-run", &["/app/run.sh"])
         .unwrap();
     assert_eq!(out, "hello from arbor\n");
     let _ = node.ctd.ctr_in("k8s.io", &["image", "rm", &dst]);

@@ -305,18 +305,11 @@ fn image_annotations_cannot_choose_the_fetch_source() {
     );
     let got = s
         .ctd
-        .ctr_in(
+        .run_arbor_in(
             "k8s.io",
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "arbor",
-                &reference,
-                "annotations",
-                "cat",
-                "/app/hello.txt",
-            ],
+            &reference,
+            "annotations",
+            &["cat", "/app/hello.txt"],
         )
         .unwrap_or_else(|e| panic!("running it: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
     assert_eq!(
@@ -422,18 +415,11 @@ fn lying_diff_id_cannot_poison_another_namespace() {
     assert!(text(&out).contains("mounted lazily"), "{}", text(&out));
     let got = s
         .ctd
-        .ctr_in(
+        .run_arbor_in(
             "tenant-b",
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "arbor",
-                &victim_ref,
-                "victim-b",
-                "cat",
-                "/app/hello.txt",
-            ],
+            &victim_ref,
+            "victim-b",
+            &["cat", "/app/hello.txt"],
         )
         .unwrap_or_else(|e| panic!("victim: {e:#}\nlog:\n{}", s.arbord.log_tail(30)));
     assert_eq!(
@@ -478,18 +464,11 @@ fn lying_diff_id_cannot_poison_an_image_pulled_by_cri_in_the_same_namespace() {
         Ok(_) => {
             let got = s
                 .ctd
-                .ctr_in(
+                .run_arbor_in(
                     "k8s.io",
-                    &[
-                        "run",
-                        "--rm",
-                        "--snapshotter",
-                        "arbor",
-                        &victim_ref,
-                        "victim-k8s",
-                        "cat",
-                        "/app/hello.txt",
-                    ],
+                    &victim_ref,
+                    "victim-k8s",
+                    &["cat", "/app/hello.txt"],
                 )
                 .unwrap_or_else(|e| panic!("victim: {e:#}"));
             assert_eq!(

@@ -304,6 +304,21 @@ state = "{state}"
             .with_context(|| format!("running {cmd:?} in {reference}"))
     }
 
+    /// `ctr --namespace NAMESPACE run --rm --snapshotter arbor REF ID CMD...` (an image pulled
+    /// into another namespace, e.g. CRI's `k8s.io`), returning the container's stdout.
+    pub fn run_arbor_in(
+        &self,
+        namespace: &str,
+        reference: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
+        let mut args = vec!["run", "--rm", "--snapshotter", "arbor", reference, id];
+        args.extend_from_slice(cmd);
+        self.ctr_in(namespace, &args)
+            .with_context(|| format!("running {cmd:?} in {reference} (namespace {namespace})"))
+    }
+
     /// Pulls `reference` (plain HTTP for a registry on 127.0.0.1) with the default overlayfs
     /// snapshotter and runs `cmd` in a fresh container with `ctr run --rm`; returns its stdout.
     pub fn pull_and_run(&self, reference: &str, cmd: &[&str]) -> Result<String> {
