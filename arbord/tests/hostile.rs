@@ -517,6 +517,20 @@ fn toc_that_disagrees_with_its_tar_is_taken_out_of_service() {
     // runtime unpacks, and what the diff ID covers) does not.
     let (mut s, out, reference) = attack_toc("setuid", edits::setuid_in_toc_only);
     assert!(out.status.success(), "pull: {}", text(&out));
+    // A container started on it before the proof ends, which has read the file once.
+    s.ctd
+        .ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "arbor",
+            &reference,
+            "early",
+            "sh",
+            "-c",
+            "cat /app/hello.txt; sleep 300",
+        ])
+        .expect("ctr run -d");
     let lied = s.wait_metric(LIED, 1.0);
     assert!(
         lied >= 1.0,
@@ -525,6 +539,21 @@ fn toc_that_disagrees_with_its_tar_is_taken_out_of_service() {
     );
     assert!(s.log().contains("TOC disagrees with its tar"));
     assert!(s.run(&reference, &["cat", "/app/hello.txt"]).is_err());
+    // The running container cannot read the liar's file any more, not even what it had read.
+    let again = s.ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "again",
+        "early",
+        "cat",
+        "/app/hello.txt",
+    ]);
+    assert!(
+        again.is_err(),
+        "a running container still reads the lying layer: {again:?}"
+    );
+    let _ = s.ctd.ctr(&["task", "kill", "-s", "KILL", "early"]);
     s.assert_node_healthy();
     // The honest image's layers were proved.
     assert!(s.wait_metric(PROVED, 1.0) >= 1.0);

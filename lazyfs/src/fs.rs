@@ -27,6 +27,11 @@ pub struct LayerFs {
 }
 
 impl LayerFs {
+    /// Number of inodes of the layer's tree (numbered from 1, the root).
+    pub fn inodes(&self) -> u64 {
+        self.tree.nodes.len() as u64
+    }
+
     pub fn new(
         layer: Arc<LayerHandle>,
         fetcher: Arc<Fetcher>,

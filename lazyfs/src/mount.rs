@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arbor_fetch::{Fetcher, LayerHandle};
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::fs::LayerFs;
 
@@ -71,6 +71,9 @@ impl Privileges {
 pub struct Mounted {
     session: Option<BackgroundSession>,
     dir: PathBuf,
+    layer: Arc<LayerHandle>,
+    /// Inodes of the layer's tree: 1 (the root) ..= this.
+    inodes: u64,
 }
 
 /// Mounts `layer` read-only at `dir` (which must exist) with `nosuid,nodev`
@@ -95,6 +98,7 @@ pub fn mount_layer_with(
     privileges: Privileges,
 ) -> std::io::Result<Mounted> {
     let fs = LayerFs::new(Arc::clone(&layer), fetcher, rt);
+    let inodes = fs.inodes();
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(format!("arbor:{}", &layer.digest)),
@@ -124,6 +128,8 @@ pub fn mount_layer_with(
     Ok(Mounted {
         session: Some(session),
         dir: dir.to_path_buf(),
+        layer,
+        inodes,
     })
 }
 
@@ -132,19 +138,80 @@ impl Mounted {
         &self.dir
     }
 
-    /// Unmounts and waits for the FUSE threads to finish.
+    /// Stops serving the layer (it was proved to lie): from now on every lookup, stat and read
+    /// that reaches it fails with EIO ([`LayerHandle::poison`]), and the kernel is told to drop
+    /// what it cached of every inode (attributes and pages), so that processes already using
+    /// the mount (containers running on it, through their overlays) cannot go on reading it.
+    /// Call it before unmounting: a detached mount stays reachable from those overlays.
+    pub fn poison(&self) {
+        self.layer.poison();
+        let Some(session) = &self.session else {
+            return;
+        };
+        let notifier = session.notifier();
+        let mut failed = 0u64;
+        for ino in 1..=self.inodes {
+            // ENOENT for inodes the kernel never looked up: nothing cached, nothing to drop.
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                failed += 1;
+            }
+        }
+        warn!(
+            layer = %self.layer.digest,
+            dir = %self.dir.display(),
+            inodes = self.inodes,
+            failed,
+            "layer poisoned: every further access answers EIO; kernel caches invalidated"
+        );
+    }
+
+    /// Unmounts and waits (up to [`JOIN_WAIT`]) for the FUSE threads to finish. A layer
+    /// still held by someone the unmount cannot see, an overlay of a running container (it
+    /// keeps its own reference to each lower mount), keeps being served by its thread until the
+    /// last holder goes: the caller is not blocked on it (serving a poisoned layer, that thread
+    /// only answers EIO).
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => finish(s, &self.dir),
             None => Ok(()),
         }
     }
 }
 
+/// How long [`Mounted::unmount`] waits for the FUSE threads after the unmount.
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn finish(s: BackgroundSession, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
+        // Busy (a process has a file or its cwd in it): the caller decides (detach); dropping
+        // `s` leaves its thread running for whoever still holds the mount.
+        return Err(std::io::Error::last_os_error());
+    }
+    let deadline = std::time::Instant::now() + JOIN_WAIT;
+    while !s.guard.is_finished() {
+        if std::time::Instant::now() > deadline {
+            warn!(
+                dir = %dir.display(),
+                "unmounted, but still held (an overlay of a running container): its FUSE thread \
+                 serves it until the last holder goes"
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    s.join()
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+            let _ = finish(s, &self.dir);
         }
     }
 }

@@ -85,7 +85,6 @@ type RepoSource = (Store, Arc<dyn BlobSource>);
 
 struct Active {
     mounted: Mounted,
-    handle: Arc<LayerHandle>,
     prefetch: Option<JoinHandle<()>>,
 }
 
@@ -322,18 +321,11 @@ impl Remote {
         let prefetch = self.opts.prefetch.then(|| {
             self.rt.spawn(prefetch_layer(
                 Arc::clone(&self.fetcher),
-                Arc::clone(&handle),
+                handle,
                 self.opts.prefetch_opts.clone(),
             ))
         });
-        lock(&self.mounts).insert(
-            id,
-            Active {
-                mounted,
-                handle,
-                prefetch,
-            },
-        );
+        lock(&self.mounts).insert(id, Active { mounted, prefetch });
         Ok(())
     }
 
@@ -358,11 +350,11 @@ impl Remote {
     }
 
     /// Stops serving layer `id` at once, then unmounts it: containers still running on it
-    /// (whose overlays keep the detached mount) get EIO from every further lookup and read
-    /// that reaches arbord. Pages the kernel already cached stay readable until evicted.
+    /// (whose overlays keep the detached mount) get EIO from every further lookup and read,
+    /// and lose what the kernel cached of it ([`Mounted::poison`]).
     pub fn poison_and_unmount(&self, id: u64) {
         if let Some(a) = lock(&self.mounts).get(&id) {
-            a.handle.poison();
+            a.mounted.poison();
         }
         self.unmount(id);
     }

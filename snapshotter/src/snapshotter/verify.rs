@@ -15,8 +15,8 @@
 //!
 //! A proved layer gets the label [`VERIFIED`]` = true` (kept across restarts, so it is proved
 //! once). A layer that lies is taken out of service at once: poisoned (its filesystem answers
-//! EIO to every lookup, stat and read that reaches it, so containers already running on it
-//! stop reading it; pages the kernel cached before stay readable until evicted), unmounted, its
+//! EIO to every lookup, stat and read, and the kernel drops what it cached of it, so
+//! containers already running on it stop reading it), unmounted, its
 //! `fs` directory replaced by an empty file so that no overlay can stack it again, labelled
 //! `false` so a restart does not mount it again, logged as an error and counted. Transient failures (registry gone) are
 //! retried a few times, then counted and left unproved.
