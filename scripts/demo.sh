@@ -7,4 +7,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 bash scripts/setup.sh
-exec target/release/arbor-demo
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/arbor-demo"

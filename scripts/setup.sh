@@ -72,4 +72,4 @@ log "$(cargo --version)"
 
 log "cargo build --release --workspace --bins"
 cargo build --release --workspace --bins </dev/null
-log "done: binaries in $ROOT/target/release"
+log "done: binaries in ${CARGO_TARGET_DIR:-$ROOT/target}/release"
