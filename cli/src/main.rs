@@ -4,7 +4,7 @@
 mod bars;
 mod mount;
 mod output;
-mod pull;
+use arbor_client::pull;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

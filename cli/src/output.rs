@@ -142,7 +142,7 @@ pub fn print_check(r: &CheckReport) {
     );
 }
 
-pub fn print_pull(r: &crate::pull::PullReport) {
+pub fn print_pull(r: &arbor_client::PullReport) {
     for l in &r.layers {
         let how = match l.how {
             "lazy" => "mounted lazily".to_string(),

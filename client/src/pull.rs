@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Context as _, Error, Result, Rpc as _};
 use arbor_convert::image;
 use arbor_oci::Store;
 use arbor_oci::manifest::Descriptor;
@@ -85,13 +85,16 @@ fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
     let mut r = Request::new(m);
     r.metadata_mut().insert(
         "containerd-namespace",
-        t.namespace
-            .parse()
-            .context("namespace is not a valid header value")?,
+        t.namespace.parse().map_err(|_| {
+            Error::Invalid(format!(
+                "namespace {:?} is not a valid header value",
+                t.namespace
+            ))
+        })?,
     );
     if let Some(l) = lease {
         r.metadata_mut()
-            .insert("containerd-lease", l.parse().context("lease id")?);
+            .insert("containerd-lease", l.parse().ctx("lease id")?);
     }
     Ok(r)
 }
@@ -99,7 +102,10 @@ fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
 pub async fn connect(t: &Target) -> Result<Channel> {
     arbor_proto::connect(&t.address)
         .await
-        .with_context(|| format!("connecting to containerd at {}", t.address.display()))
+        .map_err(|cause| Error::Connect {
+            address: t.address.display().to_string(),
+            cause,
+        })
 }
 
 /// Chain IDs of a layer stack, from its diff IDs (OCI image spec).
@@ -180,7 +186,7 @@ async fn write_content(
         },
     )?)
     .await
-    .with_context(|| format!("labelling {digest}"))?;
+    .rpc(format!("labelling {digest}"))?;
     Ok(())
 }
 
@@ -199,12 +205,12 @@ async fn drain_write(
                     Ok(Some(_)) => {}
                     Ok(None) => return Ok(()),
                     Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
-                    Err(e) => return Err(e).context("writing content"),
+                    Err(e) => return Err(e).rpc("writing content"),
                 }
             }
         }
         Err(e) if e.code() == Code::AlreadyExists => Ok(()),
-        Err(e) => Err(e).context("writing content"),
+        Err(e) => Err(e).rpc("writing content"),
     }
 }
 
@@ -234,7 +240,7 @@ async fn fetch_blob_into_content(
     let mut reader = store
         .blob_reader(&d.digest, Some(d.size))
         .await
-        .with_context(|| format!("downloading layer {}", d.digest))?;
+        .ctx(format!("downloading layer {}", d.digest))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
     let (digest, size) = (d.digest.clone(), d.size as i64);
     let r#ref = format!("arbor-pull-{}", d.digest);
@@ -251,7 +257,7 @@ async fn fetch_blob_into_content(
         let mut off = 0i64;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = reader.read(&mut buf).context("reading the layer blob")?;
+            let n = reader.read(&mut buf).ctx("reading the layer blob")?;
             if n == 0 {
                 break;
             }
@@ -266,7 +272,7 @@ async fn fetch_blob_into_content(
             };
             off += n as i64;
             if tx.blocking_send(m).is_err() {
-                bail!("containerd closed the content write");
+                return Err(Error::Invalid("containerd closed the content write".into()));
             }
         }
         // The reader verified the digest before reporting end-of-file.
@@ -288,7 +294,7 @@ async fn fetch_blob_into_content(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     )
     .await;
-    let n = producer.await.context("download thread")??;
+    let n = producer.await.ctx("download thread")??;
     written?;
     Ok(n)
 }
@@ -303,7 +309,7 @@ pub async fn has_image(t: &Target, name: &str) -> Result<bool> {
     {
         Ok(_) => Ok(true),
         Err(e) if e.code() == Code::NotFound => Ok(false),
-        Err(e) => Err(e).context("asking containerd for the image"),
+        Err(e) => Err(e).rpc("asking containerd for the image"),
     }
 }
 
@@ -427,7 +433,7 @@ async fn check_shared(
         Ok(r) => r.into_inner().info.unwrap_or_default(),
         // Not a layer arbord mounted lazily (those are committed under the chain ID itself).
         Err(e) if e.code() == Code::NotFound => return Ok(()),
-        Err(e) => return Err(e).context("asking arbord about the snapshot"),
+        Err(e) => return Err(e).rpc("asking arbord about the snapshot"),
     };
     let get = |k: &str| info.labels.get(k).map(String::as_str);
     let held_by = get(snaplabels::ARBOR_LAYER_DIGEST).or(get(snaplabels::CRI_LAYER_DIGEST));
@@ -454,7 +460,7 @@ async fn check_shared(
         .await;
     match prepared {
         Err(e) if e.code() == Code::AlreadyExists => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("{}", e.message())).context("arbord refused to share it"),
+        Err(e) => Err(Error::Refused(e.message().to_string())),
         Ok(_) => {
             // An ordinary snapshot: the holder was removed as a liar and this layer could not
             // be mounted lazily in its place. Undo it; the chain ID is free for a new pull.
@@ -464,7 +470,9 @@ async fn check_shared(
                     key,
                 })
                 .await;
-            bail!("the layer under this chain ID was proved to lie and removed; pull again")
+            Err(Error::Refused(
+                "the layer under this chain ID was proved to lie and removed; pull again".into(),
+            ))
         }
     }
 }
@@ -497,9 +505,14 @@ pub async fn pull(
     } else {
         platforms.to_vec()
     };
-    let resolved = image::resolve(store, &platforms).await?;
+    let resolved = image::resolve(store, &platforms)
+        .await
+        .ctx(format!("resolving {name}"))?;
     let Some(img) = resolved.images.first() else {
-        bail!("{name} has no manifest for {}", platforms.join(", "));
+        return Err(Error::NoPlatform {
+            image: name.to_string(),
+            platforms: platforms.join(", "),
+        });
     };
     let m = &img.manifest;
     let config = store
@@ -508,16 +521,16 @@ pub async fn pull(
             arbor_oci::manifest::MAX_CONFIG_OR_MANIFEST,
         )
         .await
-        .context("reading the image config")?;
+        .ctx("reading the image config")?;
     let config_json: serde_json::Value =
-        serde_json::from_slice(&config).context("parsing the image config")?;
-    let diff_ids = image::diff_ids(&config_json)?;
+        serde_json::from_slice(&config).ctx("parsing the image config")?;
+    let diff_ids = image::diff_ids(&config_json).ctx("reading the config's diff IDs")?;
     if diff_ids.len() != m.layers.len() {
-        bail!(
+        return Err(Error::Invalid(format!(
             "the config lists {} diff_ids for {} layers",
             diff_ids.len(),
             m.layers.len()
-        );
+        )));
     }
     let chains = chain_ids(&diff_ids);
 
@@ -546,7 +559,7 @@ pub async fn pull(
         },
     )?)
     .await
-    .context("creating a lease")?;
+    .rpc("creating a lease")?;
 
     let result = pull_under_lease(
         store, name, img, &config, &diff_ids, &chains, t, &ch, &lease_id,
@@ -603,7 +616,7 @@ async fn pull_under_lease(
         .into(),
     )
     .await
-    .context("storing the config")?;
+    .ctx("storing the config")?;
     let mut labels: HashMap<String, String> = [(
         "containerd.io/gc.ref.content.config".to_string(),
         m.config.digest.clone(),
@@ -617,7 +630,7 @@ async fn pull_under_lease(
     }
     write_content(ch, t, lease, &img.digest, img.bytes.to_vec(), labels)
         .await
-        .context("storing the manifest")?;
+        .ctx("storing the manifest")?;
 
     let mut sc = SnapshotsClient::new(ch.clone());
     let mut reports = Vec::new();
@@ -644,7 +657,7 @@ async fn pull_under_lease(
                 let labels = layer_labels(l, name, chain, pull_key.as_deref());
                 check_shared(direct, chain, l, labels)
                     .await
-                    .with_context(|| format!("layer {i} ({})", l.digest))?;
+                    .map_err(|e| e.in_layer(i, &l.digest))?;
             }
             reports.push(LayerReport {
                 digest: l.digest.clone(),
@@ -682,7 +695,9 @@ async fn pull_under_lease(
                 continue;
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("preparing layer {i} ({})", l.digest));
+                return Err(e)
+                    .rpc("preparing the snapshot")
+                    .map_err(|e| e.in_layer(i, &l.digest));
             }
             Ok(r) => r.into_inner().mounts,
         };
@@ -701,19 +716,23 @@ async fn pull_under_lease(
                     },
                 )?)
                 .await
-                .context("applying the layer")?
+                .rpc("applying the layer")?
                 .into_inner()
                 .applied;
             // As containerd's unpacker: what was extracted must hash to the config's diff
             // ID, or the chain ID (which later images reuse) would name other content.
             let got = applied.map(|d| d.digest).unwrap_or_default();
             if got != diff_ids[i] {
-                bail!(
-                    "wrong diff id calculated on extraction of layer {i} ({}): the image config says {}, the layer's content is {}",
-                    l.digest,
-                    diff_ids[i],
-                    if got.is_empty() { "unreported" } else { &got }
-                );
+                return Err(Error::WrongDiffId {
+                    index: i,
+                    digest: l.digest.clone(),
+                    want: diff_ids[i].clone(),
+                    got: if got.is_empty() {
+                        "unreported".into()
+                    } else {
+                        got
+                    },
+                });
             }
             sc.clone()
                 .commit(req(
@@ -727,8 +746,8 @@ async fn pull_under_lease(
                     },
                 )?)
                 .await
-                .context("committing the snapshot")?;
-            anyhow::Ok(n)
+                .rpc("committing the snapshot")?;
+            Ok::<u64, Error>(n)
         }
         .await;
         match unpacked {
@@ -753,7 +772,7 @@ async fn pull_under_lease(
                         },
                     )?)
                     .await;
-                return Err(e).with_context(|| format!("unpacking layer {i} ({})", l.digest));
+                return Err(e.in_layer(i, &l.digest));
             }
         }
     }
@@ -794,9 +813,9 @@ async fn pull_under_lease(
                 },
             )?)
             .await
-            .context("updating the image record")?;
+            .rpc("updating the image record")?;
         }
-        Err(e) => return Err(e).context("creating the image record"),
+        Err(e) => return Err(e).rpc("creating the image record"),
     }
     Ok(reports)
 }
