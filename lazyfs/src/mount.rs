@@ -210,8 +210,22 @@ fn finish(s: BackgroundSession, dir: &Path) -> std::io::Result<()> {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = finish(s, &self.dir);
+        if let Some(s) = self.session.take()
+            && let Err(e) = finish(s, &self.dir)
+        {
+            // Busy (files still open in it): detach it, so nothing is left mounted; it goes
+            // away with its last user.
+            warn!(dir = %self.dir.display(), error = %e, "unmount failed; detaching");
+            detach(&self.dir);
         }
+    }
+}
+
+/// Lazily detaches whatever is mounted at `dir` (`umount -l`).
+fn detach(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }

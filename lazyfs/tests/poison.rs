@@ -84,5 +84,6 @@ fn poisoned_layer_answers_eio_to_everything_cached_or_not() {
         }),
         "listing a directory never listed",
     );
+    drop((opened, cached));
     drop(mounted);
 }
