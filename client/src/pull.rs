@@ -410,9 +410,10 @@ async fn arbord_direct(ch: &Channel, t: &Target) -> Option<Channel> {
 /// Before this image reuses a chain ID its namespace already has: containerd answers that
 /// from its own records, without asking arbord whether the snapshot there is a lazy layer of
 /// *another* blob that is not proved yet (which would make this image run that blob's files).
-/// If it is, the layer is prepared against arbord directly, which proves the holder at once
-/// and answers when it has a verdict (see `arbor_snapshotter` `share`): shared when proved,
-/// replaced by this layer when it lied, an error when there is no verdict in time.
+/// So a layer arbord mounted lazily (committed under the chain ID itself) is prepared again
+/// against arbord directly, which applies its sharing rule (`arbor_snapshotter` `share`):
+/// `AlreadyExists` at once for the same blob or a proved layer; for another blob, once the
+/// holder is proved; a liar is replaced by this layer; an error when there is no verdict.
 async fn check_shared(
     direct: &Channel,
     chain: &str,
@@ -424,31 +425,19 @@ async fn check_shared(
         snapshotter: String::new(),
         key: chain.to_string(),
     });
-    // The record as it is: the Prepare below is what waits for a proof (and replaces a liar).
+    // The record as it is (its parent, in arbord's names): the Prepare below is what waits
+    // for a proof and replaces a liar.
     stat.metadata_mut().insert(
         arbor_snapshotter::service::RAW_STAT_HEADER,
         tonic::metadata::MetadataValue::from_static("1"),
     );
     let info = match sc.stat(stat).await {
         Ok(r) => r.into_inner().info.unwrap_or_default(),
-        // Not a layer arbord mounted lazily (those are committed under the chain ID itself).
+        // Not a layer arbord mounted lazily: containerd unpacked it and checked its diff ID.
         Err(e) if e.code() == Code::NotFound => return Ok(()),
         Err(e) => return Err(e).rpc("asking arbord about the snapshot"),
     };
-    let get = |k: &str| info.labels.get(k).map(String::as_str);
-    let held_by = get(snaplabels::ARBOR_LAYER_DIGEST).or(get(snaplabels::CRI_LAYER_DIGEST));
-    if get(snaplabels::REMOTE) != Some("true")
-        || get(snaplabels::VERIFIED) == Some("true")
-        || held_by == Some(l.digest.as_str())
-    {
-        return Ok(());
-    }
-    info!(
-        chain,
-        held_by = held_by.unwrap_or("unknown"),
-        layer = %l.digest,
-        "the chain ID is held by another image's unproved lazy layer: waiting for its proof"
-    );
+    tracing::debug!(chain, layer = %l.digest, "asking arbord whether this image may share the chain ID");
     let key = format!("arbor-pull-check-{}-{}", std::process::id(), now_nanos());
     let prepared = sc
         .prepare(PrepareSnapshotRequest {

@@ -337,15 +337,7 @@ impl Remote {
     pub fn unmount(&self, id: u64) {
         let active = lock(&self.mounts).remove(&id);
         if let Some(a) = active {
-            if let Some(p) = a.prefetch {
-                p.abort();
-            }
-            let dir = a.mounted.dir().to_path_buf();
-            if let Err(e) = a.mounted.unmount() {
-                warn!(id, dir = %dir.display(), error = %e, "unmount failed; detaching");
-                detach(&dir);
-            }
-            info!(id, dir = %dir.display(), "layer unmounted");
+            Self::finish(id, a);
         }
     }
 
@@ -353,10 +345,24 @@ impl Remote {
     /// (whose overlays keep the detached mount) get EIO from every further lookup and read,
     /// and lose what the kernel cached of it ([`Mounted::poison`]).
     pub fn poison_and_unmount(&self, id: u64) {
-        if let Some(a) = lock(&self.mounts).get(&id) {
+        // Out of the table first: the invalidations go to the kernel without holding its lock.
+        let active = lock(&self.mounts).remove(&id);
+        if let Some(a) = active {
             a.mounted.poison();
+            Self::finish(id, a);
         }
-        self.unmount(id);
+    }
+
+    fn finish(id: u64, a: Active) {
+        if let Some(p) = a.prefetch {
+            p.abort();
+        }
+        let dir = a.mounted.dir().to_path_buf();
+        if let Err(e) = a.mounted.unmount() {
+            warn!(id, dir = %dir.display(), error = %e, "unmount failed; detaching");
+            detach(&dir);
+        }
+        info!(id, dir = %dir.display(), "layer unmounted");
     }
 
     /// Unmounts every layer (daemon shutdown). Blocking.
