@@ -250,6 +250,7 @@ fn run() -> Result<bool> {
         name: LAYOUT_TAG,
         version: RECIPE_VERSION,
         layers: pyimage::SCIENTIFIC_LAYERS.iter().collect(),
+        wheels: None,
         app: Vec::new(),
         startup_code: format!("import {}", args.imports),
         startup_label: format!("`import {}`", args.imports),

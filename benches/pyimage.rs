@@ -1,13 +1,19 @@
-//! Python function images built from Debian packages, and the files they read at start-up (shared
-//! by bench-lazy-start and bench-cold-start).
+//! Python function images built from Debian packages (and optionally PyPI wheels), and the files
+//! they read at start-up (shared by bench-lazy-start and bench-cold-start).
 //!
 //! A [`Recipe`] names layers of Debian packages (cached `.deb`s in `<cache>/debs`, fetched with
-//! `apt-get download`) and optionally an app layer of given files on top. Every package is
+//! `apt-get download`), optionally a layer of PyPI wheels ([`WheelLayer`]: pinned manylinux
+//! wheels cached in `<cache>/wheels`, fetched with the host's `python3 -m pip download` and
+//! installed by the host's pip with `--target` into the image's
+//! `/usr/local/lib/python3.11/dist-packages`, which Debian's python3.11 searches, console
+//! scripts moved to `/usr/local/bin` with the image's interpreter in their `#!` line), and
+//! optionally an app layer of given files on top. Every package is
 //! extracted (`dpkg-deb -x`) into its layer and into a merged root; what the maintainer scripts
 //! would have done is done too, in the layer of the package: the BLAS/LAPACK alternatives
 //! symlinks, `ld.so.cache` (`ldconfig -X -r`) and byte-compiled modules
 //! (`python3.11 -m compileall`, as `py3compile` does; timestamp-checked `.pyc` files next to
-//! their sources).
+//! their sources). The wheel layer's files get a fixed mtime (so its digest only depends on the
+//! wheels) and are byte-compiled the same way, by the image's interpreter, as pip does at install.
 //!
 //! The start-up file set is found for real: Python runs chrooted into the merged root (with
 //! `/proc` mounted) and executes the recipe's start-up code under an audit hook that records
@@ -131,6 +137,43 @@ pub const SCIENTIFIC_LAYERS: &[LayerDef] = &[
         ],
     },
 ];
+
+/// A layer of PyPI wheels (see the module docs).
+pub struct WheelLayer {
+    pub name: &'static str,
+    /// Pinned requirements (`name==version`), dependencies included: the layer holds exactly
+    /// these wheels.
+    pub requirements: &'static [&'static str],
+    /// The wheels' platform tags for `pip download` / `pip install` (`--platform`).
+    pub platforms: &'static [&'static str],
+    /// `--python-version`, `--implementation` and `--abi`.
+    pub python_version: &'static str,
+    pub implementation: &'static str,
+    pub abi: &'static str,
+    /// The image directory the wheels are installed into.
+    pub site_packages: &'static str,
+}
+
+impl WheelLayer {
+    /// pip's flags selecting the image's wheels (binary only).
+    fn platform_args(&self) -> Vec<String> {
+        let mut a = vec!["--only-binary=:all:".to_string()];
+        for p in self.platforms {
+            a.push("--platform".into());
+            a.push((*p).into());
+        }
+        a.extend(
+            [
+                ("--python-version", self.python_version),
+                ("--implementation", self.implementation),
+                ("--abi", self.abi),
+            ]
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()]),
+        );
+        a
+    }
+}
 
 /// The alternatives libopenblas0-pthread's postinst installs: (link, name, target).
 pub const ALTERNATIVES: &[(&str, &str, &str)] = &[
@@ -373,6 +416,8 @@ pub struct Recipe<'a> {
     pub version: u32,
     /// Package layers, bottom first.
     pub layers: Vec<&'a LayerDef>,
+    /// A layer of PyPI wheels on top of the package layers.
+    pub wheels: Option<&'a WheelLayer>,
     /// Files of an app layer on top of the package layers (empty: no app layer).
     pub app: Vec<AppFile>,
     /// Python code (run chrooted into the image, cwd `/`) whose opens make the start-up set.
@@ -398,6 +443,19 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
         .flat_map(|l| l.packages.iter().copied())
         .collect();
     let debs = resolve_debs(&debs_dir, &all)?;
+    let wheels_dir = cache.join("wheels");
+    let wheels = match recipe.wheels {
+        Some(w) => resolve_wheels(&wheels_dir, w)?,
+        None => Vec::new(),
+    };
+    let mut wheel_key = Vec::new();
+    for (req, file) in &wheels {
+        wheel_key.push(json!({
+            "requirement": req,
+            "wheel": file,
+            "sha256": sha256_file(&wheels_dir.join(file))?,
+        }));
+    }
     let dir = cache.join(recipe.name);
     let stamp_path = dir.join("image.json");
     let key = json!({
@@ -408,6 +466,11 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
             "name": l.name,
             "debs": l.packages.iter().map(|p| &debs[*p]).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "wheels": recipe.wheels.map(|w| json!({
+            "name": w.name,
+            "site_packages": w.site_packages,
+            "wheels": wheel_key,
+        })),
         "app": recipe.app.iter().map(|f| json!({
             "path": f.path,
             "mode": f.mode,
@@ -429,11 +492,14 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
     }
     fs::create_dir_all(&dir)?;
     let root = dir.join("rootfs");
-    let n_layers = recipe.layers.len() + usize::from(!recipe.app.is_empty());
+    // Package layers, the wheel layer, then the app layer.
+    let n_content = recipe.layers.len() + usize::from(recipe.wheels.is_some());
+    let n_layers = n_content + usize::from(!recipe.app.is_empty());
     let layer_dirs: Vec<PathBuf> = (0..n_layers)
         .map(|i| dir.join(format!("layer-{i}")))
         .collect();
     let package_dirs = &layer_dirs[..recipe.layers.len()];
+    let content_dirs = &layer_dirs[..n_content];
 
     // Extract every package into its layer and into the merged root.
     let t = Instant::now();
@@ -453,6 +519,23 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
         all.len(),
         t.elapsed().as_secs_f64()
     );
+    if let Some(w) = recipe.wheels {
+        let t = Instant::now();
+        let wdir = &layer_dirs[recipe.layers.len()];
+        install_wheels(&wheels_dir, w, &wheels, wdir)?;
+        run_quiet(
+            Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", wdir.display()))
+                .arg(&root),
+        )
+        .context("copying the wheel layer into the merged root")?;
+        println!(
+            "  installed {} wheels with pip in {:.1} s",
+            wheels.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     // What maintainer scripts and the base system would have done.
     for target in [&layer_dirs[0], &root] {
@@ -467,13 +550,12 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
             fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
         }
     }
-    let top = package_dirs.last().context("a recipe without layers")?;
+    let top = content_dirs.last().context("a recipe without layers")?;
     let blas = recipe
         .layers
         .iter()
-        .position(|l| l.packages.contains(&"libopenblas0-pthread"))
-        .map_or(top, |i| &package_dirs[i]);
-    for target in [blas, &root] {
+        .position(|l| l.packages.contains(&"libopenblas0-pthread"));
+    for target in blas.map(|i| [&package_dirs[i], &root]).iter().flatten() {
         fs::create_dir_all(target.join("etc/alternatives"))?;
         for (link, name, dest) in ALTERNATIVES {
             let alt = format!("/etc/alternatives/{name}");
@@ -495,6 +577,9 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
         "/usr/lib/python3.11",
         "/usr/lib/python3/dist-packages",
     ]);
+    if let Some(w) = recipe.wheels {
+        c.arg(w.site_packages);
+    }
     // Exits 1 because a few test files in the packages are not valid Python 3: ignore that.
     let (_, _, err) = run_timed(&mut c, Duration::from_secs(1800)).context("compileall")?;
     let mut pycs = Vec::new();
@@ -507,11 +592,11 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
     );
     for rel in &pycs {
         let src = pyc_source(rel).context("pyc name")?;
-        let layer = package_dirs
+        let layer = content_dirs
             .iter()
             .position(|d| fs::symlink_metadata(d.join(&src)).is_ok())
-            .unwrap_or(package_dirs.len() - 1);
-        let dst = package_dirs[layer].join(rel);
+            .unwrap_or(content_dirs.len() - 1);
+        let dst = content_dirs[layer].join(rel);
         let parent = dst.parent().context("pyc without parent")?;
         if !parent.exists() {
             fs::create_dir_all(parent)?;
@@ -528,7 +613,7 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
     );
 
     // The app layer.
-    if let Some(app_dir) = layer_dirs.get(recipe.layers.len()) {
+    if let Some(app_dir) = layer_dirs.get(n_content) {
         for f in &recipe.app {
             for target in [app_dir, &root] {
                 let p = target.join(f.path.trim_start_matches('/'));
@@ -582,13 +667,19 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
             tar_dir(ldir, &mut out).with_context(|| format!("tarring {}", ldir.display()))?;
             out.flush()?;
         }
-        let what = match recipe.layers.get(i) {
-            Some(def) => json!({
+        let what = match (recipe.layers.get(i), recipe.wheels) {
+            (Some(def), _) => json!({
                 "name": def.name,
                 "packages": def.packages,
                 "debs": def.packages.iter().map(|p| &debs[*p]).collect::<Vec<_>>(),
             }),
-            None => json!({
+            (None, Some(w)) if i < n_content => json!({
+                "name": w.name,
+                "requirements": w.requirements,
+                "wheels": wheels.iter().map(|(_, f)| f).collect::<Vec<_>>(),
+                "site_packages": w.site_packages,
+            }),
+            _ => json!({
                 "name": "app",
                 "files": recipe.app.iter().map(|f| f.path).collect::<Vec<_>>(),
             }),
@@ -634,6 +725,198 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
     println!("  image built in {:.1} s", t_all.elapsed().as_secs_f64());
     load_cached(&dir, recipe.name, &stamp_path, &key)
         .context("the image just built does not read back")
+}
+
+/// Maps each pinned requirement of `w` to its wheel in `dir`, downloading the missing ones with
+/// the host's `python3 -m pip download` (for the image's platform and Python, not the host's).
+pub fn resolve_wheels(dir: &Path, w: &WheelLayer) -> Result<Vec<(String, String)>> {
+    fs::create_dir_all(dir)?;
+    let find_all = || -> Result<Vec<(String, Option<String>)>> {
+        w.requirements
+            .iter()
+            .map(|r| Ok((r.to_string(), find_wheel(dir, r)?)))
+            .collect()
+    };
+    let found = find_all()?;
+    if found.iter().any(|(_, f)| f.is_none()) {
+        let before = wheel_files(dir)?;
+        let pip = host_pip()?;
+        println!(
+            "pip download of {} pinned wheels into {}",
+            w.requirements.len(),
+            dir.display()
+        );
+        run_quiet(
+            Command::new(&pip[0])
+                .args(&pip[1..])
+                .args(["download", "--disable-pip-version-check", "-d"])
+                .arg(dir)
+                .args(w.platform_args())
+                .args(w.requirements),
+        )
+        .context("pip download of the image's wheels")?;
+        // Everything pip fetched must be pinned: the layer holds exactly the pinned set.
+        let unpinned: Vec<String> = wheel_files(dir)?
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .filter(|f| {
+                !w.requirements
+                    .iter()
+                    .any(|r| wheel_matches(f, r).unwrap_or(false))
+            })
+            .collect();
+        ensure!(
+            unpinned.is_empty(),
+            "pip download fetched wheels whose requirements are not pinned (add them to the \
+             recipe's requirements): {}",
+            unpinned.join(", ")
+        );
+    }
+    find_all()?
+        .into_iter()
+        .map(|(r, f)| {
+            let f = f.with_context(|| format!("no wheel for {r} in {}", dir.display()))?;
+            Ok((r, f))
+        })
+        .collect()
+}
+
+/// The `.whl` files in `dir`.
+fn wheel_files(dir: &Path) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".whl") {
+            v.push(name);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Whether wheel file `file` is the distribution and version of `requirement` (`name==ver`;
+/// names compared as PEP 503 normalizes them, wheel names have `_` for `-`).
+fn wheel_matches(file: &str, requirement: &str) -> Result<bool> {
+    let (name, version) = requirement
+        .split_once("==")
+        .with_context(|| format!("requirement {requirement:?} is not pinned (name==version)"))?;
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '.'], "_");
+    let mut parts = file.splitn(3, '-');
+    Ok(match (parts.next(), parts.next()) {
+        (Some(n), Some(v)) => norm(n) == norm(name) && v == version,
+        _ => false,
+    })
+}
+
+/// The wheel of `requirement` in `dir` (the first in name order if several platforms match).
+fn find_wheel(dir: &Path, requirement: &str) -> Result<Option<String>> {
+    for f in wheel_files(dir)? {
+        if wheel_matches(&f, requirement)? {
+            return Ok(Some(f));
+        }
+    }
+    Ok(None)
+}
+
+/// The host's pip: `python3 -m pip`.
+pub fn host_pip() -> Result<Vec<String>> {
+    let python = find_in_path("python3").context(
+        "no python3 on the host: the PyPI image's wheels are downloaded and installed with the \
+         host's pip (`python3 -m pip`); install python3 and pip (e.g. apt-get install \
+         python3-pip)",
+    )?;
+    let pip = vec![
+        python.to_string_lossy().into_owned(),
+        "-m".to_string(),
+        "pip".to_string(),
+    ];
+    run_quiet(Command::new(&pip[0]).args(&pip[1..]).arg("--version")).with_context(|| {
+        format!(
+            "`{} -m pip` does not work: the PyPI image's wheels are downloaded and installed \
+             with the host's pip; install pip for it (e.g. apt-get install python3-pip, or \
+             python3 -m ensurepip)",
+            python.display()
+        )
+    })?;
+    Ok(pip)
+}
+
+/// Installs `wheels` (file names in `dir`) into `layer` as pip would in the image, without
+/// network: `pip install --no-index --no-deps --target LAYER/SITE_PACKAGES`, console scripts
+/// moved to `/usr/local/bin` with the image's interpreter, mtimes fixed. Not byte-compiled here
+/// (the image's interpreter does that).
+fn install_wheels(
+    dir: &Path,
+    w: &WheelLayer,
+    wheels: &[(String, String)],
+    layer: &Path,
+) -> Result<()> {
+    let site = layer.join(w.site_packages.trim_start_matches('/'));
+    fs::create_dir_all(&site)?;
+    let pip = host_pip()?;
+    run_quiet(
+        Command::new(&pip[0])
+            .args(&pip[1..])
+            .args([
+                "install",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-warn-script-location",
+                "--find-links",
+            ])
+            .arg(dir)
+            .args(w.platform_args())
+            .arg("--target")
+            .arg(&site)
+            .args(wheels.iter().map(|(_, f)| dir.join(f)))
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )
+    .context("pip install of the image's wheels")?;
+    // --target leaves scripts in SITE/bin with the host's interpreter in `#!`.
+    let bin = site.join("bin");
+    if bin.is_dir() {
+        let dest = layer.join("usr/local/bin");
+        fs::create_dir_all(&dest)?;
+        for e in fs::read_dir(&bin)? {
+            let e = e?;
+            let data = fs::read(e.path())?;
+            let data = match data.strip_prefix(b"#!") {
+                Some(rest)
+                    if rest
+                        .split(|b| *b == b'\n')
+                        .next()
+                        .is_some_and(|l| String::from_utf8_lossy(l).contains("python")) =>
+                {
+                    let body = rest
+                        .iter()
+                        .position(|b| *b == b'\n')
+                        .map_or(&[][..], |i| &rest[i..]);
+                    [format!("#!{PYTHON}").as_bytes(), body].concat()
+                }
+                _ => data,
+            };
+            let out = dest.join(e.file_name());
+            fs::write(&out, data)?;
+            fs::set_permissions(&out, fs::Permissions::from_mode(0o755))?;
+        }
+        fs::remove_dir_all(&bin)?;
+    }
+    // Reproducible layer: every file gets the same mtime (the .pyc files record it).
+    let mut stack = vec![layer.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                set_mtime(&e.path(), arbor_testkit::DEFAULT_MTIME as i64)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The image cached in `dir` if its stamp says it was built from `key` and its blobs are there.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds arbor, arbord and the cold-start benchmark in release mode and runs it; arguments go to
-# bench-cold-start (see `benches/run-cold-start.sh --help`). Needs root (see the bench's --help).
+# bench-cold-start (see `benches/run-cold-start.sh --help`: --image debian|pypi picks the function
+# image, both by default). Needs root (see the bench's --help).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
