@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|f| root.join("github.com/containerd/containerd/api").join(f))
         .collect();
     files.push(root.join("cri/api.proto"));
+    files.push(root.join("arbor/v1/starts.proto"));
     let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)

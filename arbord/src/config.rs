@@ -49,6 +49,33 @@ pub struct Config {
     pub prefetch: Prefetch,
     pub fuse: Fuse,
     pub registry: Registry,
+    pub learn: Learn,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Learn {
+    /// Record what freshly mounted layers are first asked for, and learn each image's
+    /// start-up set from the starts reported ready (by the runtime shim or `arbor run
+    /// --wait-ready`).
+    pub enabled: bool,
+    /// Reads this long after a start was ready still count (its first invocation).
+    pub grace_secs: u64,
+    /// A mount stops recording this long after it was mounted.
+    pub max_age_secs: u64,
+    /// A mount records at most this many chunks.
+    pub max_chunks: usize,
+}
+
+impl Default for Learn {
+    fn default() -> Self {
+        Learn {
+            enabled: true,
+            grace_secs: 2,
+            max_age_secs: 600,
+            max_chunks: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -82,6 +109,9 @@ pub struct Fetch {
     pub retries: u32,
     /// Windows after a missed one fetched along with it.
     pub read_ahead: usize,
+    /// Bytes fetched along with the first miss in a directory (the rest of the file, then the
+    /// directory's other files); 0 disables it.
+    pub group_read_ahead: Size,
     /// Longest a lazy Prepare may spend reading a TOC before it falls back.
     pub toc_timeout_secs: u64,
     /// Read every lazily mounted layer through in the background to prove its digest, diff ID
@@ -146,6 +176,7 @@ impl Default for Config {
             prefetch: Prefetch::default(),
             fuse: Fuse::default(),
             registry: Registry::default(),
+            learn: Learn::default(),
         }
     }
 }
@@ -174,6 +205,7 @@ impl Default for Fetch {
             registry_concurrency: 8,
             retries: 4,
             read_ahead: 0,
+            group_read_ahead: Size(arbor_fetch::fetcher::DEFAULT_GROUP_READ_AHEAD),
             toc_timeout_secs: 30,
             verify_layers: true,
             proof_wait_secs: 300,
@@ -245,6 +277,14 @@ impl Config {
             "fetch.unit must be between 4KiB and 64MiB"
         );
         anyhow::ensure!(self.fuse.threads >= 1, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.fetch.group_read_ahead.0 <= 256 << 20,
+            "fetch.group_read_ahead must be at most 256MiB"
+        );
+        anyhow::ensure!(
+            self.learn.grace_secs <= 3600,
+            "learn.grace_secs must be at most 3600"
+        );
         anyhow::ensure!(
             self.fetch.toc_timeout_secs >= 1,
             "fetch.toc_timeout_secs must be at least 1"

@@ -1,6 +1,6 @@
 //! Running the daemon: opens the store and caches under the root, restores the lazy mounts
 //! of earlier runs (from kept TOCs, without the registry), then serves containerd's snapshots
-//! API on a unix socket and Prometheus metrics over HTTP until SIGTERM or SIGINT, when it
+//! API and Arbor's `arbor.v1.Starts` (start reports, learned start-up sets) on a unix socket and Prometheus metrics over HTTP until SIGTERM or SIGINT, when it
 //! writes cached chunks back and unmounts its layers.
 
 use std::os::unix::fs::PermissionsExt;
@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::prefetch::PrefetchOptions;
 use arbor_fetch::{ChunkCache, Fetcher, Metrics};
+use arbor_snapshotter::learn::StartsService;
 use arbor_snapshotter::{Remote, RemoteOptions, Service, Snapshotter};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -110,6 +111,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             fetch_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
             background_while_active: cfg.prefetch.rest_while_active,
             read_ahead: cfg.fetch.read_ahead,
+            group_read_ahead: cfg.fetch.group_read_ahead.0,
         },
     );
     let remote = Arc::new(Remote::new(
@@ -133,6 +135,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             toc_timeout: Duration::from_secs(cfg.fetch.toc_timeout_secs),
             verify_layers: cfg.fetch.verify_layers,
             proof_wait: Duration::from_secs(cfg.fetch.proof_wait_secs),
+            learn: arbor_snapshotter::learn::LearnOptions {
+                enabled: cfg.learn.enabled,
+                grace: Duration::from_secs(cfg.learn.grace_secs),
+                max_age: Duration::from_secs(cfg.learn.max_age_secs),
+                max_chunks: cfg.learn.max_chunks,
+            },
         },
         &cfg.root.join("tocs"),
         tokio::runtime::Handle::current(),
@@ -148,12 +156,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         let l = tokio::net::TcpListener::bind(&cfg.metrics.address)
             .await
             .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.address))?;
-        let (m, s) = (Arc::clone(&metrics), Arc::clone(&snap));
+        let (m, s, r) = (Arc::clone(&metrics), Arc::clone(&snap), Arc::clone(&remote));
         Some(tokio::spawn(arbor_fetch::metrics::serve(
             l,
             Arc::new(move || {
                 let mut text = m.render();
                 text.push_str(&s.render_metrics());
+                text.push_str(&r.sets().render_metrics());
                 text
             }),
         )))
@@ -188,6 +197,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     let served = tonic::transport::Server::builder()
         .add_service(Service::new(Arc::clone(&snap)).into_server())
+        .add_service(StartsService::new(Arc::clone(&remote)).into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

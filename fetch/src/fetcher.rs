@@ -63,6 +63,11 @@ pub struct FetcherOptions {
     pub background_while_active: bool,
     /// Windows after a missed one fetched along with it (0: none).
     pub read_ahead: usize,
+    /// Bytes (of the blob) fetched along with the first miss in a directory: the rest of the
+    /// missed file, then the other files of its directory (a Python package's modules and
+    /// their `__pycache__`), so a program that imports a package file by file waits for one
+    /// round trip, not one per file (0: off). See [`LayerHandle::group_windows`].
+    pub group_read_ahead: u64,
 }
 
 impl Default for FetcherOptions {
@@ -73,9 +78,16 @@ impl Default for FetcherOptions {
             fetch_timeout: Duration::from_secs(60),
             background_while_active: false,
             read_ahead: 0,
+            group_read_ahead: DEFAULT_GROUP_READ_AHEAD,
         }
     }
 }
+
+/// Default of [`FetcherOptions::group_read_ahead`].
+pub const DEFAULT_GROUP_READ_AHEAD: u64 = 8 << 20;
+
+/// Windows of a group fetched at the same time by a group read-ahead.
+const GROUP_CONCURRENCY: usize = 4;
 
 /// (entry index, chunk index) within a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +114,13 @@ pub struct LayerHandle {
     chunk_window: Vec<Vec<u32>>,
     /// Set once the layer is proved to lie: nothing of it is served any more.
     poisoned: std::sync::atomic::AtomicBool,
+    /// Locality group of each entry (its directory; see [`LayerHandle::group_windows`]).
+    entry_group: Vec<u32>,
+    /// Windows holding each group's chunks, in blob order, and whether a miss in the group
+    /// has already fetched them.
+    groups: Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>,
+    /// First reads of this mount, when it is being learned from.
+    recorder: std::sync::OnceLock<Arc<crate::learn::Recorder>>,
 }
 
 /// A run of chunk frames fetched with one request.
@@ -150,6 +169,7 @@ impl LayerHandle {
             }
             chunk_window[r.entry as usize][r.chunk as usize] = (windows.len() - 1) as u32;
         }
+        let (entry_group, groups) = locality_groups(&index, &chunk_window);
         LayerHandle {
             digest: digest.to_string(),
             size,
@@ -158,7 +178,37 @@ impl LayerHandle {
             windows,
             chunk_window,
             poisoned: Default::default(),
+            entry_group,
+            groups,
+            recorder: Default::default(),
         }
+    }
+
+    /// The windows of the locality group of `entry`: the files of its directory, a
+    /// `__pycache__` directory counting as its parent (a module's compiled file is read
+    /// right after the directory's other lookups), in blob order. Tar order keeps a
+    /// directory's files together, so these are few and mostly adjacent windows.
+    pub fn group_windows(&self, entry: usize) -> &[u32] {
+        self.entry_group
+            .get(entry)
+            .and_then(|g| self.groups.get(*g as usize))
+            .map_or(&[], |(w, _)| w.as_slice())
+    }
+
+    /// Starts recording this mount's first reads (see [`crate::learn`]); a second call
+    /// returns the recorder already set.
+    pub fn record(&self, recorder: Arc<crate::learn::Recorder>) -> Arc<crate::learn::Recorder> {
+        Arc::clone(self.recorder.get_or_init(|| recorder))
+    }
+
+    /// The recorder of this mount's first reads, if it is being learned from.
+    pub fn recorder(&self) -> Option<&Arc<crate::learn::Recorder>> {
+        self.recorder.get()
+    }
+
+    /// Window of chunk `r`, if it has one (zero chunks have none).
+    pub fn window_index(&self, r: ChunkRef) -> Option<usize> {
+        self.window_of(r)
     }
 
     /// Stops serving this layer: every later read of it fails ([`FetchError::Poisoned`]), and
@@ -190,6 +240,45 @@ impl LayerHandle {
             .get(r.chunk as usize)?;
         (w != u32::MAX).then_some(w as usize)
     }
+}
+
+/// Groups entries by directory (a `__pycache__` directory joins its parent) and lists the
+/// windows holding each group's chunks.
+#[allow(clippy::type_complexity)]
+fn locality_groups(
+    index: &LayerIndex,
+    chunk_window: &[Vec<u32>],
+) -> (Vec<u32>, Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>) {
+    let mut by_dir: HashMap<&str, u32> = HashMap::new();
+    let mut groups: Vec<Vec<u32>> = Vec::new();
+    let mut entry_group = Vec::with_capacity(index.entries.len());
+    for (ei, e) in index.entries.iter().enumerate() {
+        let name = e.name.trim_end_matches('/');
+        let mut dir = name.rsplit_once('/').map_or("", |(d, _)| d);
+        if let Some(parent) = dir.strip_suffix("/__pycache__") {
+            dir = parent;
+        } else if dir == "__pycache__" {
+            dir = "";
+        }
+        let next = groups.len() as u32;
+        let g = *by_dir.entry(dir).or_insert(next);
+        if g == next {
+            groups.push(Vec::new());
+        }
+        entry_group.push(g);
+        if let Some(ws) = chunk_window.get(ei) {
+            groups[g as usize].extend(ws.iter().copied().filter(|w| *w != u32::MAX));
+        }
+    }
+    let groups = groups
+        .into_iter()
+        .map(|mut w| {
+            w.sort_unstable();
+            w.dedup();
+            (w, std::sync::atomic::AtomicBool::new(false))
+        })
+        .collect();
+    (entry_group, groups)
 }
 
 type WindowResult = Arc<Result<Vec<(ChunkRef, Bytes)>, FetchError>>;
@@ -316,6 +405,10 @@ impl Fetcher {
         let first = e
             .chunks
             .partition_point(|c| c.file_offset + c.size <= offset);
+        if let Some(rec) = layer.recorder() {
+            let last = e.chunks.partition_point(|c| c.file_offset < end);
+            rec.note(entry as u32, first as u32..last as u32);
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (ci, c) in e.chunks.iter().enumerate().skip(first) {
             if c.file_offset >= end {
@@ -398,6 +491,7 @@ impl Fetcher {
             .window_of(r)
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
         self.read_ahead(layer, w);
+        self.read_group(layer, r, w);
         let window = self.window(layer, w).await;
         match window.as_ref() {
             Ok(chunks) => {
@@ -478,6 +572,83 @@ impl Fetcher {
                 let _ = f.window(&l, next).await;
             });
         }
+    }
+
+    /// On the first miss in a locality group (a directory), fetches in the background, as
+    /// urgent work, the windows of the rest of the missed file and then of the group's other
+    /// files, [`FetcherOptions::group_read_ahead`] bytes at most, [`GROUP_CONCURRENCY`] at a
+    /// time: a program that opens a file usually reads it whole, and an import of a package
+    /// reads many of its files one after another, each a round trip if fetched alone.
+    fn read_group(self: &Arc<Self>, layer: &Arc<LayerHandle>, r: ChunkRef, w: usize) {
+        let budget = self.opts.group_read_ahead;
+        if budget == 0 {
+            return;
+        }
+        let Some(&g) = layer.entry_group.get(r.entry as usize) else {
+            return;
+        };
+        let Some((group, started)) = layer.groups.get(g as usize) else {
+            return;
+        };
+        // The rest of the file first (its windows after the missed one), then the group's
+        // windows from the missed one on, then those before it.
+        let file = layer
+            .chunk_window
+            .get(r.entry as usize)
+            .map(|ws| {
+                ws.iter()
+                    .skip(r.chunk as usize + 1)
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let first_miss = !started.swap(true, Ordering::AcqRel);
+        let split = group.partition_point(|x| (*x as usize) <= w);
+        let rest: Box<dyn Iterator<Item = u32>> = if first_miss {
+            Box::new(group[split..].iter().chain(&group[..split]).copied())
+        } else {
+            Box::new(std::iter::empty())
+        };
+        let mut picked = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0u64;
+        for x in file.into_iter().chain(rest) {
+            let x = x as usize;
+            if x == w || x == u32::MAX as usize || !seen.insert(x) {
+                continue;
+            }
+            let Some(win) = layer.windows.get(x) else {
+                continue;
+            };
+            if bytes + (win.end - win.start) > budget {
+                break;
+            }
+            if self.window_cached(layer, x) {
+                continue;
+            }
+            bytes += win.end - win.start;
+            picked.push(x);
+        }
+        if picked.is_empty() {
+            return;
+        }
+        self.metrics
+            .group_read_ahead_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        let (f, l) = (Arc::clone(self), Arc::clone(layer));
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for x in picked {
+                while set.len() >= GROUP_CONCURRENCY {
+                    let _ = set.join_next().await;
+                }
+                let (f, l) = (Arc::clone(&f), Arc::clone(&l));
+                set.spawn(async move {
+                    let _ = f.window(&l, x).await;
+                });
+            }
+            while set.join_next().await.is_some() {}
+        });
     }
 
     /// True when background work may use the link now: no urgent fetch in flight or within
@@ -779,5 +950,62 @@ impl Drop for Niceness {
         unsafe {
             libc::setpriority(libc::PRIO_PROCESS, 0, self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_format::index::IndexEntry;
+    use arbor_format::tarstream::EntryKind;
+
+    /// A layer of regular files of one chunk each, `size` compressed bytes apiece, in order.
+    fn layer(files: &[(&str, u64)], unit: u64) -> LayerHandle {
+        let mut off = 0;
+        let entries = files
+            .iter()
+            .map(|(name, size)| {
+                let mut e = IndexEntry::bare(EntryKind::Regular, name, "");
+                e.size = *size;
+                e.chunks = vec![Chunk {
+                    file_offset: 0,
+                    size: *size,
+                    blob_offset: off,
+                    blob_end: off + size,
+                    digest: Some(arbor_format::Digest::of(name.as_bytes())),
+                    zeros: false,
+                }];
+                off += size;
+                e
+            })
+            .collect();
+        let index = LayerIndex {
+            entries,
+            data_end: off,
+            arbor: None,
+        };
+        LayerHandle::new("sha256:00", off, Arc::new(index), Vec::new(), unit)
+    }
+
+    #[test]
+    fn a_directory_and_its_pycache_are_one_group() {
+        let l = layer(
+            &[
+                ("pkg/__init__.py", 5000),
+                ("pkg/__pycache__/__init__.cpython-311.pyc", 5000),
+                ("pkg/sub/mod.py", 5000),
+                ("pkg/mod.py", 5000),
+                ("__pycache__/top.pyc", 5000),
+                ("top.py", 5000),
+            ],
+            4096,
+        );
+        // One window per file (each is larger than the unit).
+        assert_eq!(l.windows().len(), 6);
+        assert_eq!(l.group_windows(0), &[0, 1, 3]);
+        assert_eq!(l.group_windows(1), &[0, 1, 3]);
+        assert_eq!(l.group_windows(2), &[2]);
+        assert_eq!(l.group_windows(4), &[4, 5]);
+        assert!(l.group_windows(99).is_empty());
     }
 }

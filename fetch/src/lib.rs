@@ -10,10 +10,12 @@
 //!
 //! Every chunk is verified against its sha256 before it is returned or stored, wherever it
 //! came from. [`prefetch`] walks a layer's prefetch section, then the rest, in the
-//! background. [`metrics`] counts all of it and renders Prometheus text.
+//! background, a learned start-up set first ([`learn`] records one from a mount's first reads).
+//! [`metrics`] counts all of it and renders Prometheus text.
 
 pub mod cache;
 pub mod fetcher;
+pub mod learn;
 pub mod memcache;
 pub mod metrics;
 pub mod prefetch;

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub verify_failures: AtomicU64,
     pub read_errors: AtomicU64,
     pub prefetch_bytes: AtomicU64,
+    /// Compressed bytes fetched along with misses by the group read-ahead.
+    pub group_read_ahead_bytes: AtomicU64,
+    /// Compressed bytes of learned start-up sets fetched at mount.
+    pub learned_prefetch_bytes: AtomicU64,
     pub cache_bytes: AtomicU64,
     pub cache_chunks: AtomicU64,
     /// Chunks not written to the disk cache because the write-back queue was full.
@@ -174,6 +178,16 @@ impl Metrics {
                 "arbor_prefetch_bytes_total",
                 "Compressed bytes fetched by background prefetch.",
                 &self.prefetch_bytes,
+            ),
+            (
+                "arbor_group_read_ahead_bytes_total",
+                "Compressed bytes fetched along with a miss: the rest of its file and its directory's other files.",
+                &self.group_read_ahead_bytes,
+            ),
+            (
+                "arbor_learned_prefetch_bytes_total",
+                "Compressed bytes of learned start-up sets fetched when their layers were mounted.",
+                &self.learned_prefetch_bytes,
             ),
             (
                 "arbor_cache_writeback_dropped_total",

@@ -39,7 +39,26 @@ impl Default for PrefetchOptions {
 
 /// Prefetches `layer` until done (spawn it; abort the task to stop early).
 pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts: PrefetchOptions) {
+    prefetch_layer_learned(fetcher, layer, opts, Vec::new()).await
+}
+
+/// [`prefetch_layer`] with the windows of a learned start-up set first (in first-read order,
+/// urgent like the prefetch section; see [`crate::learn::learned_windows`]).
+pub async fn prefetch_layer_learned(
+    fetcher: Arc<Fetcher>,
+    layer: Arc<LayerHandle>,
+    opts: PrefetchOptions,
+    learned: Vec<usize>,
+) {
     let started = Instant::now();
+    if !learned.is_empty() {
+        let n = fetch_urgent(&fetcher, &layer, &learned, opts.concurrency).await;
+        fetcher
+            .metrics()
+            .learned_prefetch_bytes
+            .fetch_add(n, Ordering::Relaxed);
+        info!(layer = %layer.digest, windows = learned.len(), bytes = n, seconds = started.elapsed().as_secs_f64(), "learned start-up set fetched");
+    }
     let prefetch_end = layer.index.arbor.as_ref().map_or(0, |a| a.prefetch_end);
     // Windows holding at least one chunk the cache lacks, split at the prefetch section's end.
     let (front, rest): (Vec<usize>, Vec<usize>) = layer
@@ -114,4 +133,40 @@ pub async fn prefetch_layer(fetcher: Arc<Fetcher>, layer: Arc<LayerHandle>, opts
         fetched += phase_bytes;
     }
     info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
+}
+
+/// Fetches `windows` (those not cached yet) as urgent work, `concurrency` at a time, in order:
+/// a window starts as soon as a slot frees, so one slow window does not hold the others.
+/// Returns the bytes fetched.
+async fn fetch_urgent(
+    fetcher: &Arc<Fetcher>,
+    layer: &Arc<LayerHandle>,
+    windows: &[usize],
+    concurrency: usize,
+) -> u64 {
+    let mut set = tokio::task::JoinSet::new();
+    let mut bytes = 0u64;
+    let mut collect = |r: Option<Result<(u64, bool), tokio::task::JoinError>>| {
+        if let Some(Ok((n, true))) = r {
+            bytes += n;
+        }
+    };
+    for &w in windows {
+        if fetcher.window_cached(layer, w) {
+            continue;
+        }
+        while set.len() >= concurrency.max(1) {
+            collect(set.join_next().await);
+        }
+        let (f, l) = (Arc::clone(fetcher), Arc::clone(layer));
+        set.spawn(async move {
+            let r = f.window(&l, w).await;
+            let n = l.windows().get(w).map_or(0, |x| x.end - x.start);
+            (n, r.is_ok())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        collect(Some(r));
+    }
+    bytes
 }

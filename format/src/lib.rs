@@ -13,13 +13,16 @@
 //! - [`writer`]: tar stream in, chunked layer out ([`writer::convert_layer`]);
 //! - [`toc`], [`footer`]: the serialized TOC and footer, both footer generations;
 //! - [`index`]: a validated view of a TOC for readers, and chunk decoding with verification;
-//! - [`tree`]: the directory tree a validated index describes (what the lazy filesystem serves).
+//! - [`tree`]: the directory tree a validated index describes (what the lazy filesystem serves);
+//! - [`startup`]: learned start-up sets (which chunks a function reads to start), as stored and
+//!   shipped beside an image.
 
 pub mod digest;
 pub mod error;
 pub mod footer;
 pub mod index;
 pub mod path;
+pub mod startup;
 pub mod tarstream;
 pub mod toc;
 pub mod tree;

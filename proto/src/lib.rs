@@ -21,6 +21,9 @@ pub use generated::containerd::types;
 /// `containerd.services.snapshots.v1`: messages, the client and the `Snapshots` server trait.
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 
+/// `arbor.v1`: arbord's own service (`Starts`: start reports and learned start-up sets).
+pub use generated::arbor::v1 as arbor;
+
 /// `runtime.v1` (CRI): the image service subset.
 pub use generated::runtime::v1 as cri;
 

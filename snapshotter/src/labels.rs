@@ -46,6 +46,10 @@ pub const ARBOR_IMAGE_REF: &str = "containerd.io/snapshot/arbor.image-ref";
 pub const PULL_MAC: &str = "containerd.io/snapshot/arbor.pull-mac";
 /// Layer digest, set by containerd's CRI plugin.
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The image manifest digest CRI prepares a layer for (containerd's snapshotter labels).
+pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// The image manifest digest `arbor pull` prepares a layer for.
+pub const ARBOR_MANIFEST: &str = "containerd.io/snapshot/arbor.manifest-digest";
 /// Image reference, set by containerd's CRI plugin.
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// Set ("true") on snapshots Arbor mounted lazily, so `ctr snapshot info` shows it.
@@ -242,7 +246,18 @@ pub fn remote_layer(
         blob_size,
         toc_position: locator.position.annotation(),
         toc_digest: Some(toc_digest),
+        manifest: manifest_digest(labels),
     })
+}
+
+/// The image manifest a layer is prepared for: `arbor pull`'s label, else CRI's. Only a
+/// well-formed digest counts; it only selects a learned start-up set (a hint).
+pub fn manifest_digest(labels: &BTreeMap<String, String>) -> Option<String> {
+    [ARBOR_MANIFEST, CRI_MANIFEST]
+        .iter()
+        .filter_map(|k| labels.get(*k))
+        .find(|d| arbor_format::Digest::parse(d).is_ok())
+        .cloned()
 }
 
 /// (layer digest, image reference) from a trusted source, never mixing two sources.

@@ -11,6 +11,7 @@ pub mod error;
 pub mod filter;
 pub mod introspect;
 pub mod labels;
+pub mod learn;
 pub mod meta;
 pub mod remote;
 pub mod service;

@@ -48,6 +48,10 @@ pub struct RemoteLayer {
     pub toc_position: String,
     /// The TOC's digest, when the layer annotations gave one.
     pub toc_digest: Option<String>,
+    /// The image manifest it was pulled with, when the labels named one (selects the learned
+    /// start-up set to fetch first; a hint, never trusted for content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 /// One snapshot.

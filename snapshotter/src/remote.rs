@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer};
+use arbor_fetch::learn::{Recorder, learned_windows};
+use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer_learned};
 use arbor_fetch::source::{Limits, StoreSource};
 use arbor_fetch::toc::{fetch_layer_toc, index_from_stored};
 use arbor_fetch::{BlobSource, Fetcher, LayerHandle};
@@ -59,6 +60,8 @@ pub struct RemoteOptions {
     /// Longest a Prepare waits for the proof of another image's unproved lazy layer that holds
     /// its chain ID before it answers `Unavailable` (see `snapshotter::share`).
     pub proof_wait: std::time::Duration,
+    /// Learning start-up sets from reported starts (see [`crate::learn`]).
+    pub learn: crate::learn::LearnOptions,
 }
 
 impl Default for RemoteOptions {
@@ -76,6 +79,7 @@ impl Default for RemoteOptions {
             toc_timeout: std::time::Duration::from_secs(30),
             verify_layers: true,
             proof_wait: std::time::Duration::from_secs(300),
+            learn: Default::default(),
         }
     }
 }
@@ -86,6 +90,18 @@ type RepoSource = (Store, Arc<dyn BlobSource>);
 struct Active {
     mounted: Mounted,
     prefetch: Option<JoinHandle<()>>,
+    handle: Arc<LayerHandle>,
+    layer: RemoteLayer,
+    mounted_at: std::time::SystemTime,
+}
+
+/// A mounted lazy layer, as [`Remote::mounted_layers`] reports it.
+#[derive(Clone)]
+pub struct MountedLayer {
+    pub dir: PathBuf,
+    pub handle: Arc<LayerHandle>,
+    pub layer: RemoteLayer,
+    pub mounted_at: std::time::SystemTime,
 }
 
 /// The node's lazily mounted layers.
@@ -102,6 +118,8 @@ pub struct Remote {
     stores: Mutex<HashMap<String, RepoSource>>,
     mounts: Mutex<HashMap<u64, Active>>,
     rt: tokio::runtime::Handle,
+    /// Learned start-up sets, by image manifest.
+    sets: crate::learn::SetStore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +159,7 @@ impl Remote {
             limits: Limits::new(opts.registry_concurrency),
             fetcher,
             opts,
+            sets: crate::learn::SetStore::open(&toc_dir.with_file_name("startup-sets"))?,
             toc_dir: toc_dir.to_path_buf(),
             stores: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
@@ -154,6 +173,73 @@ impl Remote {
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
+    }
+
+    /// The learned start-up sets.
+    pub fn sets(&self) -> &crate::learn::SetStore {
+        &self.sets
+    }
+
+    /// Every mounted lazy layer.
+    pub fn mounted_layers(&self) -> Vec<MountedLayer> {
+        lock(&self.mounts)
+            .values()
+            .map(|a| MountedLayer {
+                dir: a.mounted.dir().to_path_buf(),
+                handle: Arc::clone(&a.handle),
+                layer: a.layer.clone(),
+                mounted_at: a.mounted_at,
+            })
+            .collect()
+    }
+
+    /// The windows of `handle` that the learned set of `manifest` names, if there is one.
+    fn learned_for(&self, manifest: Option<&str>, handle: &LayerHandle) -> Vec<usize> {
+        let Some(m) = manifest else {
+            return Vec::new();
+        };
+        let Some(set) = self.sets.get(m) else {
+            return Vec::new();
+        };
+        let applied = learned_windows(handle, &set);
+        if applied.ignored > 0 {
+            self.sets.ignored("stale_reads", applied.ignored as u64);
+            warn!(layer = %handle.digest, manifest = m, ignored = applied.ignored, "the learned start-up set names files or chunks this layer lacks: ignored");
+        }
+        if !applied.windows.is_empty() {
+            info!(layer = %handle.digest, manifest = m, chunks = applied.chunks, windows = applied.windows.len(), "fetching the learned start-up set first");
+        }
+        applied.windows
+    }
+
+    /// Starts fetching the learned set of `manifest` on every mounted layer it names (a set
+    /// that arrived after its layers were mounted), beside their running prefetch.
+    pub fn apply_set(&self, manifest: &str) {
+        let Some(set) = self.sets.get(manifest) else {
+            return;
+        };
+        let handles: Vec<Arc<LayerHandle>> = lock(&self.mounts)
+            .values()
+            .filter(|a| set.layers.contains(&a.layer.digest))
+            .map(|a| Arc::clone(&a.handle))
+            .collect();
+        for handle in handles {
+            let windows = self.learned_for(Some(manifest), &handle);
+            if windows.is_empty() {
+                continue;
+            }
+            let opts = PrefetchOptions {
+                rest: false,
+                ..self.opts.prefetch_opts.clone()
+            };
+            // Detached: it ends by itself, and fetches nothing its layer's prefetch has.
+            drop(self.rt.spawn(prefetch_layer_learned(
+                Arc::clone(&self.fetcher),
+                handle,
+                opts,
+                windows,
+            )));
+        }
     }
 
     fn plain_http(&self, registry: &str) -> bool {
@@ -293,6 +379,11 @@ impl Remote {
             vec![source],
             unit,
         ));
+        let learn = &self.opts.learn;
+        if learn.enabled {
+            handle.record(Arc::new(Recorder::new(learn.max_chunks, learn.max_age)));
+        }
+        let learned = self.learned_for(layer.manifest.as_deref(), &handle);
         self.fetcher
             .metrics()
             .layer(&layer.digest, handle.index.data_end);
@@ -318,14 +409,28 @@ impl Remote {
             layer.digest,
             dir.display()
         )))?;
-        let prefetch = self.opts.prefetch.then(|| {
-            self.rt.spawn(prefetch_layer(
+        let prefetch = (self.opts.prefetch || !learned.is_empty()).then(|| {
+            let mut opts = self.opts.prefetch_opts.clone();
+            if !self.opts.prefetch {
+                opts.rest = false;
+            }
+            self.rt.spawn(prefetch_layer_learned(
                 Arc::clone(&self.fetcher),
-                handle,
-                self.opts.prefetch_opts.clone(),
+                Arc::clone(&handle),
+                opts,
+                learned,
             ))
         });
-        lock(&self.mounts).insert(id, Active { mounted, prefetch });
+        lock(&self.mounts).insert(
+            id,
+            Active {
+                mounted,
+                prefetch,
+                handle,
+                layer: layer.clone(),
+                mounted_at: std::time::SystemTime::now(),
+            },
+        );
         Ok(())
     }
 

@@ -320,6 +320,7 @@ mod tests {
                 blob_size: 1,
                 toc_position: String::new(),
                 toc_digest: None,
+                manifest: None,
             }),
         }
     }
