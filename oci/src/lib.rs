@@ -10,6 +10,7 @@ pub mod error;
 pub mod layout;
 pub mod manifest;
 pub mod reference;
+pub mod referrers;
 pub mod registry;
 pub mod store;
 

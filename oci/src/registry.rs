@@ -566,6 +566,40 @@ impl RegistryClient {
             .await
     }
 
+    /// The referrers index of manifest `digest` from the OCI referrers API, filtered by
+    /// `artifact_type`; `None` when the registry has no referrers API (docker-registry 2.8
+    /// answers 404), so the caller falls back to the tag schema.
+    #[instrument(skip(self), fields(repo = %r.repository))]
+    pub async fn get_referrers(
+        &self,
+        r: &Reference,
+        digest: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>> {
+        // Media types are [a-z0-9.+-/]: nothing to escape but '+'.
+        let url = format!(
+            "{}/referrers/{digest}?artifactType={}",
+            self.base(r),
+            artifact_type.replace('+', "%2B")
+        );
+        let resp = self
+            .send(r, Access::Pull, &url, |c| {
+                c.get(&url).header(ACCEPT, crate::manifest::OCI_INDEX)
+            })
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let is_index = header_str(resp.headers(), CONTENT_TYPE)
+            .is_some_and(|t| t.starts_with(crate::manifest::OCI_INDEX));
+        let resp = check_status(resp, &url, &[StatusCode::OK]).await?;
+        if !is_index {
+            // Some registries answer unknown routes with 200 and a page: not the API.
+            return Ok(None);
+        }
+        Ok(Some(read_limited(resp, MAX_MANIFEST, &url).await?))
+    }
+
     /// Uploads a manifest under `reference` (a tag or its digest).
     #[instrument(skip(self, body), fields(repo = %r.repository))]
     pub async fn push_manifest(

@@ -263,6 +263,24 @@ impl Store {
         Ok(digest)
     }
 
+    /// The same repository or layout at tag `tag`.
+    pub fn at_tag(&self, tag: &str) -> Store {
+        match self {
+            Store::Registry { client, reference } => Store::Registry {
+                client: client.clone(),
+                reference: Reference {
+                    tag: Some(tag.to_string()),
+                    digest: None,
+                    ..reference.clone()
+                },
+            },
+            Store::Layout { layout, .. } => Store::Layout {
+                layout: layout.clone(),
+                tag: Some(tag.to_string()),
+            },
+        }
+    }
+
     /// The tag this location names, if any.
     pub fn tag(&self) -> Option<&str> {
         match self {
