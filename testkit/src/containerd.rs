@@ -137,6 +137,7 @@ state = "{state}"
         };
         let logf = File::create(&c.log)?;
         let child = Command::new(&bin)
+            .env("PATH", containerd_path())
             .arg("--config")
             .arg(&c.config)
             .arg("--log-level")
@@ -394,6 +395,28 @@ impl Drop for Containerd {
             util::dispose_dir(d, "containerd");
         }
     }
+}
+
+/// containerd's `PATH`: the cargo target directory of the running (test) binary first, so that
+/// containerd finds shims built by the workspace (`containerd-shim-arbor-v1` for
+/// `--runtime io.containerd.arbor.v1`), then the caller's `PATH`.
+fn containerd_path() -> std::ffi::OsString {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        // Test binaries live in `target/<profile>/deps`, binaries in `target/<profile>`.
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(profile) = dir.parent()
+        {
+            dirs.push(profile.to_path_buf());
+        }
+        dirs.push(dir);
+    }
+    let rest = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    dirs.extend(std::env::split_paths(&rest));
+    std::env::join_paths(dirs).unwrap_or(rest)
 }
 
 fn has_flag(args: &[&str], flag: &str) -> bool {
