@@ -344,26 +344,63 @@ fn signals_exec_ps_pause_metrics_and_oom() {
     let Some(s) = Scene::start("signals_exec_ps_pause_metrics_and_oom") else {
         return;
     };
-    // SIGTERM: the container's trap turns it into exit 143 (a pid 1 ignores untrapped ones).
-    ok(
-        s.run(
-            &["-d"],
+    // Every event of the namespace, for TaskExit statuses of detached tasks and TaskOOM.
+    let events_file = tempfile::NamedTempFile::new().unwrap();
+    let mut events = s
+        .ctr_cmd()
+        .arg("events")
+        .stdin(Stdio::null())
+        .stdout(events_file.reopen().unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let event_line = |topic: &str, needles: &[&str]| -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(events_file.path()).unwrap_or_default();
+            if let Some(l) = text
+                .lines()
+                .find(|l| l.contains(topic) && needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(l.to_string());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // SIGTERM to an attached run: the container's trap turns it into exit 143 (a pid 1 ignores
+    // signals it does not handle), which ctr exits with.
+    let term = s
+        .ctr_cmd()
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            "arbor",
+        ])
+        .args([
+            s.image.as_str(),
             "term",
-            &[
-                "sh",
-                "-c",
-                "trap 'exit 143' TERM; while true; do sleep 1; done",
-            ],
-        ),
-        "ctr run -d",
-    );
+            "sh",
+            "-c",
+            "trap 'exit 143' TERM; while true; do sleep 1; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     s.wait_status("term", Some("RUNNING"));
     std::thread::sleep(Duration::from_millis(300));
     ok(s.ctr(&["task", "kill", "-s", "SIGTERM", "term"]), "kill");
-    s.wait_status("term", Some("STOPPED"));
-    // `ctr task delete` exits with the task's exit status.
-    assert_eq!(code(&s.ctr(&["task", "delete", "term"])), Some(143));
-    ok(s.ctr(&["container", "rm", "term"]), "container rm");
+    let out = term.wait_with_output().unwrap();
+    assert_eq!(code(&out), Some(143), "{out:?}\n{}", s.logs());
     s.assert_no_leftovers("term");
 
     // A long-running container for exec, ps, pause, metrics and SIGKILL.
@@ -426,45 +463,27 @@ fn signals_exec_ps_pause_metrics_and_oom() {
     let metrics = ok(s.ctr(&["task", "metrics", "box"]), "ctr task metrics");
     assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
 
+    // SIGKILL to the detached task: TaskExit says 137; delete and container rm succeed.
     ok(s.ctr(&["task", "kill", "-s", "SIGKILL", "box"]), "kill");
     s.wait_status("box", Some("STOPPED"));
-    assert_eq!(code(&s.ctr(&["task", "delete", "box"])), Some(137));
+    let exit = event_line("/tasks/exit", &["\"box\"", "137"]);
+    assert!(exit.is_some(), "no TaskExit 137 of box\n{}", s.logs());
+    ok(s.ctr(&["task", "delete", "box"]), "task delete");
     ok(s.ctr(&["container", "rm", "box"]), "container rm");
     s.assert_no_leftovers("box");
 
     // OOM: a 64 MiB buffer in a 32 MiB cgroup is killed (137) and TaskOOM is published.
-    let events_file = tempfile::NamedTempFile::new().unwrap();
-    let mut events = s
-        .ctr_cmd()
-        .arg("events")
-        .stdin(Stdio::null())
-        .stdout(events_file.reopen().unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
     let out = s.run(
         &["--rm", "--memory-limit", "33554432"],
         "oom",
         &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
     );
     assert_eq!(code(&out), Some(137), "{out:?}\n{}", s.logs());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let seen = loop {
-        let text = std::fs::read_to_string(events_file.path()).unwrap_or_default();
-        if text.lines().any(|l| l.contains("/tasks/oom")) || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let oom = event_line("/tasks/oom", &["\"oom\""]);
     let _ = events.kill();
     let _ = events.wait();
-    assert!(
-        seen.lines().any(|l| l.contains("/tasks/oom")),
-        "no TaskOOM event:\n{seen}\n{}",
-        s.logs()
-    );
-    assert!(seen.contains("/tasks/exit"), "{seen}");
+    let seen = std::fs::read_to_string(events_file.path()).unwrap_or_default();
+    assert!(oom.is_some(), "no TaskOOM event:\n{seen}\n{}", s.logs());
     s.assert_no_leftovers("oom");
 }
 
@@ -475,6 +494,14 @@ fn a_killed_shim_is_detected_and_cleaned_up() {
     };
     ok(s.run(&["-d"], "victim", &["sleep", "600"]), "ctr run -d");
     s.wait_status("victim", Some("RUNNING"));
+    let ls = ok(s.ctr(&["task", "ls"]), "ctr task ls");
+    let init: u32 = ls
+        .lines()
+        .find_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c.first() == Some(&"victim")).then(|| c.get(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no pid of victim in {ls}"));
     let shims = s.shim_pids("victim");
     assert_eq!(shims.len(), 1, "{shims:?}");
     let bundle = s.bundle("victim");
@@ -501,4 +528,13 @@ fn a_killed_shim_is_detected_and_cleaned_up() {
     }
     ok(s.ctr(&["container", "rm", "victim"]), "container rm");
     s.assert_no_leftovers("victim");
+    // The shim's `delete` action killed the container (runc delete --force).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{init}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{init}")).exists(),
+        "container init {init} survived its shim"
+    );
 }
