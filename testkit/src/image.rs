@@ -139,6 +139,17 @@ fn write_layer_blob(layout: &Path, src: &LayerSource) -> Result<(String, String,
 /// `rootfs.diff_ids` and one history entry per layer; timestamps are fixed, so the same spec
 /// always gives the same manifest digest, which is returned ("sha256:...").
 pub fn write_oci_layout(layout_dir: &Path, tag: &str, spec: &ImageSpec) -> Result<String> {
+    write_oci_layout_with_config(layout_dir, tag, spec, &Map::new())
+}
+
+/// [`write_oci_layout`] with more keys in the config's `config` section (`WorkingDir`,
+/// `User`, ...; they win over the spec's).
+pub fn write_oci_layout_with_config(
+    layout_dir: &Path,
+    tag: &str,
+    spec: &ImageSpec,
+    extra_config: &Map<String, Value>,
+) -> Result<String> {
     std::fs::create_dir_all(layout_dir.join("blobs/sha256"))
         .with_context(|| format!("creating {}", layout_dir.display()))?;
     let marker = layout_dir.join("oci-layout");
@@ -173,6 +184,9 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, spec: &ImageSpec) -> Resul
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
         cfg.insert("Labels".into(), Value::Object(labels));
+    }
+    for (k, v) in extra_config {
+        cfg.insert(k.clone(), v.clone());
     }
     let config = json!({
         "created": CREATED,

@@ -40,7 +40,7 @@ pub use arbord::{Arbord, ArbordOptions};
 pub use containerd::{Containerd, ContainerdOptions};
 pub use image::{
     BUSYBOX_APPLETS, ImageSpec, LayerSource, SAMPLE_PROBE, busybox_image, sample_image,
-    skopeo_push, write_oci_layout,
+    skopeo_push, write_oci_layout, write_oci_layout_with_config,
 };
 pub use layer::{
     DEFAULT_MTIME, Entry, EntryKind, XorShift64, corpus, layer_tar, layer_tar_gnu,
