@@ -8,6 +8,8 @@
 
 mod error;
 pub mod pull;
+pub mod run;
 
 pub use error::{Error, Result};
 pub use pull::{LayerReport, PullReport, Target, chain_ids, has_image, pull};
+pub use run::{Observer, Phase, PullPolicy, RunOptions, RunOutcome, run};
