@@ -233,31 +233,79 @@ enum Command {
     },
     /// Run an image with containerd through the arbor snapshotter, pulling it first if needed.
     ///
-    /// `arbor pull` (when containerd does not have the image yet), then `ctr run` with the
-    /// arbor snapshotter; the container's output and exit status are the command's.
+    /// `arbor pull` (when containerd does not have the image yet), then, through containerd's
+    /// API as `ctr run` would: a snapshot of the image for the container, an OCI runtime spec
+    /// from the image config (env, working directory, user, entrypoint and cmd) and the
+    /// options below, the container, its task with stdio on this terminal. The container's
+    /// output and exit status are the command's; SIGINT and SIGTERM are passed on to it.
+    /// Afterwards the task, container and snapshot are deleted (unless --keep or --detach).
+    #[command(after_help = RUN_AFTER_HELP)]
     Run {
         image: String,
-        /// Command and arguments (default: the image's entrypoint and cmd).
+        /// Command and arguments, replacing the image's Cmd (its Entrypoint stays; see
+        /// --entrypoint).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
-        /// Container ID (default: arbor-<pid>).
+        /// Container ID, also the snapshot key (default: arbor-<pid>).
         #[arg(long)]
         name: Option<String>,
-        /// Keep the container after it exits (default: removed).
+        /// Keep the container and its snapshot after it exits (default: removed).
         #[arg(long)]
         keep: bool,
-        /// Use the host's network namespace.
+        /// Use the host's network namespace, /etc/hosts and /etc/resolv.conf (HOSTNAME is set
+        /// to the host's name).
         #[arg(long)]
         net_host: bool,
-        /// Allocate a TTY.
+        /// Give the container a terminal: this terminal goes into raw mode, window size changes
+        /// follow, stderr comes through the terminal.
         #[arg(long, short = 't')]
         tty: bool,
-        /// Run in the background (the container keeps running after arbor exits).
+        /// Start it in the background and return: the container keeps running after arbor
+        /// exits (stdio: nothing, or --log-file). Stop it with `ctr task kill ID`.
         #[arg(long, short = 'd')]
         detach: bool,
-        /// Environment variable for the container (KEY=VALUE); repeatable.
-        #[arg(long = "env", value_name = "KEY=VALUE")]
+        /// With --detach: append the container's stdout and stderr to this file.
+        #[arg(long, value_name = "FILE", requires = "detach")]
+        log_file: Option<PathBuf>,
+        /// Environment variable for the container (KEY=VALUE, replacing the image's; a bare KEY
+        /// removes it); repeatable.
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Working directory inside the container (default: the image's WorkingDir, else /).
+        #[arg(long, value_name = "DIR")]
+        cwd: Option<String>,
+        /// User to run as: UID, UID:GID, NAME or NAME:GROUP (names from the image's
+        /// /etc/passwd and /etc/group; default: the image's User, else root).
+        #[arg(long, short = 'u', value_name = "USER")]
+        user: Option<String>,
+        /// Replace the image's Entrypoint (words split at spaces) and drop its Cmd; "" clears it.
+        #[arg(long, value_name = "CMD")]
+        entrypoint: Option<String>,
+        /// Mount into the container, as ctr: type=bind,src=/host/dir,dst=/dir,options=rbind:ro
+        /// (type defaults to bind, options to rbind); repeatable.
+        #[arg(long = "mount", value_name = "SPEC", value_parser = parse_mount)]
+        mounts: Vec<arbor_client::run::MountSpec>,
+        /// Memory limit of the container's cgroup, bytes (or 64MiB, 1GiB).
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        memory_limit: Option<u64>,
+        /// CPU limit in CPUs (e.g. 0.5): a CFS quota over a 100 ms period.
+        #[arg(long, value_name = "CPUS")]
+        cpus: Option<f64>,
+        /// Mount the container's root filesystem read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Annotation of the runtime spec (KEY=VALUE), read by the runtime shim; repeatable.
+        #[arg(long = "annotation", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        annotations: Vec<(String, String)>,
+        /// Label of the container record (KEY=VALUE); repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Runtime (shim) to run the container with, e.g. io.containerd.arbor.v1.
+        #[arg(long, default_value = arbor_client::run::DEFAULT_RUNTIME, value_name = "NAME")]
+        runtime: String,
+        /// cgroup to put the container's cgroup under (default: /<namespace>).
+        #[arg(long, value_name = "PATH")]
+        cgroup_parent: Option<String>,
         /// Pull even if containerd has the image.
         #[arg(long)]
         pull: bool,
@@ -281,6 +329,43 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+}
+
+const RUN_AFTER_HELP: &str = "\
+Examples:
+  arbor run 127.0.0.1:5000/fn/app:v1-arbor                      # the image's entrypoint and cmd
+  arbor run --net-host -e PORT=8080 REGISTRY/app:v1-arbor       # serve on the host's network
+  arbor run --memory-limit 256MiB --cpus 0.5 REGISTRY/app:v1-arbor
+  arbor run --mount type=bind,src=/srv/data,dst=/data,options=rbind:ro REGISTRY/app:v1-arbor
+  arbor run -u 1000:1000 --cwd /tmp REGISTRY/app:v1-arbor sh -c 'id; pwd'
+  arbor run -d --name fn1 --log-file /var/log/fn1.log REGISTRY/app:v1-arbor
+  ctr task kill fn1; ctr task rm fn1; ctr container rm fn1     # (rm also removes its snapshot)
+
+Flags after IMAGE are the container's command: put arbor's own flags before IMAGE.
+The default runtime is containerd's runc shim; --runtime io.containerd.arbor.v1 picks Arbor's.";
+
+/// A run's pull report on stderr (stdout is the container's).
+struct RunObserver {
+    json: bool,
+}
+
+impl arbor_client::Observer for RunObserver {
+    fn pulled(&self, report: &arbor_client::PullReport) {
+        if !self.json {
+            eprint!("{}", output::pull_text(report));
+        }
+    }
+}
+
+fn parse_mount(s: &str) -> Result<arbor_client::run::MountSpec, String> {
+    s.parse().map_err(|e: arbor_client::Error| e.to_string())
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 /// Parses `123`, `64KiB`, `1MiB`, `1M`, `2GiB`.
@@ -459,53 +544,72 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             net_host,
             tty,
             detach,
+            log_file,
             env,
+            cwd,
+            user,
+            entrypoint,
+            mounts,
+            memory_limit,
+            cpus,
+            read_only,
+            annotations,
+            labels,
+            runtime,
+            cgroup_parent,
             pull,
             containerd,
             registry,
         } => {
-            let t = containerd.target();
-            if pull || !pull::has_image(&t, &image).await? {
-                let client = client(&registry)?;
-                let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
-                let report = pull::pull(&store, &image, &registry.platforms, &t)
-                    .await
-                    .with_context(|| format!("pulling {image}"))?;
-                if !registry.json {
-                    output::print_pull(&report);
-                }
-            }
             let id = name.unwrap_or_else(|| format!("arbor-{}", std::process::id()));
-            let mut cmd = std::process::Command::new("ctr");
-            cmd.arg("--address")
-                .arg(&containerd.address)
-                .arg("--namespace")
-                .arg(&containerd.namespace)
-                .arg("run")
-                .arg("--snapshotter")
-                .arg(&containerd.snapshotter);
-            if !keep && !detach {
-                cmd.arg("--rm");
+            let memory_limit = memory_limit
+                .map(|m| i64::try_from(m).context("--memory-limit is too large"))
+                .transpose()?;
+            let mut opts = arbor_client::RunOptions::new(&image, &id);
+            opts.spec = arbor_client::run::SpecOptions {
+                args: command,
+                entrypoint: entrypoint.map(|e| e.split_whitespace().map(str::to_string).collect()),
+                env,
+                cwd,
+                user,
+                mounts,
+                memory_limit,
+                cpus,
+                read_only,
+                tty,
+                net_host,
+                annotations: annotations.into_iter().collect(),
+                cgroup_parent,
+            };
+            opts.labels = labels.into_iter().collect();
+            opts.runtime = runtime;
+            opts.keep = keep;
+            opts.detach = detach;
+            opts.stdio = match (detach, log_file) {
+                (true, Some(f)) => arbor_client::run::Stdio::LogFile(f),
+                (true, None) => arbor_client::run::Stdio::Null,
+                _ => arbor_client::run::Stdio::Inherit,
+            };
+            opts.pull = if pull {
+                arbor_client::PullPolicy::Always
+            } else {
+                arbor_client::PullPolicy::Missing
+            };
+            opts.platforms = registry.platforms.clone();
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let observer = RunObserver {
+                json: registry.json,
+            };
+            let outcome = arbor_client::run(&containerd.target(), Some(&store), &opts, &observer)
+                .await
+                .with_context(|| format!("running {image}"))?;
+            if registry.json && detach {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
             }
-            if net_host {
-                cmd.arg("--net-host");
-            }
-            if tty {
-                cmd.arg("--tty");
-            }
-            if detach {
-                cmd.arg("--detach");
-            }
-            for e in &env {
-                cmd.arg("--env").arg(e);
-            }
-            cmd.arg(&image).arg(&id).args(&command);
-            let status = tokio::task::spawn_blocking(move || cmd.status())
-                .await?
-                .context("running ctr (from the containerd package)")?;
-            Ok(match status.code() {
-                Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
-                None => ExitCode::from(128),
+            Ok(match outcome.exit_status {
+                Some(c) => ExitCode::from(c.min(255) as u8),
+                None => ExitCode::SUCCESS,
             })
         }
         Command::Check {
@@ -551,13 +655,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run(cli)) {
+    let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // Do not wait for blocking reads still in flight (`arbor run` copying a terminal's stdin).
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 #[cfg(test)]

@@ -143,19 +143,26 @@ pub fn print_check(r: &CheckReport) {
 }
 
 pub fn print_pull(r: &arbor_client::PullReport) {
+    print!("{}", pull_text(r));
+}
+
+/// What `print_pull` prints.
+pub fn pull_text(r: &arbor_client::PullReport) -> String {
+    let mut out = String::new();
     for l in &r.layers {
         let how = match l.how {
             "lazy" => "mounted lazily".to_string(),
             "unpacked" => format!("downloaded and unpacked ({})", mb(l.bytes_downloaded)),
             _ => "already present".to_string(),
         };
-        println!("  layer {} {how} ({:.2} s)", short(&l.digest), l.seconds);
+        out += &format!("  layer {} {how} ({:.2} s)\n", short(&l.digest), l.seconds);
     }
-    println!(
-        "pulled {} ({}) into containerd with snapshotter {} in {:.2} s",
+    out += &format!(
+        "pulled {} ({}) into containerd with snapshotter {} in {:.2} s\n",
         r.image,
         short(&r.manifest_digest),
         r.snapshotter,
         r.seconds
     );
+    out
 }
