@@ -458,7 +458,7 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
     }
     let dir = cache.join(recipe.name);
     let stamp_path = dir.join("image.json");
-    let key = json!({
+    let mut key = json!({
         "recipe": recipe.version,
         "startup": recipe.startup_label,
         "startup_code": recipe.startup_code,
@@ -466,11 +466,6 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
             "name": l.name,
             "debs": l.packages.iter().map(|p| &debs[*p]).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "wheels": recipe.wheels.map(|w| json!({
-            "name": w.name,
-            "site_packages": w.site_packages,
-            "wheels": wheel_key,
-        })),
         "app": recipe.app.iter().map(|f| json!({
             "path": f.path,
             "mode": f.mode,
@@ -480,6 +475,15 @@ pub fn prepare_image(cache: &Path, recipe: &Recipe, rebuild: bool) -> Result<Ima
         "cmd": recipe.cmd,
         "env": recipe.env,
     });
+    // Only recipes with wheels have the field: the other images' keys stay what they were
+    // (their caches stay valid, also for benches built before wheels existed).
+    if let Some(w) = recipe.wheels {
+        key["wheels"] = json!({
+            "name": w.name,
+            "site_packages": w.site_packages,
+            "wheels": wheel_key,
+        });
+    }
     if !rebuild && let Some(img) = load_cached(&dir, recipe.name, &stamp_path, &key) {
         println!("image: cached in {}", dir.display());
         return Ok(img);
