@@ -538,3 +538,44 @@ fn a_killed_shim_is_detected_and_cleaned_up() {
         "container init {init} survived its shim"
     );
 }
+
+/// The shipped CRI snippet registers the runtime as intended: containerd 1.6 starts with it and
+/// its CRI plugin reports the `arbor` runtime with the shim type, the annotation allowlists and
+/// the options table.
+#[test]
+fn packaged_cri_runtime_config_loads() {
+    let t = "packaged_cri_runtime_config_loads";
+    if skip_unless_root(t) || skip_unless_tools(t, &["containerd", "ctr", "runc"]) {
+        return;
+    }
+    let snippet = include_str!("../../packaging/containerd/runtime-arbor-1.6-1.7.toml");
+    // A node's config also has the default runc runtime (CRI refuses to start without it).
+    let runc = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n";
+    let ctd = Containerd::start_with(&ContainerdOptions {
+        extra_config: format!("{runc}\n{snippet}"),
+        cri: true,
+    })
+    .expect("containerd with the packaged runtime snippet");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = [
+        "arbor:{Type:io.containerd.arbor.v1",
+        "PodAnnotations:[arbor.io/*]",
+        "ContainerAnnotations:[arbor.io/*]",
+        "BinaryName:runc",
+    ];
+    loop {
+        let log = std::fs::read_to_string(ctd.log_path()).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("Start cri plugin with config")) {
+            for w in want {
+                assert!(line.contains(w), "{w:?} missing from CRI's config: {line}");
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CRI did not start:\n{}",
+            ctd.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
