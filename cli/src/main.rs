@@ -100,6 +100,8 @@ impl ContainerdArgs {
     }
 }
 
+// Parsed once per process: the size of the largest variant (`run`'s flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Convert an image to Arbor's lazy format and store it at TARGET.
