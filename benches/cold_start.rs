@@ -287,7 +287,8 @@ page caches dropped) to the function's first HTTP answer:
   pull    overlayfs: `ctr image pull` (download + unpack); arbor: `arbor pull` (through
           containerd, with Arbor's remote-snapshot labels: layers mounted lazily)
   create  `ctr run -d --net-host` (snapshot, container, task create and start)
-  ready   from there to the first HTTP 200 on GET / (imports numpy, pandas, sklearn; serves)
+  ready   from there to the first HTTP 200 on GET / (imports numpy, pandas, sklearn, and for
+          pypi scipy and flask; serves)
   floor   the same function started again from the pulled image with the page cache warm
           (create + ready; the faster of two), plus the start-up set's bytes at the link
           rate (shown as pull)
@@ -364,7 +365,8 @@ struct Args {
     /// cold_start_pypi.json for the pypi image].
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
-    /// Where to write the bar chart [default: <target dir>/bench-results/cold_start.png].
+    /// Where to write the bar chart [default: <target dir>/bench-results/cold_start.png,
+    /// cold_start_pypi.png for the pypi image].
     #[arg(long, value_name = "PATH")]
     png: Option<PathBuf>,
     #[command(flatten)]

@@ -48,7 +48,7 @@ use crate::harness::{
 /// The image cache's flags.
 #[derive(clap::Args)]
 pub struct CacheArgs {
-    /// Where .debs, layer tars, the OCI layout and the start-up set are cached
+    /// Where .debs, wheels, layer tars, the OCI layout and the start-up set are cached
     /// [default: <target dir>/bench-cache].
     #[arg(long = "cache-dir", value_name = "DIR")]
     pub dir: Option<PathBuf>,
