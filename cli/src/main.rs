@@ -4,6 +4,7 @@
 mod bars;
 mod mount;
 mod output;
+mod trace;
 use arbor_client::pull;
 
 use std::path::PathBuf;
@@ -129,6 +130,12 @@ enum Command {
         /// files are placed first in each layer and recorded for prefetching.
         #[arg(long, value_name = "FILE")]
         prefetch_list: Option<PathBuf>,
+        /// Bake a learned start-up set into the converted image's prefetch sections: a JSON
+        /// file (`arbor trace show IMAGE --save FILE`) or an image whose registry holds one
+        /// (`arbor trace push`). Its files, in first-read order, become the prefetch list
+        /// (after --prefetch-list's, if both are given).
+        #[arg(long, value_name = "FILE|IMAGE")]
+        prefetch_from: Option<String>,
         /// Layers converted at the same time.
         #[arg(long, default_value_t = 3)]
         jobs: usize,
@@ -331,6 +338,46 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Start-up sets: what a function reads to start, learned by arbord from real cold starts.
+    ///
+    /// When a container started with containerd-shim-arbor-v1 (or `arbor run --wait-ready`)
+    /// becomes ready, arbord keeps the chunks its freshly mounted layers were first asked for
+    /// until then, in first-read order, as its image's start-up set; the next cold start of
+    /// that image on the node fetches them first. `trace push` attaches the set to the image in
+    /// its registry (an OCI artifact with the image manifest as subject, found through the
+    /// referrers API or its tag fallback), where `arbor pull` finds it on every other node.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Attach arbord's learned start-up set of IMAGE (or --file's) to IMAGE in its registry.
+    Push {
+        image: String,
+        /// Push this set (JSON) instead of the one arbord learned.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        containerd: ContainerdArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Show the start-up set of IMAGE: arbord's, else the registry's (--registry: only the
+    /// registry's).
+    Show {
+        image: String,
+        /// Look in the registry only.
+        #[arg(long = "registry")]
+        from_registry: bool,
+        /// Also write the set (JSON) to FILE.
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
+        #[command(flatten)]
+        containerd: ContainerdArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -415,6 +462,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             block_size,
             level,
             prefetch_list,
+            prefetch_from,
             jobs,
             threads,
             tmp_dir,
@@ -436,6 +484,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(p) = &prefetch_list {
                 writer.prefetch = read_prefetch_list(p)?;
+            }
+            if let Some(from) = &prefetch_from {
+                let set = if std::path::Path::new(from).is_file() {
+                    trace::from_file(std::path::Path::new(from))?
+                } else {
+                    let store = Store::open(&ImageLocation::parse(from)?, &client, false)?;
+                    let subject = trace::image_manifest(&store, &registry.platforms).await?;
+                    trace::from_registry(&store, &subject.digest)
+                        .await?
+                        .with_context(|| format!("{from} has no start-up set in its registry"))?
+                        .1
+                };
+                for p in set.paths() {
+                    let p = format!("/{}", p.trim_start_matches("./").trim_start_matches('/'));
+                    if arbor_format::path::normalize_image_path(&p).is_ok()
+                        && !writer.prefetch.contains(&p)
+                    {
+                        writer.prefetch.push(p);
+                    }
+                }
             }
             writer.validate()?;
             let opts = ConvertOptions {
@@ -613,6 +681,82 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Some(c) => ExitCode::from(c.min(255) as u8),
                 None => ExitCode::SUCCESS,
             })
+        }
+        Command::Trace(TraceCommand::Push {
+            image,
+            file,
+            containerd,
+            registry,
+        }) => {
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let subject = trace::image_manifest(&store, &registry.platforms).await?;
+            let set = match &file {
+                Some(f) => trace::from_file(f)?,
+                None => trace::from_arbord(&containerd.target(), &subject.digest)
+                    .await?
+                    .with_context(|| {
+                        format!(
+                            "arbord has learned no start-up set for {image} ({}) yet: start it once \
+                             with the arbor runtime (or `arbor run --wait-ready`) on this node",
+                            subject.digest
+                        )
+                    })?,
+            };
+            let artifact = trace::push(&store, &subject, &set).await?;
+            if registry.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"image": image, "manifest": subject.digest, "artifact": artifact,
+                        "files": set.paths().len(), "chunks": set.chunk_count()})
+                );
+            } else {
+                print!("{}", trace::describe(&set));
+                println!("attached to {image} as {artifact}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace(TraceCommand::Show {
+            image,
+            from_registry,
+            save,
+            containerd,
+            registry,
+        }) => {
+            let client = client(&registry)?;
+            let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            let subject = trace::image_manifest(&store, &registry.platforms).await?;
+            let local = if from_registry {
+                None
+            } else {
+                trace::from_arbord(&containerd.target(), &subject.digest)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot ask arbord");
+                        None
+                    })
+            };
+            let (set, source) = match local {
+                Some(s) => (s, "arbord".to_string()),
+                None => match trace::from_registry(&store, &subject.digest).await? {
+                    Some((artifact, s)) => (s, format!("registry artifact {artifact}")),
+                    None => {
+                        eprintln!("no start-up set for {image} ({})", subject.digest);
+                        return Ok(ExitCode::from(1));
+                    }
+                },
+            };
+            if let Some(p) = &save {
+                std::fs::write(p, set.to_json())
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            if registry.json {
+                println!("{}", String::from_utf8_lossy(&set.to_json()));
+            } else {
+                print!("{}", trace::describe(&set));
+                println!("from {source}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check {
             source,

@@ -157,6 +157,9 @@ pub fn pull_text(r: &arbor_client::PullReport) -> String {
         };
         out += &format!("  layer {} {how} ({:.2} s)\n", short(&l.digest), l.seconds);
     }
+    if r.startup_set != "none" && !r.startup_set.is_empty() {
+        out += &format!("  start-up set: {}\n", r.startup_set);
+    }
     out += &format!(
         "pulled {} ({}) into containerd with snapshotter {} in {:.2} s\n",
         r.image,

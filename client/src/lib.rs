@@ -8,6 +8,7 @@
 
 mod error;
 pub mod pull;
+pub mod ready;
 pub mod run;
 
 pub use error::{Error, Result};

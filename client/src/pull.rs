@@ -77,11 +77,14 @@ pub struct PullReport {
     pub manifest_digest: String,
     pub snapshotter: String,
     pub layers: Vec<LayerReport>,
+    /// Where arbord's start-up set for this image came from: `node` (learned or received
+    /// before), `registry <artifact digest>`, `none`, or why one was not used.
+    pub startup_set: String,
     pub seconds: f64,
 }
 
 /// A gRPC request in containerd's namespace (and lease).
-fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
+pub(crate) fn req<T>(t: &Target, lease: Option<&str>, m: T) -> Result<Request<T>> {
     let mut r = Request::new(m);
     r.metadata_mut().insert(
         "containerd-namespace",
@@ -364,6 +367,7 @@ async fn pull_key(ch: &Channel, t: &Target) -> Option<Vec<u8>> {
 fn layer_labels(
     l: &Descriptor,
     name: &str,
+    manifest: &str,
     chain: &str,
     pull_key: Option<&[u8]>,
 ) -> HashMap<String, String> {
@@ -379,6 +383,7 @@ fn layer_labels(
     labels.insert(snaplabels::TARGET.into(), chain.to_string());
     labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
     labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
+    labels.insert(snaplabels::ARBOR_MANIFEST.into(), manifest.to_string());
     labels.remove(snaplabels::PULL_MAC);
     if let Some(k) = pull_key {
         labels.insert(
@@ -387,6 +392,32 @@ fn layer_labels(
         );
     }
     labels
+}
+
+/// A connection to the arbord behind `t.snapshotter` (the `address` its proxy plugin
+/// exports): for Arbor's own service on it (`arbor.v1.Starts`).
+pub async fn arbord(t: &Target) -> Result<Channel> {
+    let ch = connect(t).await?;
+    arbord_direct(&ch, t).await.ok_or_else(|| {
+        Error::Invalid(format!(
+            "containerd's snapshotter {:?} exports no reachable arbord address (is it arbord, and is this root?)",
+            t.snapshotter
+        ))
+    })
+}
+
+/// The start-up set (JSON) the arbord behind `t.snapshotter` holds for image manifest
+/// `manifest`, if any.
+pub async fn arbord_startup_set(t: &Target, manifest: &str) -> Result<Option<Vec<u8>>> {
+    let ch = arbord(t).await?;
+    let r = arbor_proto::arbor::starts_client::StartsClient::new(ch)
+        .get_startup_set(arbor_proto::arbor::GetStartupSetRequest {
+            manifest: manifest.to_string(),
+        })
+        .await
+        .rpc("asking arbord for the start-up set")?
+        .into_inner();
+    Ok((!r.set.is_empty()).then_some(r.set))
 }
 
 /// A connection to the arbord behind `t.snapshotter` itself (the `address` its proxy plugin
@@ -466,13 +497,79 @@ async fn check_shared(
     }
 }
 
+/// Longest `arbor pull` looks for a start-up set in the registry: it is a hint, and the
+/// pull goes on without it.
+pub const SET_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes sure arbord holds the start-up set of `manifest` before its layers are mounted:
+/// the one it learned or received before, else the newest one attached to the image in its
+/// registry (an OCI artifact, see `arbor_oci::referrers`), which arbord checks and keeps.
+/// Never fails the pull: returns what happened, for the report.
+async fn startup_set(store: &Store, manifest: &str, direct: &Channel) -> String {
+    use arbor_format::startup::{ARTIFACT_TYPE, MAX_DOCUMENT, MEDIA_TYPE};
+    use arbor_proto::arbor::starts_client::StartsClient;
+    let mut sc = StartsClient::new(direct.clone());
+    match sc
+        .get_startup_set(arbor_proto::arbor::GetStartupSetRequest {
+            manifest: manifest.to_string(),
+        })
+        .await
+    {
+        Ok(r) if !r.get_ref().set.is_empty() => return "node".into(),
+        Ok(_) => {}
+        // An arbord without the Starts service (older): nothing to give it.
+        Err(e) => return format!("none (arbord: {})", e.message()),
+    }
+    let found = tokio::time::timeout(
+        SET_LOOKUP_TIMEOUT,
+        arbor_oci::referrers::newest_artifact_blob(
+            store,
+            manifest,
+            ARTIFACT_TYPE,
+            MEDIA_TYPE,
+            MAX_DOCUMENT as u64,
+        ),
+    )
+    .await;
+    let (artifact, set) = match found {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return "none".into(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "looking for a start-up set in the registry");
+            return format!("none (registry: {e})");
+        }
+        Err(_) => return "none (registry lookup timed out)".into(),
+    };
+    match sc
+        .put_startup_set(arbor_proto::arbor::PutStartupSetRequest {
+            set: set.to_vec(),
+            source: format!("registry artifact {artifact}"),
+        })
+        .await
+    {
+        Ok(r) if r.get_ref().manifest == manifest => format!("registry {artifact}"),
+        Ok(r) => {
+            // arbord keeps it under the manifest it names, where this image never looks.
+            format!(
+                "ignored (learned on another image, {})",
+                r.get_ref().manifest
+            )
+        }
+        Err(e) => {
+            tracing::warn!(artifact, reason = %e.message(), "the registry's start-up set was refused");
+            format!("ignored ({})", e.message())
+        }
+    }
+}
+
 fn now_nanos() -> u32 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos())
 }
 
-fn default_platform() -> String {
+/// `linux/<this machine's architecture>`: the platform pulled when none is named.
+pub fn default_platform() -> String {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -550,6 +647,10 @@ pub async fn pull(
     .await
     .rpc("creating a lease")?;
 
+    let startup_set = match arbord_direct(&ch, t).await {
+        Some(direct) => startup_set(store, &img.digest, &direct).await,
+        None => "none (arbord not reachable directly)".to_string(),
+    };
     let result = pull_under_lease(
         store, name, img, &config, &diff_ids, &chains, t, &ch, &lease_id,
     )
@@ -571,6 +672,7 @@ pub async fn pull(
         manifest_digest: img.digest.clone(),
         snapshotter: t.snapshotter.clone(),
         layers,
+        startup_set,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -643,7 +745,7 @@ async fn pull_under_lease(
             .await;
         if stat.is_ok() {
             if let Some(direct) = &arbord {
-                let labels = layer_labels(l, name, chain, pull_key.as_deref());
+                let labels = layer_labels(l, name, &img.digest, chain, pull_key.as_deref());
                 check_shared(direct, chain, l, labels)
                     .await
                     .map_err(|e| e.in_layer(i, &l.digest))?;
@@ -657,7 +759,7 @@ async fn pull_under_lease(
             });
             continue;
         }
-        let labels = layer_labels(l, name, chain, pull_key.as_deref());
+        let labels = layer_labels(l, name, &img.digest, chain, pull_key.as_deref());
         let key = format!("extract-{}-{} {chain}", std::process::id(), now_nanos());
         let prepared = sc
             .prepare(req(
