@@ -583,3 +583,64 @@ fn packaged_cri_runtime_config_loads() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// CRI's grouping, driven through ctr's annotations: a sandbox and two containers naming it
+/// run in one shim process, which serves each of them and exits with the last.
+#[test]
+fn a_pods_containers_share_the_sandboxs_shim() {
+    let Some(s) = Scene::start("a_pods_containers_share_the_sandboxs_shim") else {
+        return;
+    };
+    let sandbox = [
+        "-d",
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod",
+    ];
+    ok(s.run(&sandbox, "pod", &["sleep", "600"]), "run sandbox");
+    let member = [
+        "-d",
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod",
+    ];
+    ok(s.run(&member, "app1", &["sleep", "600"]), "run app1");
+    ok(s.run(&member, "app2", &["sleep", "600"]), "run app2");
+    for id in ["pod", "app1", "app2"] {
+        s.wait_status(id, Some("RUNNING"));
+    }
+    let shims = s.shim_pids("pod");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    assert!(s.shim_pids("app1").is_empty() && s.shim_pids("app2").is_empty());
+    // Every member's bundle names the sandbox shim's address.
+    let addr = std::fs::read_to_string(s.bundle("pod").join("address")).unwrap();
+    for id in ["app1", "app2"] {
+        assert_eq!(
+            std::fs::read_to_string(s.bundle(id).join("address")).unwrap(),
+            addr
+        );
+    }
+    // The shared shim serves each container on its own.
+    let out = s.ctr(&["task", "exec", "--exec-id", "e1", "app1", "echo", "in-app1"]);
+    assert_eq!(ok(out, "exec in app1"), "in-app1\n");
+    ok(
+        s.ctr(&["task", "kill", "-s", "SIGKILL", "app1"]),
+        "kill app1",
+    );
+    s.wait_status("app1", Some("STOPPED"));
+    assert_eq!(s.task_status("app2").as_deref(), Some("RUNNING"));
+    ok(s.ctr(&["task", "delete", "app1"]), "delete app1");
+    ok(s.ctr(&["container", "rm", "app1"]), "rm app1");
+    assert!(!s.bundle("app1").exists());
+    assert_eq!(s.shim_pids("pod"), shims, "the shim went with app1");
+    for id in ["app2", "pod"] {
+        ok(s.ctr(&["task", "kill", "-s", "SIGKILL", id]), "kill");
+        s.wait_status(id, Some("STOPPED"));
+        ok(s.ctr(&["task", "delete", id]), "task delete");
+        ok(s.ctr(&["container", "rm", id]), "container rm");
+    }
+    s.assert_no_leftovers("app2");
+    s.assert_no_leftovers("pod");
+}
