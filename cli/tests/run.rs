@@ -327,8 +327,45 @@ fn arbor_run_without_ctr() {
     // ctr removes the container's snapshot with it.
     node.ctr(&["container", "rm", "kept"]);
 
+    // -t: the process gets a terminal (through `script`, which gives arbor one), TERM=xterm,
+    // the exit code still comes through; no stderr FIFO.
+    if arbor_testkit::find_in_path("script").is_some() {
+        let cmd = node.command(&["-t", "--name", "tty1", &node.image]);
+        let mut line: Vec<String> = vec![cmd.get_program().to_string_lossy().into_owned()];
+        line.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+        line.extend(["sh", "-c", "tty; echo $TERM; exit 5"].map(String::from));
+        let line = line
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut script = Command::new("script");
+        script.args(["-qec", &line, "/dev/null"]);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => script.env(k, v),
+                None => script.env_remove(k),
+            };
+        }
+        let mut child = script
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Held open until the end: a terminal's input does not end.
+        let _stdin = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(5), "{text}\n{}", stderr(&out));
+        assert!(text.contains("/dev/pts/"), "{text:?}");
+        assert!(text.contains("xterm"), "{text:?}");
+    } else {
+        eprintln!("no `script` (bsdutils): --tty not checked end to end");
+    }
+
     // Nothing left by any of these runs.
-    node.assert_clean(&["r1", "r2", "kept"]);
+    node.assert_clean(&["r1", "r2", "kept", "tty1"]);
 }
 
 #[test]
