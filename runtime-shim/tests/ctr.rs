@@ -464,8 +464,25 @@ fn signals_exec_ps_pause_metrics_and_oom() {
     let metrics = ok(s.ctr(&["task", "metrics", "box"]), "ctr task metrics");
     assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
 
-    // SIGKILL to the detached task: TaskExit says 137; delete and container rm succeed.
-    ok(s.ctr(&["task", "kill", "-s", "SIGKILL", "box"]), "kill");
+    // SIGKILL to every process of the detached task (--all, with an exec still running):
+    // TaskExit says 137; delete and container rm succeed.
+    ok(
+        s.ctr(&[
+            "task",
+            "exec",
+            "-d",
+            "--exec-id",
+            "x3",
+            "box",
+            "sleep",
+            "600",
+        ]),
+        "exec -d",
+    );
+    ok(
+        s.ctr(&["task", "kill", "-a", "-s", "SIGKILL", "box"]),
+        "kill --all",
+    );
     s.wait_status("box", Some("STOPPED"));
     let exit = event_line("/tasks/exit", &["\"box\"", "137"]);
     assert!(exit.is_some(), "no TaskExit 137 of box\n{}", s.logs());
