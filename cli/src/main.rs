@@ -318,6 +318,19 @@ enum Command {
         /// Pull even if containerd has the image.
         #[arg(long)]
         pull: bool,
+        /// Wait until the function answers on its port (probed inside the container's network
+        /// namespace), print the cold start phase by phase (pull, create, start, port; they
+        /// add up to the time to ready), and report it to arbord, which learns the image's
+        /// start-up set from it. With -d, arbor exits once ready (non-zero if it never is).
+        #[arg(long)]
+        wait_ready: bool,
+        /// The function's port for --wait-ready [default: --annotation arbor.io/port, else
+        /// 9000].
+        #[arg(long, value_name = "PORT")]
+        port: Option<u16>,
+        /// Longest --wait-ready waits, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        ready_timeout: u64,
         #[command(flatten)]
         containerd: ContainerdArgs,
         #[command(flatten)]
@@ -402,6 +415,12 @@ impl arbor_client::Observer for RunObserver {
     fn pulled(&self, report: &arbor_client::PullReport) {
         if !self.json {
             eprint!("{}", output::pull_text(report));
+        }
+    }
+
+    fn ready(&self, r: &arbor_client::run::Ready) {
+        if !self.json {
+            eprint!("{}", output::ready_text(r));
         }
     }
 }
@@ -628,9 +647,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             runtime,
             cgroup_parent,
             pull,
+            wait_ready,
+            port,
+            ready_timeout,
             containerd,
             registry,
         } => {
+            let ready = wait_ready.then(|| arbor_client::run::ReadyOptions {
+                port: port.unwrap_or_else(|| {
+                    arbor_client::ready::port_of(annotations.iter().map(|(k, v)| (k, v)))
+                }),
+                timeout: std::time::Duration::from_secs(ready_timeout),
+                function: annotations
+                    .iter()
+                    .find(|(k, _)| k == arbor_client::ready::ANN_FUNCTION)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+            });
             let id = name.unwrap_or_else(|| format!("arbor-{}", std::process::id()));
             let memory_limit = memory_limit
                 .map(|m| i64::try_from(m).context("--memory-limit is too large"))
@@ -666,6 +699,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 arbor_client::PullPolicy::Missing
             };
             opts.platforms = registry.platforms.clone();
+            opts.ready = ready;
             let client = client(&registry)?;
             let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
             let observer = RunObserver {

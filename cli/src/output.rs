@@ -169,3 +169,24 @@ pub fn pull_text(r: &arbor_client::PullReport) -> String {
     );
     out
 }
+
+/// What `arbor run --wait-ready` prints when the function is ready.
+pub fn ready_text(r: &arbor_client::run::Ready) -> String {
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|(n, s)| format!("{n} {s:.2} s"))
+        .collect();
+    let mut out = format!("ready in {:.2} s: {}\n", r.seconds, phases.join(", "));
+    if r.lazy_layers > 0 {
+        out += &format!("  {} lazy layers", r.lazy_layers);
+        if let Some(s) = r.layers_ready_seconds {
+            out += &format!(", the last mounted {s:.2} s after the start");
+        }
+        out.push('\n');
+    }
+    if !r.learning.is_empty() {
+        out += &format!("  start-up set: {}\n", r.learning);
+    }
+    out
+}

@@ -443,3 +443,105 @@ fn arbor_run_detach_and_signals() {
 
     node.assert_clean(&["bg", "fg"]);
 }
+
+/// `arbor run -d --wait-ready`: waits for the function's port inside the container's own
+/// network namespace, prints the phases of the cold start, which add up to the time the
+/// command took (within 10%), and reports the start to arbord, which learns the image's
+/// start-up set from it (`arbor trace show`).
+#[test]
+fn wait_ready_prints_phases_that_add_up_and_arbord_learns_the_start() {
+    if skip("wait_ready_prints_phases_that_add_up_and_arbord_learns_the_start") {
+        return;
+    }
+    let node = Node::start();
+    let t0 = Instant::now();
+    let out = node.ok(
+        &[
+            "-d",
+            "--json",
+            "--wait-ready",
+            "--name",
+            "ready1",
+            "--annotation",
+            "arbor.io/function=hello",
+            "--annotation",
+            "arbor.io/port=9000",
+        ],
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /app/hello.txt >/dev/null; sleep 1; exec httpd -f -p 9000 -h /app",
+        ],
+    );
+    let wall = t0.elapsed().as_secs_f64();
+    let outcome: serde_json::Value = serde_json::from_str(&out).expect("run outcome is JSON");
+    let ready = &outcome["ready"];
+    let seconds = ready["seconds"].as_f64().expect("ready seconds");
+    let phases = ready["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p[0].as_str()).collect();
+    assert_eq!(names, ["pull", "create", "start", "port"], "{ready}");
+    let sum: f64 = phases.iter().filter_map(|p| p[1].as_f64()).sum();
+    assert!((sum - seconds).abs() < 0.01, "{ready}");
+    assert!(
+        (sum - wall).abs() <= 0.1 * wall,
+        "phases add up to {sum:.2} s, the command took {wall:.2} s"
+    );
+    // The port opened after the `sleep 1` in the container, not before.
+    let port = phases[3][1].as_f64().unwrap();
+    assert!(port >= 0.9, "{ready}");
+    let manifest = ready["learning"].as_str().unwrap_or_default().to_string();
+    assert!(manifest.starts_with("sha256:"), "{ready}");
+    assert!(ready["lazy_layers"].as_u64().unwrap_or(0) >= 1, "{ready}");
+    // arbord learned the set (after its grace period) from what the start read.
+    let mut shown = String::new();
+    for _ in 0..100 {
+        let o = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["trace", "show", "--plain-http", "--address"])
+            .arg(node.ctd.socket())
+            .args(["--namespace", node.ctd.namespace(), &node.image])
+            .env("ARBORD_ROOT", node.arbord.root())
+            .output()
+            .unwrap();
+        shown = String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success() && shown.contains("from arbord") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(shown.contains("app/hello.txt"), "{shown}");
+    assert!(shown.contains("function hello"), "{shown}");
+    assert_eq!(
+        node.arbord
+            .metric("arbor_starts_ready_total")
+            .expect("metrics"),
+        1.0
+    );
+    let _ = node.ctd.ctr(&["task", "kill", "-s", "SIGKILL", "ready1"]);
+}
+
+/// A function whose port never opens: `--wait-ready` gives up after --ready-timeout with a
+/// clear error, leaving the detached container to its owner.
+#[test]
+fn wait_ready_times_out_clearly() {
+    if skip("wait_ready_times_out_clearly") {
+        return;
+    }
+    let node = Node::start();
+    let out = node.run(
+        &[
+            "-d",
+            "--wait-ready",
+            "--port",
+            "9000",
+            "--ready-timeout",
+            "2",
+            "--name",
+            "never",
+        ],
+        &["/bin/sleep", "60"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("port 9000 did not open within 2 s"), "{err}");
+    let _ = node.ctd.ctr(&["task", "kill", "-s", "SIGKILL", "never"]);
+}

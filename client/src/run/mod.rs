@@ -111,6 +111,36 @@ pub struct RunOptions {
     pub pull: PullPolicy,
     /// Platforms to pull (default: this host's).
     pub platforms: Vec<String>,
+    /// Wait until the function's port opens, and report the start to arbord
+    /// (`--wait-ready`).
+    pub ready: Option<ReadyOptions>,
+}
+
+/// How `--wait-ready` waits.
+#[derive(Debug, Clone)]
+pub struct ReadyOptions {
+    /// The TCP port probed inside the container's network namespace.
+    pub port: u16,
+    /// Longest wait for it.
+    pub timeout: Duration,
+    /// The function's name (`arbor.io/function`), for the report.
+    pub function: String,
+}
+
+/// A start that became ready: when, phase by phase (contiguous, so they add up to
+/// `seconds`), and what arbord made of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    /// From the start of the run to the port opening.
+    pub seconds: f64,
+    /// (name, seconds): `pull`, `create` (container and task), `start`, `port`.
+    pub phases: Vec<(String, f64)>,
+    /// The lazy layers arbord mounted for it, and the last one's mount time since the start
+    /// (the "layers ready" point), when arbord serves them.
+    pub lazy_layers: usize,
+    pub layers_ready_seconds: Option<f64>,
+    /// The manifest arbord learns a start-up set for ("" if none), or why it was not told.
+    pub learning: String,
 }
 
 impl RunOptions {
@@ -127,6 +157,7 @@ impl RunOptions {
             stdio: Stdio::Inherit,
             pull: PullPolicy::Missing,
             platforms: Vec::new(),
+            ready: None,
         }
     }
 }
@@ -143,6 +174,8 @@ pub enum Phase {
     TaskCreated,
     /// The process runs.
     TaskStarted,
+    /// The function's port opened (`--wait-ready`).
+    Ready,
     /// The process has exited.
     Exited,
 }
@@ -161,6 +194,8 @@ pub trait Observer: Send + Sync {
     fn pulled(&self, _report: &PullReport) {}
     /// `phase` was reached `since` the run began.
     fn phase(&self, _phase: Phase, _since: Duration) {}
+    /// The function became ready (`--wait-ready`); called from a background task.
+    fn ready(&self, _ready: &Ready) {}
 }
 
 /// An [`Observer`] that observes nothing.
@@ -178,10 +213,14 @@ pub struct RunOutcome {
     pub phases: Vec<PhaseTime>,
     /// The pull report, when the image was pulled.
     pub pull: Option<PullReport>,
+    /// With `--wait-ready`: when it became ready (`None` if it never did before it exited or
+    /// the wait timed out).
+    pub ready: Option<Ready>,
 }
 
 struct Clock<'a> {
     t0: Instant,
+    wall0: std::time::SystemTime,
     phases: Vec<PhaseTime>,
     observer: &'a dyn Observer,
 }
@@ -209,6 +248,7 @@ pub async fn run(
 ) -> Result<RunOutcome> {
     let mut clock = Clock {
         t0: Instant::now(),
+        wall0: std::time::SystemTime::now(),
         phases: Vec::new(),
         observer,
     };
@@ -235,13 +275,13 @@ pub async fn run(
         .await?;
     clock.mark(Phase::ContainerCreated);
 
-    let result = run_task(&ch, t, opts, mounts, &mut clock)
+    let result = run_task(&ch, t, opts, mounts, &image.manifest, &mut clock)
         .instrument(info_span!("task", id = %opts.id))
         .await;
     // Detached: everything stays. Otherwise the task is gone; the container and its
     // snapshot go too unless kept (also when the run failed).
     let remove = match &result {
-        Ok((_, None)) => false,
+        Ok((_, None, _)) => false,
         _ => !opts.keep,
     };
     if remove {
@@ -249,13 +289,14 @@ pub async fn run(
             .instrument(info_span!("remove_container", id = %opts.id))
             .await;
     }
-    let (pid, exit_status) = result?;
+    let (pid, exit_status, ready) = result?;
     Ok(RunOutcome {
         id: opts.id.clone(),
         pid,
         exit_status,
         phases: clock.phases,
         pull: pulled,
+        ready,
     })
 }
 
@@ -286,6 +327,8 @@ async fn ensure_image(
 /// What a container is made from.
 #[derive(Debug)]
 struct ImageInfo {
+    /// The platform manifest's digest.
+    manifest: String,
     config: ImageConfig,
     /// The chain ID of the top layer: the parent of the container's snapshot.
     top_chain: String,
@@ -389,7 +432,9 @@ async fn read_image(ch: &Channel, t: &Target, name: &str) -> Result<ImageInfo> {
         .as_str()
         .ok_or_else(|| Error::Invalid(format!("the manifest {digest} names no config")))?;
     let config_bytes = read_blob(ch, t, config_digest).await?;
-    parse_config(&config_bytes)
+    let mut info = parse_config(&config_bytes)?;
+    info.manifest = digest;
+    Ok(info)
 }
 
 fn parse_config(bytes: &[u8]) -> Result<ImageInfo> {
@@ -404,7 +449,11 @@ fn parse_config(bytes: &[u8]) -> Result<ImageInfo> {
     let top_chain = pull::chain_ids(&diff_ids)
         .pop()
         .ok_or_else(|| Error::Invalid("the image has no layers".into()))?;
-    Ok(ImageInfo { config, top_chain })
+    Ok(ImageInfo {
+        manifest: String::new(),
+        config,
+        top_chain,
+    })
 }
 
 /// The lease the container is created under, deleted when this is.
@@ -599,8 +648,10 @@ async fn run_task(
     t: &Target,
     opts: &RunOptions,
     mounts: Vec<Mount>,
+    manifest: &str,
     clock: &mut Clock<'_>,
-) -> Result<(u32, Option<u32>)> {
+) -> Result<(u32, Option<u32>, Option<Ready>)> {
+    let rootfs = mounts.clone();
     let id = opts.id.as_str();
     let tty = opts.spec.tty;
     let stdio = if opts.detach && opts.stdio == Stdio::Inherit {
@@ -667,10 +718,57 @@ async fn run_task(
         return Err(s).rpc(format!("starting task {id}"));
     }
     clock.mark(Phase::TaskStarted);
+    let probe = opts.ready.clone().map(|r| {
+        let (t, id, manifest) = (t.clone(), id.to_string(), manifest.to_string());
+        let marks: Vec<(Phase, f64)> = clock.phases.iter().map(|p| (p.phase, p.seconds)).collect();
+        let (t0, wall0, pid) = (clock.t0, clock.wall0, created.pid);
+        tokio::spawn(
+            wait_ready(t, id, manifest, rootfs, r, marks, t0, wall0, pid)
+                .instrument(info_span!("wait_ready")),
+        )
+    });
     if opts.detach {
         wait.abort();
-        return Ok((created.pid, None));
+        let ready = match probe {
+            Some(p) => {
+                let r = p.await.map_err(|e| Error::Other {
+                    what: "waiting for the port".into(),
+                    cause: Box::new(e),
+                })??;
+                clock.mark(Phase::Ready);
+                clock.observer.ready(&r);
+                Some(r)
+            }
+            None => None,
+        };
+        return Ok((created.pid, None, ready));
     }
+    // Attached: the probe runs beside the container, and says when it is ready.
+    let ready_seen = std::sync::Arc::new(std::sync::Mutex::new(None::<Ready>));
+    let probe = probe.map(|p| {
+        let seen = std::sync::Arc::clone(&ready_seen);
+        async move {
+            match p.await {
+                Ok(Ok(r)) => {
+                    *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                    Some(r)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the function did not get ready");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    let probe = async move {
+        match probe {
+            Some(p) => p.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(probe);
+    let mut probe_done = false;
 
     let resize = |tc: &mut TasksClient<Channel>| {
         let r = stdio::terminal_size().and_then(|(w, h)| {
@@ -719,6 +817,13 @@ async fn run_task(
             _ = sigint.recv() => kill(&mut tc, t, id, libc::SIGINT).await,
             _ = sigterm.recv() => kill(&mut tc, t, id, libc::SIGTERM).await,
             _ = sigwinch.recv(), if tty => resize(&mut tc).await,
+            r = &mut probe, if !probe_done => {
+                probe_done = true;
+                if let Some(r) = r {
+                    clock.mark(Phase::Ready);
+                    clock.observer.ready(&r);
+                }
+            }
             _ = stdin_closed => {
                 if let Ok(r) = req(t, None, CloseIoRequest { container_id: id.into(), exec_id: String::new(), stdin: true })
                     && let Err(e) = tc.close_io(r).await
@@ -747,7 +852,83 @@ async fn run_task(
     {
         tracing::warn!(error = %e, "deleting the task");
     }
-    Ok((created.pid, Some(status)))
+    let ready = ready_seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok((created.pid, Some(status), ready))
+}
+
+/// Waits for the function's port, then reports the start to the arbord behind the
+/// container's snapshotter (if it is one), which learns the image's start-up set from it.
+/// `marks`: the run's phases so far (seconds since `t0`).
+#[allow(clippy::too_many_arguments)]
+async fn wait_ready(
+    t: Target,
+    id: String,
+    manifest: String,
+    rootfs: Vec<Mount>,
+    r: ReadyOptions,
+    marks: Vec<(Phase, f64)>,
+    t0: Instant,
+    wall0: std::time::SystemTime,
+    pid: u32,
+) -> Result<Ready> {
+    let opened = crate::ready::wait_port(pid, r.port, r.timeout).await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let at = |p: Phase| marks.iter().find(|(x, _)| *x == p).map(|(_, s)| *s);
+    let pulled = at(Phase::Pulled).unwrap_or(0.0);
+    let created = at(Phase::TaskCreated).unwrap_or(pulled);
+    let started = at(Phase::TaskStarted).unwrap_or(created);
+    let phases = vec![
+        ("pull".to_string(), pulled),
+        ("create".to_string(), created - pulled),
+        ("start".to_string(), started - created),
+        ("port".to_string(), seconds - started),
+    ];
+    let wall = |s: f64| wall0 + Duration::from_secs_f64(s.max(0.0));
+    let mut ready = Ready {
+        seconds,
+        phases,
+        lazy_layers: 0,
+        layers_ready_seconds: None,
+        learning: String::new(),
+    };
+    let arbord = match pull::arbord(&t).await {
+        Ok(c) => c,
+        Err(e) => {
+            ready.learning = format!("not reported ({e})");
+            return Ok(ready);
+        }
+    };
+    if let Ok(l) = crate::ready::layers(&arbord, rootfs.clone()).await {
+        ready.lazy_layers = l.layers.len();
+        ready.layers_ready_seconds = l
+            .layers
+            .iter()
+            .map(|x| x.mounted_unix_nano)
+            .max()
+            .map(|n| (n - crate::ready::unix_nanos(wall0)) as f64 / 1e9)
+            .filter(|s| *s >= 0.0);
+    }
+    let report = arbor_proto::arbor::ReadyRequest {
+        namespace: t.namespace.clone(),
+        container_id: id,
+        function: r.function.clone(),
+        rootfs,
+        manifest,
+        started_unix_nano: crate::ready::unix_nanos(wall0),
+        ready_unix_nano: crate::ready::unix_nanos(opened),
+        phases: vec![
+            crate::ready::phase("pull", wall0, wall(pulled)),
+            crate::ready::phase("create", wall(pulled), wall(created)),
+            crate::ready::phase("start", wall(created), wall(started)),
+            crate::ready::phase("port", wall(started), opened),
+        ],
+    };
+    ready.learning = match crate::ready::report(&arbord, report).await {
+        Ok(a) if !a.manifest.is_empty() => a.manifest,
+        Ok(_) => "nothing to learn (no fresh lazy layer)".into(),
+        Err(e) => format!("not reported ({e})"),
+    };
+    Ok(ready)
 }
 
 async fn kill(tc: &mut TasksClient<Channel>, t: &Target, id: &str, sig: i32) {
