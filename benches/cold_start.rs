@@ -35,6 +35,13 @@
 //!   `ctr run -d --snapshotter arbor --net-host`; chunks are fetched when read;
 //! * **arbor+prefetch**: the same with the prefetch-list image (its start-up chunks are
 //!   fetched first, in the background, from the moment the layers are mounted).
+//! * **arbor+learned**: the plain converted image again, on a fresh node, with the start-up
+//!   set arbord learned from one start on *another* node: before the repetitions, a teaching
+//!   node (its own arbord and containerd) runs the function once with `arbor run -d --net-host
+//!   --wait-ready` (which reports the start to arbord), sends it one request, and `arbor trace
+//!   push` attaches the learned set to the image in the registry; the timed `arbor pull`
+//!   finds it there and arbord fetches it first. No hand-written list. The **arbor** mode
+//!   pulls with `--no-startup-set`, so it stays on demand.
 //!
 //! A run's time is split into **pull** (start to the pull command's exit), **create** (the
 //! `ctr run -d` that creates and starts the container) and **ready** (from there to the first
@@ -355,7 +362,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "overlayfs,arbor,arbor+prefetch"
+        default_value = "overlayfs,arbor,arbor+prefetch,arbor+learned"
     )]
     modes: Vec<Mode>,
     /// The function images to measure, comma-separated, one after the other (see below).
@@ -518,6 +525,10 @@ enum Mode {
     Arbor,
     #[value(name = "arbor+prefetch")]
     ArborPrefetch,
+    /// The plain conversion with the start-up set arbord learned from one earlier start on
+    /// another node, found in the registry.
+    #[value(name = "arbor+learned")]
+    ArborLearned,
     /// Not a mode to run: the floor's rows.
     #[value(skip)]
     Floor,
@@ -529,6 +540,7 @@ impl Mode {
             Mode::Overlayfs => "overlayfs",
             Mode::Arbor => "arbor",
             Mode::ArborPrefetch => "arbor+prefetch",
+            Mode::ArborLearned => "arbor+learned",
             Mode::Floor => "floor",
         }
     }
@@ -538,12 +550,13 @@ impl Mode {
             Mode::Overlayfs => "containerd overlayfs",
             Mode::Arbor => "arbor, on demand",
             Mode::ArborPrefetch => "arbor, prefetch list",
+            Mode::ArborLearned => "arbor, learned set",
             Mode::Floor => "floor",
         }
     }
 
     fn is_arbor(self) -> bool {
-        matches!(self, Mode::Arbor | Mode::ArborPrefetch)
+        matches!(self, Mode::Arbor | Mode::ArborPrefetch | Mode::ArborLearned)
     }
 }
 
@@ -699,7 +712,7 @@ fn bench_image(
     let remote = Remote::start(args.link.rate, args.link.tbf_latency_ms)?;
     let push_s = remote.push(&image.layout, &image.tag, repo, TAG_SOURCE)?;
     let mut converts = Vec::new();
-    if modes.contains(&Mode::Arbor) {
+    if modes.contains(&Mode::Arbor) || modes.contains(&Mode::ArborLearned) {
         converts.push(remote.convert(b.arbor, repo, TAG_SOURCE, TAG_ARBOR, None, timeout)?);
     }
     if modes.contains(&Mode::ArborPrefetch) {
@@ -730,6 +743,9 @@ fn bench_image(
         ready_timeout: Duration::from_secs(args.ready_timeout),
     };
 
+    if modes.contains(&Mode::ArborLearned) {
+        teach(&ctx, &work.path().join("teach"))?;
+    }
     let mut runs: Vec<RunResult> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     println!();
@@ -1162,10 +1178,10 @@ fn run_overlayfs(ctx: &Ctx, dir: &Path) -> Result<Vec<RunResult>> {
 
 /// arbord as containerd's snapshotter: `arbor pull`, then `ctr run --snapshotter arbor`.
 fn run_arbor(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<RunResult> {
-    let tag = if mode == Mode::Arbor {
-        TAG_ARBOR
-    } else {
+    let tag = if mode == Mode::ArborPrefetch {
         TAG_PREFETCH
+    } else {
+        TAG_ARBOR
     };
     let reference = ctx.remote.reference(ctx.kind.repo(), tag);
     let arbord = Arbord::start(ctx, dir)?;
@@ -1181,6 +1197,10 @@ fn run_arbor(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<RunResult> {
         .arg(ctd.socket())
         .args(["--namespace", ctd.namespace()])
         .args(["--snapshotter", SNAPSHOTTER, "--plain-http", &reference]);
+    if mode != Mode::ArborLearned {
+        // On demand and with a prefetch list: not the set learned for arbor+learned.
+        pull.arg("--no-startup-set");
+    }
     let pulled = run_checked(&mut pull, ctx.timeout)
         .with_context(|| format!("arbord log:\n{}", arbord.log_tail(20)));
     let pulled = pulled.context("arbor pull")?;
@@ -1227,6 +1247,78 @@ fn run_arbor(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<RunResult> {
         answer: started.answer,
         problems,
     })
+}
+
+/// Puts the plain conversion's learned start-up set in the registry, as the first cold start
+/// on some node would (not timed): a fresh arbord and containerd, `arbor run -d --net-host
+/// --wait-ready` (which reports the start to arbord), one request (the first invocation,
+/// within arbord's grace period), then `arbor trace push`. No hand-written list anywhere.
+fn teach(ctx: &Ctx, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    let reference = ctx.remote.reference(ctx.kind.repo(), TAG_ARBOR);
+    let arbord = Arbord::start(ctx, dir)?;
+    let ctd = Containerd::start_with_config(&arbord.containerd_config())
+        .context("starting containerd with arbord as proxy snapshotter")?;
+    let arbor = |sub: &[&str]| {
+        let mut c = Command::new(ctx.arbor);
+        c.args(sub)
+            .arg("--address")
+            .arg(ctd.socket())
+            .args(["--namespace", ctd.namespace()])
+            .args(["--snapshotter", SNAPSHOTTER, "--plain-http"]);
+        c
+    };
+    let port = free_port()?.to_string();
+    let t = Instant::now();
+    let mut run = arbor(&["run"]);
+    run.args(["-d", "--net-host", "--wait-ready", "--port", &port])
+        .args(["--env", &format!("PORT={port}"), "--name", "fn-teach"])
+        .args(["--annotation", "arbor.io/function=bench", &reference]);
+    let started = run_checked(&mut run, ctx.timeout)
+        .with_context(|| format!("arbord log:\n{}", arbord.log_tail(20)))?;
+    let ready_s = t.elapsed().as_secs_f64();
+    let (status, body) = http_get_all(&format!("127.0.0.1:{port}"), "/", "application/json")
+        .context("the first request to the teaching start")?;
+    let (_, problems) = check_answer(status, &body, ctx.kind.expected());
+    ensure!(
+        problems.is_empty(),
+        "teaching start: {}",
+        problems.join("; ")
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let shown = loop {
+        check_interrupted()?;
+        let mut show = arbor(&["trace", "show"]);
+        show.arg(&reference);
+        if let Ok(out) = run_checked(&mut show, ctx.timeout)
+            && out.contains("from arbord")
+        {
+            break out;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "arbord learned no start-up set within 30 s of the start ({started}); log:\n{}",
+            arbord.log_tail(20)
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let mut push = arbor(&["trace", "push"]);
+    push.arg(&reference);
+    run_checked(&mut push, ctx.timeout).context("arbor trace push")?;
+    println!(
+        "learned from one start on another node (ready in {ready_s:.2} s) and pushed: {}",
+        shown.lines().next().unwrap_or_default()
+    );
+    fs::write(dir.join("trace-show.out"), &shown)?;
+    remove_container(&ctd, "fn-teach")?;
+    drop(ctd);
+    let problems = arbord.stop();
+    ensure!(
+        problems.is_empty(),
+        "teaching node: {}",
+        problems.join("; ")
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1422,7 +1514,7 @@ fn summarize(runs: &[RunResult], rows: &[Mode]) -> Value {
     };
     let mut ratios = serde_json::Map::new();
     let mut targets = Vec::new();
-    for m in [Mode::Arbor, Mode::ArborPrefetch] {
+    for m in [Mode::Arbor, Mode::ArborPrefetch, Mode::ArborLearned] {
         let Some(t) = median(m) else { continue };
         let k = m.key();
         // (ratio name, what it says, ratio, target, whether the ratio must be at least it)
@@ -1540,7 +1632,7 @@ fn print_summary(
         "floor = warm start from the pulled image (create + ready) + the start-up set at the \
          link rate (pull column)"
     );
-    for m in [Mode::Arbor, Mode::ArborPrefetch] {
+    for m in [Mode::Arbor, Mode::ArborPrefetch, Mode::ArborLearned] {
         let c = summary_f64(summary, m, "/restart_create_seconds/median");
         if c.is_finite() {
             let floor_create = summary_f64(summary, Mode::Floor, "/create_seconds/median");

@@ -235,6 +235,10 @@ enum Command {
     /// `arbor run IMAGE` starts it.
     Pull {
         image: String,
+        /// Do not give arbord the image's learned start-up set (the node's or the registry's
+        /// artifact, see `arbor trace`): its layers are then fetched on demand only.
+        #[arg(long)]
+        no_startup_set: bool,
         #[command(flatten)]
         containerd: ContainerdArgs,
         #[command(flatten)]
@@ -610,14 +614,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Pull {
             image,
+            no_startup_set,
             containerd,
             registry,
         } => {
             let client = client(&registry)?;
             let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
-            let report = pull::pull(&store, &image, &registry.platforms, &containerd.target())
-                .await
-                .with_context(|| format!("pulling {image}"))?;
+            let opts = pull::PullOptions {
+                startup_set: !no_startup_set,
+            };
+            let report = pull::pull_with(
+                &store,
+                &image,
+                &registry.platforms,
+                &containerd.target(),
+                &opts,
+            )
+            .await
+            .with_context(|| format!("pulling {image}"))?;
             if registry.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -585,6 +585,31 @@ pub async fn pull(
     platforms: &[String],
     t: &Target,
 ) -> Result<PullReport> {
+    pull_with(store, name, platforms, t, &PullOptions::default()).await
+}
+
+/// How [`pull_with`] pulls.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Give arbord the image's start-up set (its own, or the registry's) so that its layers
+    /// fetch it first (`arbor pull --no-startup-set` turns it off).
+    pub startup_set: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions { startup_set: true }
+    }
+}
+
+/// [`pull`] with options.
+pub async fn pull_with(
+    store: &Store,
+    name: &str,
+    platforms: &[String],
+    t: &Target,
+    opts: &PullOptions,
+) -> Result<PullReport> {
     let started = Instant::now();
     let platforms = if platforms.is_empty() {
         vec![default_platform()]
@@ -648,6 +673,7 @@ pub async fn pull(
     .rpc("creating a lease")?;
 
     let startup_set = match arbord_direct(&ch, t).await {
+        _ if !opts.startup_set => "none (not asked for)".to_string(),
         Some(direct) => startup_set(store, &img.digest, &direct).await,
         None => "none (arbord not reachable directly)".to_string(),
     };
