@@ -116,6 +116,8 @@ pub struct Container {
     pub paused: bool,
     pub spec: SpecInfo,
     pub phases: Phases,
+    /// The rootfs mounts containerd passed (for the start report to arbord).
+    pub rootfs_mounts: Vec<arbor_proto::Mount>,
 }
 
 impl Container {

@@ -1,11 +1,12 @@
-//! **Function awareness hooks in here (not implemented yet).**
-//!
-//! Each container records its start phases ([`Phases`]): when Create was asked for, when
-//! `runc create` was done, and when Start was done (with the init pid). After Start the task
-//! service hands them to a [`StartProbe`] on a background task. Later work will implement one
-//! that, from a thread `setns`'d into `/proc/<pid>/ns/net`, polls the function's TCP port
-//! until it opens (the "port open" phase) and reports all phases to arbord. Today the probe is
-//! [`NoProbe`], which does nothing.
+//! Function awareness: each container records its start phases ([`Phases`]): when Create was
+//! asked for, when `runc create` was done, and when Start was done (with the init pid). After
+//! Start the task service hands them to a [`StartProbe`] on a background task, never delaying
+//! Start itself. The shim's probe is [`ArbordProbe`]: for a container that names a function
+//! or a port (annotations `arbor.io/function`, `arbor.io/port`, default port 9000), it polls
+//! the port from a thread `setns`'d into the container's network namespace until it opens,
+//! then reports the phases (create, start, port) with the container's rootfs to the arbord
+//! behind its snapshotter (`arbor.v1.Starts/Ready`, see `arbor_client::ready`), which exports
+//! them as Prometheus metrics and learns the image's start-up set from the start.
 
 use std::time::{Instant, SystemTime};
 
@@ -55,6 +56,8 @@ pub struct Started {
     /// The OCI spec's annotations (CRI forwards the `arbor.io/*` ones).
     pub annotations: std::collections::HashMap<String, String>,
     pub phases: Phases,
+    /// The rootfs mounts containerd passed at Create.
+    pub rootfs: Vec<arbor_proto::Mount>,
 }
 
 /// Runs in the background after a container started.
@@ -70,4 +73,87 @@ pub struct NoProbe;
 #[async_trait]
 impl StartProbe for NoProbe {
     async fn started(&self, _container: Started) {}
+}
+
+/// Longest the probe waits for a function's port.
+pub const PORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Probes a function's port and reports its start to arbord (see the module docs).
+#[derive(Debug)]
+pub struct ArbordProbe {
+    /// containerd's socket.
+    containerd: std::path::PathBuf,
+}
+
+impl ArbordProbe {
+    pub fn new(containerd_address: &str) -> ArbordProbe {
+        let path = containerd_address
+            .strip_prefix("unix://")
+            .unwrap_or(containerd_address);
+        ArbordProbe {
+            containerd: std::path::PathBuf::from(path),
+        }
+    }
+
+    async fn probe(&self, c: Started) -> Result<String, arbor_client::Error> {
+        use arbor_client::ready;
+        let Some((started_wall, _, pid)) = c.phases.started else {
+            return Ok("not started".into());
+        };
+        let port = ready::port_of(c.annotations.iter());
+        let opened = ready::wait_port(pid, port, PORT_TIMEOUT).await?;
+        let mut t = arbor_client::Target {
+            address: self.containerd.clone(),
+            namespace: c.namespace.clone(),
+            snapshotter: String::new(),
+        };
+        t.snapshotter = ready::container_snapshotter(&t, &c.container_id).await?;
+        let arbord = arbor_client::pull::arbord(&t).await?;
+        let (create_wall, _) = c.phases.create_requested;
+        let created_wall = c.phases.runc_created.map_or(create_wall, |(w, _)| w);
+        let report = arbor_proto::arbor::ReadyRequest {
+            namespace: c.namespace.clone(),
+            container_id: c.container_id.clone(),
+            function: c
+                .annotations
+                .get(ready::ANN_FUNCTION)
+                .cloned()
+                .unwrap_or_default(),
+            rootfs: c.rootfs,
+            manifest: String::new(),
+            started_unix_nano: ready::unix_nanos(create_wall),
+            ready_unix_nano: ready::unix_nanos(opened),
+            phases: vec![
+                ready::phase("create", create_wall, created_wall),
+                ready::phase("start", created_wall, started_wall),
+                ready::phase("port", started_wall, opened),
+            ],
+        };
+        let r = ready::report(&arbord, report).await?;
+        Ok(format!(
+            "port {port} open {:.2} s after create; arbord learns for {:?}",
+            opened
+                .duration_since(create_wall)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            r.manifest
+        ))
+    }
+}
+
+#[async_trait]
+impl StartProbe for ArbordProbe {
+    async fn started(&self, c: Started) {
+        let is_function = c
+            .annotations
+            .contains_key(arbor_client::ready::ANN_FUNCTION)
+            || c.annotations.contains_key(arbor_client::ready::ANN_PORT);
+        if !is_function {
+            return;
+        }
+        let id = c.container_id.clone();
+        match self.probe(c).await {
+            Ok(what) => tracing::info!(container = %id, "{what}"),
+            Err(e) => tracing::warn!(container = %id, error = %e, "start probe"),
+        }
+    }
 }

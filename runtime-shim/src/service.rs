@@ -217,6 +217,16 @@ impl TaskService {
             paused: false,
             spec,
             phases,
+            rootfs_mounts: req
+                .rootfs
+                .iter()
+                .map(|m| arbor_proto::Mount {
+                    r#type: m.type_.clone(),
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
         }));
         // Held until the pid is recorded: an exit of it waits for this lock.
         let mut c = container.clone().lock_owned().await;
@@ -359,6 +369,7 @@ impl TaskService {
                 bundle: c.bundle.display().to_string(),
                 annotations: c.spec.annotations.clone(),
                 phases: c.phases.clone(),
+                rootfs: c.rootfs_mounts.clone(),
             };
             drop(c);
             let probe = self.inner.probe.clone();

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::container::{SpecInfo, timestamp};
 use crate::options::RuntimeOptions;
-use crate::probe::NoProbe;
+use crate::probe::ArbordProbe;
 use crate::runc_client::{client, is_gone};
 use crate::service::{TaskService, blocking, unmount};
 
@@ -36,6 +36,9 @@ const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub struct ArborShim {
     id: String,
     namespace: String,
+    /// containerd's gRPC socket (`-address`): where the start probe finds the container's
+    /// snapshotter and the arbord behind it.
+    containerd: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -60,6 +63,7 @@ impl Shim for ArborShim {
         ArborShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            containerd: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -129,7 +133,7 @@ impl Shim for ArborShim {
             &self.namespace,
             publisher,
             self.exit.clone(),
-            Arc::new(NoProbe),
+            Arc::new(ArbordProbe::new(&self.containerd)),
         )
         .await
     }

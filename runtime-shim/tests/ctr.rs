@@ -661,3 +661,97 @@ fn a_pods_containers_share_the_sandboxs_shim() {
     s.assert_no_leftovers("app2");
     s.assert_no_leftovers("pod");
 }
+
+/// Function awareness: a container that names its function and port is probed in the
+/// background from inside its network namespace; when the port opens the shim reports the
+/// start (create, start, port phases and its rootfs) to arbord, which counts it in its
+/// metrics and learns the image's start-up set from it. Start is never delayed by the probe.
+#[test]
+fn a_function_start_is_probed_and_reported_to_arbord() {
+    let Some(s) = Scene::start("a_function_start_is_probed_and_reported_to_arbord") else {
+        return;
+    };
+    let t = Instant::now();
+    ok(
+        s.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            "arbor",
+            "--annotation",
+            "arbor.io/function=hello",
+            "--annotation",
+            "arbor.io/port=9000",
+            &s.image,
+            "fn1",
+            "/bin/sh",
+            "-c",
+            "cat /app/hello.txt >/dev/null; sleep 2; exec httpd -f -p 9000 -h /app",
+        ]),
+        "ctr run -d",
+    );
+    // Start returned while the function was still sleeping: the probe runs in the background.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.arbord.metric("arbor_starts_ready_total").unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no start reported; arbord log:\n{}",
+            s.arbord.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let port_s = s
+        .arbord
+        .metric("arbor_start_phase_seconds_sum{phase=\"port\"}")
+        .unwrap();
+    assert!(port_s >= 1.8, "the port opened after the sleep: {port_s}");
+    assert_eq!(
+        s.arbord
+            .metric("arbor_start_phase_seconds_count{phase=\"create\"}")
+            .unwrap(),
+        1.0
+    );
+    // The learned set names what the start read.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(target_dir().join("arbor"))
+            .args(["trace", "show", "--plain-http", "--address"])
+            .arg(s.ctd.socket())
+            .args(["--namespace", s.ctd.namespace(), &s.image])
+            .env("ARBORD_ROOT", s.arbord.root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("from arbord") {
+            assert!(text.contains("app/hello.txt"), "{text}");
+            assert!(text.contains("function hello"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no set learned: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A container without function annotations is not probed.
+    ok(
+        s.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            "arbor",
+            &s.image,
+            "plain",
+        ]),
+        "plain run",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.arbord.metric("arbor_starts_ready_total").unwrap(), 1.0);
+    ok(s.ctr(&["task", "kill", "-s", "SIGKILL", "fn1"]), "kill");
+    s.wait_status("fn1", Some("STOPPED"));
+    ok(s.ctr(&["task", "delete", "fn1"]), "task delete");
+    ok(s.ctr(&["container", "rm", "fn1"]), "container rm");
+    s.assert_no_leftovers("fn1");
+}
