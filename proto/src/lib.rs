@@ -24,7 +24,7 @@ pub use generated::containerd::services::snapshots::v1 as snapshots;
 /// `arbor.v1`: arbord's own service (`Starts`: start reports and learned start-up sets).
 pub use generated::arbor::v1 as arbor;
 
-/// `runtime.v1` (CRI): the image service subset.
+/// `runtime.v1` (CRI): the image service and the runtime service calls that run a pod.
 pub use generated::runtime::v1 as cri;
 
 pub use types::Mount;

@@ -19,6 +19,7 @@ pub fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
                     ..Default::default()
                 }),
                 auth: None,
+                sandbox_config: None,
             })
             .await?;
         Ok(r.into_inner().image_ref)
