@@ -15,7 +15,7 @@ cd "$ROOT"
 
 PACKAGES=(
   containerd runc skopeo umoci docker-registry fuse3 busybox-static
-  iproute2 jq zstd apache2-utils ca-certificates
+  iproute2 jq zstd apache2-utils ca-certificates containernetworking-plugins
 )
 
 if [[ "$(id -u)" -eq 0 ]]; then
@@ -56,6 +56,9 @@ for bin in containerd ctr runc containerd-shim-runc-v2 skopeo umoci docker-regis
   command -v "$bin" >/dev/null 2>&1 || die "'$bin' not found after installing packages"
 done
 [[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"
+for plugin in bridge host-local loopback; do
+  [[ -x "/usr/lib/cni/$plugin" ]] || die "/usr/lib/cni/$plugin missing (package containernetworking-plugins)"
+done
 [[ -e /dev/fuse ]] || log "warning: /dev/fuse is missing (FUSE tests will fail; try 'modprobe fuse')"
 log "tools ok: containerd $(containerd --version | awk '{print $3}'), skopeo $(skopeo --version | awk '{print $3}')"
 
