@@ -204,8 +204,11 @@ pub struct MountGuard(pub PathBuf);
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        while arbor_testkit::is_mounted(&self.0) {
-            detach(&self.0);
+        // /proc/mounts names absolute paths: a relative one (a relative --cache-dir) would
+        // never be found mounted, and the mount would stay.
+        let p = std::path::absolute(&self.0).unwrap_or_else(|_| self.0.clone());
+        while arbor_testkit::is_mounted(&p) {
+            detach(&p);
         }
     }
 }

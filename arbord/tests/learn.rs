@@ -56,7 +56,6 @@ impl Node {
         let ctd = Containerd::start_with(&ContainerdOptions {
             extra_config: arbord.containerd_config(),
             cri: false,
-            ..Default::default()
         })
         .expect("starting containerd");
         Node { arbord, ctd }

@@ -86,6 +86,10 @@ impl Default for FetcherOptions {
 /// Default of [`FetcherOptions::group_read_ahead`].
 pub const DEFAULT_GROUP_READ_AHEAD: u64 = 8 << 20;
 
+/// Largest gap between two wanted chunk frames that [`Fetcher::fetch_chunks`] fetches across
+/// rather than making two requests.
+pub const CHUNK_RANGE_GAP: u64 = 64 << 10;
+
 /// Windows of a group fetched at the same time by a group read-ahead.
 const GROUP_CONCURRENCY: usize = 4;
 
@@ -649,6 +653,76 @@ impl Fetcher {
             }
             while set.join_next().await.is_some() {}
         });
+    }
+
+    /// Fetches just the chunks `refs` of a layer (those not in memory or the disk cache), as
+    /// urgent work: their frames in blob order, in ranges merged across gaps of at most
+    /// [`CHUNK_RANGE_GAP`], each chunk decoded, verified and kept like a window's. For a
+    /// learned set whose chunks are scattered among others in their windows. Returns the
+    /// bytes fetched. A chunk that fails verification is left out (a read refetches it).
+    pub async fn fetch_chunks(
+        &self,
+        layer: &Arc<LayerHandle>,
+        refs: &[ChunkRef],
+    ) -> Result<u64, FetchError> {
+        if layer.is_poisoned() {
+            return Err(FetchError::Poisoned(layer.digest.clone()));
+        }
+        let mut want: Vec<(String, Chunk)> = refs
+            .iter()
+            .filter_map(|&r| layer.chunk(r))
+            .filter(|(_, c)| {
+                !c.zeros
+                    && c.digest.as_ref().is_some_and(|d| {
+                        !self.mem.contains(d.as_bytes()) && !self.cache.contains(d)
+                    })
+            })
+            .map(|(n, c)| (n.to_string(), c.clone()))
+            .collect();
+        want.sort_by_key(|(_, c)| c.blob_offset);
+        want.dedup_by_key(|(_, c)| c.blob_offset);
+        let mut ranges: Vec<(u64, u64, Vec<(String, Chunk)>)> = Vec::new();
+        for (n, c) in want {
+            match ranges.last_mut() {
+                Some((_, end, v))
+                    if c.blob_offset >= *end && c.blob_offset - *end <= CHUNK_RANGE_GAP =>
+                {
+                    *end = c.blob_end;
+                    v.push((n, c));
+                }
+                _ => ranges.push((c.blob_offset, c.blob_end, vec![(n, c)])),
+            }
+        }
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        let _guard = UrgentGuard(self);
+        let mut fetched = 0u64;
+        for (start, end, chunks) in ranges {
+            let data = self.read_sources(layer, start, end).await?;
+            fetched += data.len() as u64;
+            let metrics = Arc::clone(&self.metrics);
+            let digest = layer.digest.clone();
+            let decoded = blocking(move || {
+                let mut out = Vec::with_capacity(chunks.len());
+                for (name, c) in chunks {
+                    let frame = &data[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                    match decode_chunk(&name, &c, frame) {
+                        Ok(v) => out.push((c.digest.clone(), Bytes::from(v))),
+                        Err(e) => {
+                            metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(layer = %digest, file = %name, error = %e, "chunk did not verify");
+                        }
+                    }
+                }
+                out
+            })
+            .await?;
+            for (d, b) in decoded {
+                if let Some(d) = d {
+                    self.remember(*d.as_bytes(), b, Dirty::Urgent);
+                }
+            }
+        }
+        Ok(fetched)
     }
 
     /// True when background work may use the link now: no urgent fetch in flight or within

@@ -117,8 +117,9 @@ impl Recorder {
 /// What applying a set to a layer found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
-    /// Windows to fetch, in first-read order, each once.
-    pub windows: Vec<usize>,
+    /// Windows to fetch from, in first-read order, each once, with the set's chunks in each
+    /// (see [`crate::Fetcher::fetch_chunks`]).
+    pub windows: Vec<(usize, Vec<ChunkRef>)>,
     /// Chunks of the set that this layer has.
     pub chunks: usize,
     /// Reads naming a file this layer lacks, or chunks past a file's end: ignored.
@@ -141,7 +142,7 @@ pub fn learned_windows(layer: &LayerHandle, set: &StartupSet) -> Applied {
         .enumerate()
         .map(|(i, e)| (e.name.trim_start_matches("./").trim_end_matches('/'), i))
         .collect();
-    let mut taken = HashSet::new();
+    let mut slot: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     for (path, chunks) in reads {
         let Some(&entry) = by_name.get(path.trim_start_matches("./").trim_end_matches('/')) else {
             out.ignored += 1;
@@ -158,10 +159,12 @@ pub fn learned_windows(layer: &LayerHandle, set: &StartupSet) -> Applied {
                 entry: entry as u32,
                 chunk: c,
             };
-            if let Some(w) = layer.window_index(r)
-                && taken.insert(w)
-            {
-                out.windows.push(w);
+            if let Some(w) = layer.window_index(r) {
+                let i = *slot.entry(w).or_insert_with(|| {
+                    out.windows.push((w, Vec::new()));
+                    out.windows.len() - 1
+                });
+                out.windows[i].1.push(r);
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::fetcher::{Fetcher, LayerHandle};
+use crate::fetcher::{ChunkRef, Fetcher, LayerHandle};
 
 /// What to prefetch and how fast.
 #[derive(Debug, Clone)]
@@ -48,11 +48,11 @@ pub async fn prefetch_layer_learned(
     fetcher: Arc<Fetcher>,
     layer: Arc<LayerHandle>,
     opts: PrefetchOptions,
-    learned: Vec<usize>,
+    learned: Vec<(usize, Vec<ChunkRef>)>,
 ) {
     let started = Instant::now();
     if !learned.is_empty() {
-        let n = fetch_urgent(&fetcher, &layer, &learned, opts.concurrency).await;
+        let n = fetch_learned(&fetcher, &layer, learned.clone(), opts.concurrency).await;
         fetcher
             .metrics()
             .learned_prefetch_bytes
@@ -135,13 +135,16 @@ pub async fn prefetch_layer_learned(
     info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
 }
 
-/// Fetches `windows` (those not cached yet) as urgent work, `concurrency` at a time, in order:
-/// a window starts as soon as a slot frees, so one slow window does not hold the others.
-/// Returns the bytes fetched.
-async fn fetch_urgent(
+/// Fetches the chunks of a learned set (by window, in first-read order) as urgent work,
+/// `concurrency` windows at a time: a window starts as soon as a slot frees, so one slow
+/// window does not hold the others. A window the set needs most of is fetched whole (single
+/// flight with demand reads); otherwise only the set's chunks, in coalesced ranges
+/// ([`Fetcher::fetch_chunks`]): a set learned on a layer converted without it has its chunks
+/// scattered among others. Returns the bytes fetched.
+async fn fetch_learned(
     fetcher: &Arc<Fetcher>,
     layer: &Arc<LayerHandle>,
-    windows: &[usize],
+    windows: Vec<(usize, Vec<ChunkRef>)>,
     concurrency: usize,
 ) -> u64 {
     let mut set = tokio::task::JoinSet::new();
@@ -151,7 +154,7 @@ async fn fetch_urgent(
             bytes += n;
         }
     };
-    for &w in windows {
+    for (w, refs) in windows {
         if fetcher.window_cached(layer, w) {
             continue;
         }
@@ -160,9 +163,24 @@ async fn fetch_urgent(
         }
         let (f, l) = (Arc::clone(fetcher), Arc::clone(layer));
         set.spawn(async move {
-            let r = f.window(&l, w).await;
-            let n = l.windows().get(w).map_or(0, |x| x.end - x.start);
-            (n, r.is_ok())
+            let Some(win) = l.windows().get(w) else {
+                return (0, false);
+            };
+            let whole = win.end - win.start;
+            let needed: u64 = refs
+                .iter()
+                .filter_map(|&r| l.chunk(r))
+                .map(|(_, c)| c.blob_end - c.blob_offset)
+                .sum();
+            if needed * 2 >= whole {
+                let r = f.window(&l, w).await;
+                (whole, r.is_ok())
+            } else {
+                match f.fetch_chunks(&l, &refs).await {
+                    Ok(n) => (n, true),
+                    Err(_) => (0, false),
+                }
+            }
         });
     }
     while let Some(r) = set.join_next().await {

@@ -194,7 +194,11 @@ impl Remote {
     }
 
     /// The windows of `handle` that the learned set of `manifest` names, if there is one.
-    fn learned_for(&self, manifest: Option<&str>, handle: &LayerHandle) -> Vec<usize> {
+    fn learned_for(
+        &self,
+        manifest: Option<&str>,
+        handle: &LayerHandle,
+    ) -> Vec<(usize, Vec<arbor_fetch::fetcher::ChunkRef>)> {
         let Some(m) = manifest else {
             return Vec::new();
         };
