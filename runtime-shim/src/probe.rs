@@ -78,6 +78,20 @@ impl StartProbe for NoProbe {
 /// Longest the probe waits for a function's port.
 pub const PORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// CRI's annotation telling a pod's sandbox (pause) container from its other containers.
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// Whether a container is a function to probe: it names a function or a port, and it is not
+/// a CRI pod's sandbox. CRI copies a pod's allowed annotations (`pod_annotations`, e.g.
+/// `arbor.io/*`) into the sandbox's spec as well as into each container's; the sandbox shares
+/// the pod's network namespace, so probing it too would report the function's start twice,
+/// the second time with the pause image's rootfs.
+pub fn is_function(annotations: &std::collections::HashMap<String, String>) -> bool {
+    let named = annotations.contains_key(arbor_client::ready::ANN_FUNCTION)
+        || annotations.contains_key(arbor_client::ready::ANN_PORT);
+    named && annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("sandbox")
+}
+
 /// Probes a function's port and reports its start to arbord (see the module docs).
 #[derive(Debug)]
 pub struct ArbordProbe {
@@ -143,11 +157,7 @@ impl ArbordProbe {
 #[async_trait]
 impl StartProbe for ArbordProbe {
     async fn started(&self, c: Started) {
-        let is_function = c
-            .annotations
-            .contains_key(arbor_client::ready::ANN_FUNCTION)
-            || c.annotations.contains_key(arbor_client::ready::ANN_PORT);
-        if !is_function {
+        if !is_function(&c.annotations) {
             return;
         }
         let id = c.container_id.clone();
@@ -155,5 +165,33 @@ impl StartProbe for ArbordProbe {
             Ok(what) => tracing::info!(container = %id, "{what}"),
             Err(e) => tracing::warn!(container = %id, error = %e, "start probe"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn functions_are_named_containers_but_not_sandboxes() {
+        let ann = |kv: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(!is_function(&ann(&[])));
+        assert!(is_function(&ann(&[("arbor.io/function", "hello")])));
+        assert!(is_function(&ann(&[("arbor.io/port", "8080")])));
+        let pod = [
+            ("arbor.io/function", "hello"),
+            ("arbor.io/port", "9000"),
+            ("io.kubernetes.cri.sandbox-id", "s1"),
+        ];
+        let mut sandbox = pod.to_vec();
+        sandbox.push((CRI_CONTAINER_TYPE, "sandbox"));
+        assert!(!is_function(&ann(&sandbox)));
+        let mut container = pod.to_vec();
+        container.push((CRI_CONTAINER_TYPE, "container"));
+        assert!(is_function(&ann(&container)));
     }
 }

@@ -190,6 +190,12 @@ impl TaskService {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let options = RuntimeOptions::decode(req.options.as_ref())?;
+        tracing::info!(
+            container = %id,
+            options = req.options.as_ref().map_or("", |a| a.type_url.as_str()),
+            runc = %options.binary_name,
+            "runtime options"
+        );
         let runc = Arc::new(client(&options, &self.inner.namespace, &bundle)?);
         let (spec, opts) = {
             let (b, o) = (bundle.clone(), options.clone());
