@@ -1,7 +1,8 @@
 //! Runtime options, decoded by the type URL of the `Any` containerd sends with Create:
 //! runc's `containerd.runc.v1.Options` (what `ctr` and containerd's runc config send) and
 //! CRI's `runtimeoptions.v1.Options` (what CRI sends to a runtime that is not runc, with the
-//! runtime's `options` table as TOML in `ConfigBody`). The result is kept in the bundle as
+//! runtime's `options` table as TOML in `ConfigBody` from containerd 1.7 on; 1.6 sends the
+//! message empty unless the table sets `ConfigPath`, a TOML file the shim then reads). The result is kept in the bundle as
 //! `arbor-options.json`, so that the `delete` action finds the same runc binary and root.
 
 use std::collections::BTreeMap;
@@ -69,10 +70,19 @@ impl RuntimeOptions {
             }
             CRI_OPTIONS => {
                 let cri = CriOptions::decode(&any.value)?;
-                if cri.config_body.trim().is_empty() {
-                    return Ok(RuntimeOptions::default());
+                if !cri.config_body.trim().is_empty() {
+                    return Self::from_toml(&cri.config_body);
                 }
-                Self::from_toml(&cri.config_body)
+                // containerd 1.6's CRI decodes the runtime's options table into this message's
+                // own fields and sends no ConfigBody: there, runc's keys reach the shim only
+                // through a file named by `ConfigPath`.
+                if !cri.config_path.is_empty() {
+                    let body = std::fs::read_to_string(&cri.config_path).map_err(Error::io(
+                        format!("reading the runtime options file {}", cri.config_path),
+                    ))?;
+                    return Self::from_toml(&body);
+                }
+                Ok(RuntimeOptions::default())
             }
             _ => Err(Error::UnknownOptions(any.type_url.clone())),
         }
@@ -284,6 +294,41 @@ mod tests {
             ..Default::default()
         };
         assert!(RuntimeOptions::decode(Some(&any)).is_err());
+    }
+
+    #[test]
+    fn cri_options_config_path_is_read_when_there_is_no_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbor-runtime.toml");
+        std::fs::write(
+            &path,
+            "BinaryName = \"/usr/local/sbin/runc\"\nNoPivotRoot = true\n",
+        )
+        .unwrap();
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: field(2, path.to_str().unwrap()),
+            ..Default::default()
+        };
+        let got = RuntimeOptions::decode(Some(&any)).unwrap();
+        assert_eq!(got.binary_name, "/usr/local/sbin/runc");
+        assert!(got.no_pivot_root);
+        // containerd 1.6 with a table of runc keys only: an empty message, runc's defaults.
+        let empty = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            RuntimeOptions::decode(Some(&empty)).unwrap(),
+            RuntimeOptions::default()
+        );
+        // A named file that is missing is an error, not a silent default.
+        let missing = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: field(2, dir.path().join("nope.toml").to_str().unwrap()),
+            ..Default::default()
+        };
+        assert!(RuntimeOptions::decode(Some(&missing)).is_err());
     }
 
     #[test]
