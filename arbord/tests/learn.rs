@@ -29,14 +29,7 @@ fn arbor_bin() -> PathBuf {
 }
 
 fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    arbor_testkit::ok(out, what)
 }
 
 struct Node {

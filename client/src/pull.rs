@@ -672,16 +672,22 @@ pub async fn pull_with(
     .await
     .rpc("creating a lease")?;
 
-    let startup_set = match arbord_direct(&ch, t).await {
-        _ if !opts.startup_set => "none (not asked for)".to_string(),
-        Some(direct) => startup_set(store, &img.digest, &direct).await,
-        None => "none (arbord not reachable directly)".to_string(),
+    // The start-up set is looked up beside the pull, not before it: a set that arrives after
+    // a layer was mounted is applied to the mounted layer at once (arbord's `apply_set`).
+    let set_lookup = async {
+        if !opts.startup_set {
+            return "none (not asked for)".to_string();
+        }
+        match arbord_direct(&ch, t).await {
+            Some(direct) => startup_set(store, &img.digest, &direct).await,
+            None => "none (arbord not reachable directly)".to_string(),
+        }
     };
-    let result = pull_under_lease(
+    let layers = pull_under_lease(
         store, name, img, &config, &diff_ids, &chains, t, &ch, &lease_id,
     )
-    .instrument(info_span!("pull", image = name))
-    .await;
+    .instrument(info_span!("pull", image = name));
+    let (startup_set, result) = tokio::join!(set_lookup, layers);
     let _ = lc
         .delete(req(
             t,

@@ -681,7 +681,9 @@ impl Fetcher {
             .collect();
         want.sort_by_key(|(_, c)| c.blob_offset);
         want.dedup_by_key(|(_, c)| c.blob_offset);
-        let mut ranges: Vec<(u64, u64, Vec<(String, Chunk)>)> = Vec::new();
+        // (blob start, blob end, the chunks in it)
+        type Range = (u64, u64, Vec<(String, Chunk)>);
+        let mut ranges: Vec<Range> = Vec::new();
         for (n, c) in want {
             match ranges.last_mut() {
                 Some((_, end, v))

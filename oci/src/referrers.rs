@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn fallback_tags() {
         let d = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(fallback_tag(&d).unwrap(), format!("sha256-{}", "ab".repeat(32)));
+        assert_eq!(
+            fallback_tag(&d).unwrap(),
+            format!("sha256-{}", "ab".repeat(32))
+        );
         assert!(fallback_tag("sha256:../x").is_err());
         assert!(fallback_tag("md5:00").is_err());
     }
@@ -206,7 +209,12 @@ mod tests {
             ..Default::default()
         };
         let kind = "application/vnd.example.test";
-        assert!(referrers(&store, &subject_digest, kind).await.unwrap().is_empty());
+        assert!(
+            referrers(&store, &subject_digest, kind)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         for body in ["one", "two"] {
             push_artifact(
                 &store,
@@ -219,12 +227,24 @@ mod tests {
             .await
             .unwrap();
         }
-        assert_eq!(referrers(&store, &subject_digest, kind).await.unwrap().len(), 2);
-        assert!(referrers(&store, &subject_digest, "other").await.unwrap().is_empty());
-        let (_, blob) = newest_artifact_blob(&store, &subject_digest, kind, "application/json", 100)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            referrers(&store, &subject_digest, kind)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(
+            referrers(&store, &subject_digest, "other")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let (_, blob) =
+            newest_artifact_blob(&store, &subject_digest, kind, "application/json", 100)
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(&blob[..], b"two");
         // Too large for the caller's bound: an error, not a read.
         assert!(

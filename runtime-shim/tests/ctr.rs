@@ -232,14 +232,7 @@ impl Scene {
 }
 
 fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    arbor_testkit::ok(out, what)
 }
 
 fn code(out: &Output) -> Option<i32> {

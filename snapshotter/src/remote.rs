@@ -228,22 +228,28 @@ impl Remote {
             .map(|a| Arc::clone(&a.handle))
             .collect();
         for handle in handles {
-            let windows = self.learned_for(Some(manifest), &handle);
-            if windows.is_empty() {
-                continue;
-            }
-            let opts = PrefetchOptions {
-                rest: false,
-                ..self.opts.prefetch_opts.clone()
-            };
-            // Detached: it ends by itself, and fetches nothing its layer's prefetch has.
-            drop(self.rt.spawn(prefetch_layer_learned(
-                Arc::clone(&self.fetcher),
-                handle,
-                opts,
-                windows,
-            )));
+            self.apply_to(manifest, handle);
         }
+    }
+
+    /// Starts fetching the learned set of `manifest` for one mounted layer, beside its
+    /// running prefetch (windows and chunks it has by then are skipped).
+    fn apply_to(&self, manifest: &str, handle: Arc<LayerHandle>) {
+        let windows = self.learned_for(Some(manifest), &handle);
+        if windows.is_empty() {
+            return;
+        }
+        let opts = PrefetchOptions {
+            rest: false,
+            ..self.opts.prefetch_opts.clone()
+        };
+        // Detached: it ends by itself.
+        drop(self.rt.spawn(prefetch_layer_learned(
+            Arc::clone(&self.fetcher),
+            handle,
+            opts,
+            windows,
+        )));
     }
 
     fn plain_http(&self, registry: &str) -> bool {
@@ -388,6 +394,7 @@ impl Remote {
             handle.record(Arc::new(Recorder::new(learn.max_chunks, learn.max_age)));
         }
         let learned = self.learned_for(layer.manifest.as_deref(), &handle);
+        let had_set = !learned.is_empty();
         self.fetcher
             .metrics()
             .layer(&layer.digest, handle.index.data_end);
@@ -413,6 +420,7 @@ impl Remote {
             layer.digest,
             dir.display()
         )))?;
+        let late = Arc::clone(&handle);
         let prefetch = (self.opts.prefetch || !learned.is_empty()).then(|| {
             let mut opts = self.opts.prefetch_opts.clone();
             if !self.opts.prefetch {
@@ -435,6 +443,11 @@ impl Remote {
                 mounted_at: std::time::SystemTime::now(),
             },
         );
+        // A set that arrived (PutStartupSet) while this layer was being mounted: its
+        // `apply_set` did not see the layer in the table yet.
+        if !had_set && let Some(m) = &layer.manifest {
+            self.apply_to(m, late);
+        }
         Ok(())
     }
 

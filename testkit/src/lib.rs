@@ -65,6 +65,19 @@ pub fn skip_unless_root(test: &str) -> bool {
     skip(test, "needs root (containerd, mounts, runc)")
 }
 
+/// The stdout of a command that must have succeeded (`what` names it in the panic, with both
+/// output streams).
+pub fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Says why `test` cannot run and returns true, so the test returns early: prints
 /// `skipped: <test>: <reason>` to stderr. Under CI (`CI` set and not `false`/`0`) a test that
 /// cannot run is a failure, not a pass: this panics instead, so a machine that lacks root, FUSE or
