@@ -73,7 +73,7 @@ impl Default for Learn {
             enabled: true,
             grace_secs: 2,
             max_age_secs: 600,
-            max_chunks: 1 << 20,
+            max_chunks: 1 << 16,
         }
     }
 }
@@ -284,6 +284,10 @@ impl Config {
         anyhow::ensure!(
             self.learn.grace_secs <= 3600,
             "learn.grace_secs must be at most 3600"
+        );
+        anyhow::ensure!(
+            self.learn.max_chunks <= 1 << 22,
+            "learn.max_chunks must be at most 4194304 (a set holds no more)"
         );
         anyhow::ensure!(
             self.fetch.toc_timeout_secs >= 1,

@@ -4,7 +4,8 @@
 //! Start itself. The shim's probe is [`ArbordProbe`]: for a container that names a function
 //! or a port (annotations `arbor.io/function`, `arbor.io/port`, default port 9000), it polls
 //! the port from a thread `setns`'d into the container's network namespace until it opens,
-//! then reports the phases (create, start, port) with the container's rootfs to the arbord
+//! then reports the phases (layers: when arbord mounted its lazy layers; create, start, port)
+//! with the container's rootfs to the arbord
 //! behind its snapshotter (`arbor.v1.Starts/Ready`, see `arbor_client::ready`), which exports
 //! them as Prometheus metrics and learns the image's start-up set from the start.
 
@@ -125,6 +126,20 @@ impl ArbordProbe {
         let arbord = arbor_client::pull::arbord(&t).await?;
         let (create_wall, _) = c.phases.create_requested;
         let created_wall = c.phases.runc_created.map_or(create_wall, |(w, _)| w);
+        // "Layers ready": when arbord mounted the container's lazy layers (before Create; the
+        // phase runs from the first mount to the last).
+        let mounted: Vec<i64> = ready::layers(&arbord, c.rootfs.clone())
+            .await
+            .map(|l| l.layers.iter().map(|x| x.mounted_unix_nano).collect())
+            .unwrap_or_default();
+        let layers_phase = match (mounted.iter().min(), mounted.iter().max()) {
+            (Some(&a), Some(&b)) => Some(arbor_proto::arbor::Phase {
+                name: "layers".into(),
+                start_unix_nano: a,
+                end_unix_nano: b,
+            }),
+            _ => None,
+        };
         let report = arbor_proto::arbor::ReadyRequest {
             namespace: c.namespace.clone(),
             container_id: c.container_id.clone(),
@@ -137,11 +152,14 @@ impl ArbordProbe {
             manifest: String::new(),
             started_unix_nano: ready::unix_nanos(create_wall),
             ready_unix_nano: ready::unix_nanos(opened),
-            phases: vec![
-                ready::phase("create", create_wall, created_wall),
-                ready::phase("start", created_wall, started_wall),
-                ready::phase("port", started_wall, opened),
-            ],
+            phases: layers_phase
+                .into_iter()
+                .chain([
+                    ready::phase("create", create_wall, created_wall),
+                    ready::phase("start", created_wall, started_wall),
+                    ready::phase("port", started_wall, opened),
+                ])
+                .collect(),
         };
         let r = ready::report(&arbord, report).await?;
         Ok(format!(

@@ -707,6 +707,13 @@ fn a_function_start_is_probed_and_reported_to_arbord() {
             .unwrap(),
         1.0
     );
+    // The layers were mounted by arbor pull, before the container: a "layers" phase too.
+    assert_eq!(
+        s.arbord
+            .metric("arbor_start_phase_seconds_count{phase=\"layers\"}")
+            .unwrap(),
+        1.0
+    );
     // The learned set names what the start read.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

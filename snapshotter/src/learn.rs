@@ -52,7 +52,7 @@ impl Default for LearnOptions {
             enabled: true,
             grace: Duration::from_secs(2),
             max_age: Duration::from_secs(600),
-            max_chunks: 1 << 20,
+            max_chunks: 1 << 16,
         }
     }
 }
