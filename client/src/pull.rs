@@ -568,14 +568,18 @@ fn now_nanos() -> u32 {
         .map_or(0, |d| d.subsec_nanos())
 }
 
-/// `linux/<this machine's architecture>`: the platform pulled when none is named.
-pub fn default_platform() -> String {
-    let arch = match std::env::consts::ARCH {
+/// This machine's architecture in OCI's terms (`amd64`, `arm64`, ...).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
-    };
-    format!("linux/{arch}")
+    }
+}
+
+/// `linux/<this machine's architecture>`: the platform pulled when none is named.
+pub fn default_platform() -> String {
+    format!("linux/{}", host_arch())
 }
 
 /// Pulls `name` (read from `store`) into containerd.

@@ -7,11 +7,13 @@
 //! CNI plugins under /usr/lib/cni) and the workspace's binaries (`cargo build --workspace
 //! --bins`); without them it prints why it skipped.
 
+mod common;
+use common::{SHIM, built_bins, push_converted, target_dir};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arbor_proto::cri::image_service_client::ImageServiceClient;
@@ -25,12 +27,11 @@ use arbor_proto::cri::{
 };
 use arbor_testkit::{
     Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, ImageSpec, LayerSource, Registry,
-    busybox_image, http_get, layer_tar, mounts_below, skip, skip_unless_root, skip_unless_tools,
+    busybox_image, http_get, layer_tar, mounts_below, skip_unless_root, skip_unless_tools,
     skopeo_push, write_oci_layout,
 };
 use tonic::transport::Channel;
 
-const SHIM: &str = "containerd-shim-arbor-v1";
 /// CRI's containerd namespace.
 const K8S: &str = "k8s.io";
 const TOOLS: &[&str] = &[
@@ -49,25 +50,6 @@ const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// Where libcni caches ADD results (containerd 1.6's CRI does not make it configurable).
 const CNI_CACHE: &str = "/var/lib/cni/results";
 const RPC_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// `target/<profile>`, where cargo put this package's shim and the workspace's binaries.
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_containerd-shim-arbor-v1"))
-        .parent()
-        .expect("shim binary has a parent dir")
-        .to_path_buf()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -332,25 +314,12 @@ impl Scene {
         if skip_unless_root(test) || skip_unless_tools(test, TOOLS) {
             return None;
         }
-        let dir = target_dir();
-        for bin in ["arbor", "arbord", SHIM] {
-            if !dir.join(bin).exists() {
-                skip(
-                    test,
-                    &format!(
-                        "{} is missing: build the workspace first (cargo build --workspace --bins)",
-                        dir.join(bin).display()
-                    ),
-                );
-                return None;
-            }
-        }
+        let dir = built_bins(test)?;
         let tmp = tempfile::tempdir().unwrap();
         let net = HostNet::new(tmp.path());
         let reg = Registry::start().expect("starting registry");
 
         // The function's image, converted: read lazily through arbord.
-        let layout = tmp.path().join("layout");
         let spec = busybox_image(
             vec![
                 Entry::dir("app"),
@@ -358,17 +327,7 @@ impl Scene {
             ],
             &["/bin/cat", "/app/hello.txt"],
         );
-        write_oci_layout(&layout, "v1", &spec).expect("writing layout");
-        let src = reg.reference("fn/cri:v1");
-        skopeo_push(&layout, "v1", &src, None).expect("skopeo push");
-        let image = reg.reference("fn/cri:v1-arbor");
-        ok(
-            Command::new(dir.join("arbor"))
-                .args(["convert", "--plain-http", &src, &image])
-                .output()
-                .unwrap(),
-            "arbor convert",
-        );
+        let image = push_converted(&reg, tmp.path(), &dir, &spec, "fn/cri");
         // The sandbox image: one plain layer (busybox and nothing it shares with the function's
         // layers) whose command sleeps until CRI kills it. CRI pulls it itself, offline.
         let busybox = std::fs::read("/bin/busybox").unwrap();

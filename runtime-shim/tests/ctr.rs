@@ -4,6 +4,9 @@
 //! root, the packages from `scripts/setup.sh` and the workspace's binaries
 //! (`cargo build --workspace --bins`); without them each test prints why it skipped.
 
+mod common;
+use arbor_testkit::ok;
+use common::{SHIM, built_bins, push_converted, target_dir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use arbor_testkit::{
     Arbord, ArbordOptions, Containerd, ContainerdOptions, Entry, Registry, busybox_image,
-    mounts_below, skip, skip_unless_root, skip_unless_tools, skopeo_push, write_oci_layout,
+    mounts_below, skip_unless_root, skip_unless_tools,
 };
 
 const RUNTIME: &str = "io.containerd.arbor.v1";
-const SHIM: &str = "containerd-shim-arbor-v1";
 const TOOLS: &[&str] = &[
     "docker-registry",
     "skopeo",
@@ -24,14 +26,6 @@ const TOOLS: &[&str] = &[
     "runc",
     "/bin/busybox",
 ];
-
-/// `target/<profile>`, where cargo put this package's shim and the workspace's binaries.
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_containerd-shim-arbor-v1"))
-        .parent()
-        .expect("shim binary has a parent dir")
-        .to_path_buf()
-}
 
 /// A registry holding a converted busybox image, arbord, and a containerd whose `arbor`
 /// snapshotter is that arbord and whose PATH finds the shim; the image pulled lazily.
@@ -48,22 +42,9 @@ impl Scene {
         if skip_unless_root(test) || skip_unless_tools(test, TOOLS) {
             return None;
         }
-        let dir = target_dir();
-        for bin in ["arbor", "arbord", SHIM] {
-            if !dir.join(bin).exists() {
-                skip(
-                    test,
-                    &format!(
-                        "{} is missing: build the workspace first (cargo build --workspace --bins)",
-                        dir.join(bin).display()
-                    ),
-                );
-                return None;
-            }
-        }
+        let dir = built_bins(test)?;
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::start().expect("starting registry");
-        let layout = tmp.path().join("layout");
         let spec = busybox_image(
             vec![
                 Entry::dir("app"),
@@ -73,17 +54,7 @@ impl Scene {
             ],
             &["/bin/cat", "/app/hello.txt"],
         );
-        write_oci_layout(&layout, "v1", &spec).expect("writing layout");
-        let src = reg.reference("fn/shim:v1");
-        skopeo_push(&layout, "v1", &src, None).expect("skopeo push");
-        let image = reg.reference("fn/shim:v1-arbor");
-        ok(
-            Command::new(dir.join("arbor"))
-                .args(["convert", "--plain-http", &src, &image])
-                .output()
-                .unwrap(),
-            "arbor convert",
-        );
+        let image = push_converted(&reg, tmp.path(), &dir, &spec, "fn/shim");
         let arbord = Arbord::start(&ArbordOptions {
             bin: dir.join("arbord"),
             ..Default::default()
@@ -229,10 +200,6 @@ impl Scene {
             self.arbord.log_tail(10)
         )
     }
-}
-
-fn ok(out: Output, what: &str) -> String {
-    arbor_testkit::ok(out, what)
 }
 
 fn code(out: &Output) -> Option<i32> {

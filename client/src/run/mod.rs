@@ -378,12 +378,7 @@ async fn read_blob(ch: &Channel, t: &Target, digest: &str) -> Result<Vec<u8>> {
 }
 
 fn host_platform() -> (&'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    ("linux", arch)
+    ("linux", pull::host_arch())
 }
 
 /// The manifest of an index for this host's platform.
