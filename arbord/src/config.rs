@@ -112,6 +112,9 @@ pub struct Fetch {
     /// Bytes fetched along with the first miss in a directory (the rest of the file, then the
     /// directory's other files); 0 disables it.
     pub group_read_ahead: Size,
+    /// Windows of group read-ahead in flight at once over all layers: each one in flight
+    /// delays the next demand miss by its transfer time on the link.
+    pub group_concurrency: usize,
     /// Longest a lazy Prepare may spend reading a TOC before it falls back.
     pub toc_timeout_secs: u64,
     /// Read every lazily mounted layer through in the background to prove its digest, diff ID
@@ -206,6 +209,7 @@ impl Default for Fetch {
             retries: 4,
             read_ahead: 0,
             group_read_ahead: Size(arbor_fetch::fetcher::DEFAULT_GROUP_READ_AHEAD),
+            group_concurrency: arbor_fetch::fetcher::DEFAULT_GROUP_CONCURRENCY,
             toc_timeout_secs: 30,
             verify_layers: true,
             proof_wait_secs: 300,
@@ -280,6 +284,10 @@ impl Config {
         anyhow::ensure!(
             self.fetch.group_read_ahead.0 <= 256 << 20,
             "fetch.group_read_ahead must be at most 256MiB"
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&self.fetch.group_concurrency),
+            "fetch.group_concurrency must be 1 to 64"
         );
         anyhow::ensure!(
             self.learn.grace_secs <= 3600,

@@ -112,6 +112,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             background_while_active: cfg.prefetch.rest_while_active,
             read_ahead: cfg.fetch.read_ahead,
             group_read_ahead: cfg.fetch.group_read_ahead.0,
+            group_concurrency: cfg.fetch.group_concurrency,
         },
     );
     let remote = Arc::new(Remote::new(

@@ -68,6 +68,9 @@ pub struct FetcherOptions {
     /// their `__pycache__`), so a program that imports a package file by file waits for one
     /// round trip, not one per file (0: off). See [`LayerHandle::group_windows`].
     pub group_read_ahead: u64,
+    /// Windows of group read-ahead in flight at once, across all groups and layers (at least
+    /// 1). Speculative bytes in flight queue ahead of the next demand miss on the link.
+    pub group_concurrency: usize,
 }
 
 impl Default for FetcherOptions {
@@ -79,6 +82,7 @@ impl Default for FetcherOptions {
             background_while_active: false,
             read_ahead: 0,
             group_read_ahead: DEFAULT_GROUP_READ_AHEAD,
+            group_concurrency: DEFAULT_GROUP_CONCURRENCY,
         }
     }
 }
@@ -90,8 +94,8 @@ pub const DEFAULT_GROUP_READ_AHEAD: u64 = 8 << 20;
 /// rather than making two requests.
 pub const CHUNK_RANGE_GAP: u64 = 64 << 10;
 
-/// Windows of a group fetched at the same time by a group read-ahead.
-const GROUP_CONCURRENCY: usize = 4;
+/// Default of [`FetcherOptions::group_concurrency`].
+pub const DEFAULT_GROUP_CONCURRENCY: usize = 4;
 
 /// (entry index, chunk index) within a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -307,6 +311,8 @@ pub struct Fetcher {
     last_read_ms: AtomicU64,
     /// While a workload reads, one background window at a time, paced.
     background_slot: tokio::sync::Semaphore,
+    /// Group read-ahead windows in flight ([`FetcherOptions::group_concurrency`]).
+    group_slots: Arc<tokio::sync::Semaphore>,
     epoch: Instant,
 }
 
@@ -360,6 +366,7 @@ impl Fetcher {
         metrics: Arc<Metrics>,
         opts: FetcherOptions,
     ) -> Arc<Fetcher> {
+        let group_slots = Arc::new(tokio::sync::Semaphore::new(opts.group_concurrency.max(1)));
         Arc::new(Fetcher {
             mem: MemCache::new(opts.memory_budget),
             cache,
@@ -372,6 +379,7 @@ impl Fetcher {
             last_urgent_ms: AtomicU64::new(0),
             last_read_ms: AtomicU64::new(0),
             background_slot: tokio::sync::Semaphore::new(1),
+            group_slots,
             epoch: Instant::now(),
         })
     }
@@ -496,7 +504,13 @@ impl Fetcher {
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
         self.read_ahead(layer, w);
         self.read_group(layer, r, w);
+        let waited = Instant::now();
         let window = self.window(layer, w).await;
+        let waited = waited.elapsed();
+        self.metrics
+            .read_wait_micros
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        debug!(layer = %layer.digest, file = name, window = w, waited_ms = waited.as_millis() as u64, "read waited for a fetch");
         match window.as_ref() {
             Ok(chunks) => {
                 if let Some((_, b)) = chunks.iter().find(|(cr, _)| *cr == r) {
@@ -580,8 +594,8 @@ impl Fetcher {
 
     /// On the first miss in a locality group (a directory), fetches in the background, as
     /// urgent work, the windows of the rest of the missed file and then of the group's other
-    /// files, [`FetcherOptions::group_read_ahead`] bytes at most, [`GROUP_CONCURRENCY`] at a
-    /// time: a program that opens a file usually reads it whole, and an import of a package
+    /// files, [`FetcherOptions::group_read_ahead`] bytes at most,
+    /// [`FetcherOptions::group_concurrency`] at a time over all groups: a program that opens a file usually reads it whole, and an import of a package
     /// reads many of its files one after another, each a round trip if fetched alone.
     fn read_group(self: &Arc<Self>, layer: &Arc<LayerHandle>, r: ChunkRef, w: usize) {
         let budget = self.opts.group_read_ahead;
@@ -639,20 +653,20 @@ impl Fetcher {
         self.metrics
             .group_read_ahead_bytes
             .fetch_add(bytes, Ordering::Relaxed);
-        let (f, l) = (Arc::clone(self), Arc::clone(layer));
-        tokio::spawn(async move {
-            let mut set = tokio::task::JoinSet::new();
-            for x in picked {
-                while set.len() >= GROUP_CONCURRENCY {
-                    let _ = set.join_next().await;
-                }
-                let (f, l) = (Arc::clone(&f), Arc::clone(&l));
-                set.spawn(async move {
+        // In the order picked, at most `group_concurrency` windows in flight over all groups
+        // and layers; a window a read fetched meanwhile is not fetched again.
+        for x in picked {
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            let slots = Arc::clone(&self.group_slots);
+            tokio::spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                if !f.window_cached(&l, x) {
                     let _ = f.window(&l, x).await;
-                });
-            }
-            while set.join_next().await.is_some() {}
-        });
+                }
+            });
+        }
     }
 
     /// Fetches just the chunks `refs` of a layer (those not in memory or the disk cache), as

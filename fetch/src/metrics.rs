@@ -49,6 +49,8 @@ pub struct Metrics {
     pub cache_chunks: AtomicU64,
     /// Chunks not written to the disk cache because the write-back queue was full.
     pub writeback_dropped: AtomicU64,
+    /// Microseconds reads spent waiting for a fetch (summed over reads).
+    pub read_wait_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -198,6 +200,17 @@ impl Metrics {
             head(&mut o, name, "counter", help);
             let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
         }
+        head(
+            &mut o,
+            "arbor_read_wait_seconds_total",
+            "counter",
+            "Time reads spent waiting for a chunk to be fetched, summed over reads (what a start waits for the link).",
+        );
+        let _ = writeln!(
+            o,
+            "arbor_read_wait_seconds_total {}",
+            self.read_wait_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         for (name, help, v) in [
             (
                 "arbor_cache_bytes",
