@@ -77,9 +77,9 @@ use serde_json::{Value, json};
 use common::{MB, Spread, describe, machine_info, preflight, print_machine};
 use common::{tail, target_dir};
 use harness::{
-    LinkArgs, Remote, TAG_ARBOR, TAG_PREFETCH, TAG_SOURCE, WorkDir, check_interrupted, drop_caches,
-    fetch_image_manifest, http_get_all, layer_sizes, loadavg, run_checked, unmount_below,
-    write_json,
+    LinkArgs, Remote, Startup, TAG_ARBOR, TAG_INFERRED, TAG_PREFETCH, TAG_SOURCE, WorkDir,
+    check_interrupted, drop_caches, fetch_image_manifest, http_get_all, layer_sizes, loadavg,
+    run_checked, unmount_below, write_json,
 };
 use pyimage::{
     AppFile, CacheArgs, Image, LayerDef, PATH_ENV, PYTHON, Recipe, WheelLayer, prepare_image,
@@ -362,7 +362,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "overlayfs,arbor,arbor+prefetch,arbor+learned"
+        default_value = "overlayfs,arbor,arbor+inferred,arbor+prefetch,arbor+learned"
     )]
     modes: Vec<Mode>,
     /// The function images to measure, comma-separated, one after the other (see below).
@@ -523,6 +523,10 @@ impl ImageKind {
 enum Mode {
     Overlayfs,
     Arbor,
+    /// What `arbor convert` does by default: the start-up set inferred from the entrypoint
+    /// (ELF dependencies, Python imports) as the prefetch list.
+    #[value(name = "arbor+inferred")]
+    ArborInferred,
     #[value(name = "arbor+prefetch")]
     ArborPrefetch,
     /// The plain conversion with the start-up set arbord learned from one earlier start on
@@ -539,6 +543,7 @@ impl Mode {
         match self {
             Mode::Overlayfs => "overlayfs",
             Mode::Arbor => "arbor",
+            Mode::ArborInferred => "arbor+inferred",
             Mode::ArborPrefetch => "arbor+prefetch",
             Mode::ArborLearned => "arbor+learned",
             Mode::Floor => "floor",
@@ -549,6 +554,7 @@ impl Mode {
         match self {
             Mode::Overlayfs => "containerd overlayfs",
             Mode::Arbor => "arbor, on demand",
+            Mode::ArborInferred => "arbor, inferred set",
             Mode::ArborPrefetch => "arbor, prefetch list",
             Mode::ArborLearned => "arbor, learned set",
             Mode::Floor => "floor",
@@ -556,7 +562,10 @@ impl Mode {
     }
 
     fn is_arbor(self) -> bool {
-        matches!(self, Mode::Arbor | Mode::ArborPrefetch | Mode::ArborLearned)
+        matches!(
+            self,
+            Mode::Arbor | Mode::ArborInferred | Mode::ArborPrefetch | Mode::ArborLearned
+        )
     }
 }
 
@@ -713,10 +722,27 @@ fn bench_image(
     let push_s = remote.push(&image.layout, &image.tag, repo, TAG_SOURCE)?;
     let mut converts = Vec::new();
     if modes.contains(&Mode::Arbor) || modes.contains(&Mode::ArborLearned) {
-        converts.push(remote.convert(b.arbor, repo, TAG_SOURCE, TAG_ARBOR, None, timeout)?);
+        converts.push(remote.convert(
+            b.arbor,
+            repo,
+            TAG_SOURCE,
+            TAG_ARBOR,
+            Startup::None,
+            timeout,
+        )?);
+    }
+    if modes.contains(&Mode::ArborInferred) {
+        converts.push(remote.convert(
+            b.arbor,
+            repo,
+            TAG_SOURCE,
+            TAG_INFERRED,
+            Startup::Inferred,
+            timeout,
+        )?);
     }
     if modes.contains(&Mode::ArborPrefetch) {
-        let list = Some((image.prefetch_list.as_path(), image.startup.len()));
+        let list = Startup::List(image.prefetch_list.as_path(), image.startup.len());
         converts.push(remote.convert(b.arbor, repo, TAG_SOURCE, TAG_PREFETCH, list, timeout)?);
     }
     let (source_manifest, manifest_bytes) = fetch_image_manifest(&remote.addr(), repo, TAG_SOURCE)?;
@@ -1178,10 +1204,10 @@ fn run_overlayfs(ctx: &Ctx, dir: &Path) -> Result<Vec<RunResult>> {
 
 /// arbord as containerd's snapshotter: `arbor pull`, then `ctr run --snapshotter arbor`.
 fn run_arbor(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<RunResult> {
-    let tag = if mode == Mode::ArborPrefetch {
-        TAG_PREFETCH
-    } else {
-        TAG_ARBOR
+    let tag = match mode {
+        Mode::ArborPrefetch => TAG_PREFETCH,
+        Mode::ArborInferred => TAG_INFERRED,
+        _ => TAG_ARBOR,
     };
     let reference = ctx.remote.reference(ctx.kind.repo(), tag);
     let arbord = Arbord::start(ctx, dir)?;
@@ -1514,7 +1540,12 @@ fn summarize(runs: &[RunResult], rows: &[Mode]) -> Value {
     };
     let mut ratios = serde_json::Map::new();
     let mut targets = Vec::new();
-    for m in [Mode::Arbor, Mode::ArborPrefetch, Mode::ArborLearned] {
+    for m in [
+        Mode::Arbor,
+        Mode::ArborInferred,
+        Mode::ArborPrefetch,
+        Mode::ArborLearned,
+    ] {
         let Some(t) = median(m) else { continue };
         let k = m.key();
         // (ratio name, what it says, ratio, target, whether the ratio must be at least it)
@@ -1632,7 +1663,12 @@ fn print_summary(
         "floor = warm start from the pulled image (create + ready) + the start-up set at the \
          link rate (pull column)"
     );
-    for m in [Mode::Arbor, Mode::ArborPrefetch, Mode::ArborLearned] {
+    for m in [
+        Mode::Arbor,
+        Mode::ArborInferred,
+        Mode::ArborPrefetch,
+        Mode::ArborLearned,
+    ] {
         let c = summary_f64(summary, m, "/restart_create_seconds/median");
         if c.is_finite() {
             let floor_create = summary_f64(summary, Mode::Floor, "/create_seconds/median");

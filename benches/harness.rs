@@ -25,6 +25,19 @@ use crate::common::{MB, clock_ticks, describe, run_timed_until, tail};
 pub const TAG_SOURCE: &str = "v1";
 pub const TAG_ARBOR: &str = "arbor";
 pub const TAG_PREFETCH: &str = "arbor-prefetch";
+/// The default conversion: the start-up set inferred from the entrypoint.
+pub const TAG_INFERRED: &str = "arbor-inferred";
+
+/// Which start-up files a conversion puts first ([`Remote::convert`]).
+#[derive(Clone, Copy)]
+pub enum Startup<'a> {
+    /// None (`--no-infer`): every file on demand.
+    None,
+    /// Inferred from the entrypoint (what `arbor convert` does by default).
+    Inferred,
+    /// A prefetch list file with this many paths.
+    List(&'a Path, usize),
+}
 
 /// The manifest media types asked for (Accept).
 pub const MEDIA_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -495,15 +508,21 @@ impl Remote {
         repo: &str,
         src_tag: &str,
         tag: &str,
-        prefetch: Option<(&Path, usize)>,
+        startup: Startup<'_>,
         timeout: Duration,
     ) -> Result<Value> {
         check_interrupted()?;
         let dst = self.reference(repo, tag);
         let mut c = Command::new(arbor);
         c.args(["convert", "--plain-http", "--json"]);
-        if let Some((p, _)) = prefetch {
-            c.arg("--prefetch-list").arg(p);
+        match startup {
+            Startup::List(p, _) => {
+                c.arg("--prefetch-list").arg(p);
+            }
+            Startup::None => {
+                c.arg("--no-infer");
+            }
+            Startup::Inferred => {}
         }
         c.arg(self.reference(repo, src_tag)).arg(&dst);
         let desc = describe(&c);
@@ -533,14 +552,19 @@ impl Remote {
                 .map(|s| format!("{:.1}", *s as f64 / MB))
                 .collect::<Vec<_>>()
                 .join(" + "),
-            match prefetch {
-                Some((_, n)) => format!(
+            match (startup, report.pointer("/images/0/inferred")) {
+                (Startup::List(_, n), _) => format!(
                     "; prefetch files placed per layer {placed:?}, {missing} of {n} in no layer"
                 ),
-                None => String::new(),
+                (_, Some(i)) if !i.is_null() => format!(
+                    "; start-up set inferred from the entrypoint: {} files, {:.1} MB, placed per layer {placed:?}",
+                    i["files"],
+                    i["bytes"].as_u64().unwrap_or(0) as f64 / MB
+                ),
+                _ => String::new(),
             }
         );
-        if prefetch.is_some() && missing > 0 {
+        if matches!(startup, Startup::List(..)) && missing > 0 {
             println!("  warning: {missing} start-up files were not placed in any layer");
         }
         Ok(json!({

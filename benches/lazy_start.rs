@@ -72,9 +72,9 @@ use sha2::{Digest, Sha256};
 
 use common::{MB, Spread, describe, machine_info, preflight, run_quiet, target_dir};
 use harness::{
-    INTERRUPTED, LinkArgs, MountGuard, Remote, TAG_ARBOR, TAG_PREFETCH, TAG_SOURCE, WorkDir,
-    check_interrupted, detach, drop_caches, fetch_image_manifest, http_get, layer_sizes, loadavg,
-    run_checked, unmount_below, write_json,
+    INTERRUPTED, LinkArgs, MountGuard, Remote, Startup, TAG_ARBOR, TAG_PREFETCH, TAG_SOURCE,
+    WorkDir, check_interrupted, detach, drop_caches, fetch_image_manifest, http_get, layer_sizes,
+    loadavg, run_checked, unmount_below, write_json,
 };
 use pyimage::{
     CacheArgs, Image, PYTHON, Recipe, StartupFile, chroot_python, hex, prepare_image, pyc_source,
@@ -270,10 +270,10 @@ fn run() -> Result<bool> {
     let push_s = remote.push(&image.layout, LAYOUT_TAG, REPO, TAG_SOURCE)?;
     let mut converts = Vec::new();
     for (tag, prefetch) in [
-        (TAG_ARBOR, None),
+        (TAG_ARBOR, Startup::None),
         (
             TAG_PREFETCH,
-            Some((image.prefetch_list.as_path(), image.startup.len())),
+            Startup::List(image.prefetch_list.as_path(), image.startup.len()),
         ),
     ] {
         converts.push(remote.convert(&arbor, REPO, TAG_SOURCE, tag, prefetch, timeout)?);

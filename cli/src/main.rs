@@ -108,7 +108,11 @@ enum Command {
     /// Convert an image to Arbor's lazy format and store it at TARGET.
     ///
     /// Every layer is rewritten as a zstd:chunked tar+zstd layer with a TOC, per-chunk sha256
-    /// digests, a block digest table and (with --prefetch-list) the start-up files first.
+    /// digests, a block digest table and the start-up files first. Without --prefetch-list or
+    /// --prefetch-from, the start-up files are inferred from the image's entrypoint: the
+    /// program, its ELF loader and shared libraries, and for Python, the modules it imports at
+    /// import time (their cached bytecode) and their extension modules' libraries (one more
+    /// read of every layer; --no-infer skips it and leaves every file to on-demand fetching).
     /// Configs get new diff_ids; everything else is kept. The same input always gives the
     /// same digests; converting an already converted image changes nothing and says so.
     Convert {
@@ -136,6 +140,9 @@ enum Command {
         /// (after --prefetch-list's, if both are given).
         #[arg(long, value_name = "FILE|IMAGE")]
         prefetch_from: Option<String>,
+        /// Do not infer start-up files from the entrypoint when no list is given.
+        #[arg(long)]
+        no_infer: bool,
         /// Layers converted at the same time.
         #[arg(long, default_value_t = 3)]
         jobs: usize,
@@ -486,6 +493,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             level,
             prefetch_list,
             prefetch_from,
+            no_infer,
             jobs,
             threads,
             tmp_dir,
@@ -534,6 +542,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 platforms: registry.platforms.clone(),
                 jobs,
                 tmp_dir,
+                infer: !no_infer,
             };
             let progress: Arc<dyn Progress> = if registry.json {
                 Arc::new(NoProgress)

@@ -41,6 +41,17 @@ pub fn print_convert(r: &ConvertReport) {
                 if l.converted { "" } else { "  (kept)" }
             );
         }
+        if let Some(i) = &img.inferred {
+            println!(
+                "  start-up set inferred from `{}`: {} files, {} (the prefetch column)",
+                i.entrypoint.join(" "),
+                i.files,
+                mb(i.bytes)
+            );
+            for n in &i.notes {
+                println!("  note: {n}");
+            }
+        }
         if !img.prefetch_missing.is_empty() {
             println!(
                 "  warning: {} prefetch paths are in no layer: {}",

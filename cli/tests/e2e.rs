@@ -558,3 +558,121 @@ fn bad_arguments_get_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn start_up_files_are_inferred_from_the_entrypoint_without_a_list() {
+    if skip("start_up_files_are_inferred_from_the_entrypoint_without_a_list") {
+        return;
+    }
+    use arbor_testkit::{ImageSpec, LayerSource, layer_tar};
+    // A Python layout (the interpreter need not run: inference only reads the files).
+    let site = "usr/local/lib/python3.11/dist-packages";
+    let python = vec![
+        Entry::dir("usr"),
+        Entry::executable("usr/bin/python3.11", "not an ELF file"),
+        Entry::symlink("usr/bin/python3", "python3.11"),
+        Entry::file("usr/lib/python3.11/os.py", "import stat\n"),
+        Entry::file("usr/lib/python3.11/stat.py", ""),
+        Entry::file("usr/lib/python3.11/site.py", "import os\n"),
+        Entry::file(
+            "usr/lib/python3.11/json/__init__.py",
+            "from .decoder import x\n",
+        ),
+        Entry::file("usr/lib/python3.11/json/decoder.py", ""),
+        Entry::file("usr/lib/python3.11/unused.py", ""),
+    ];
+    let packages = vec![
+        Entry::file(
+            format!("{site}/pkg/__init__.py"),
+            "from . import sub\n\ndef later():\n    import pkg.lazy\n",
+        ),
+        Entry::file(format!("{site}/pkg/sub.py"), "import json\n"),
+        Entry::file(
+            format!("{site}/pkg/__pycache__/sub.cpython-311.pyc"),
+            "bytecode",
+        ),
+        Entry::file(format!("{site}/pkg/lazy.py"), ""),
+        Entry::file("app/main.py", "import pkg\nimport not_installed\n"),
+        Entry::file("app/data.txt", "data"),
+    ];
+    let spec = ImageSpec {
+        layers: vec![
+            LayerSource::Tar(layer_tar(&python)),
+            LayerSource::Tar(layer_tar(&packages)),
+        ],
+        cmd: vec!["python3".into(), "main.py".into()],
+        entrypoint: Vec::new(),
+        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+        labels: Vec::new(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layout, "v1", &spec).unwrap();
+    let src = format!("oci:{}:v1", layout.display());
+    // WorkingDir is not set: the script is looked up from /, where it is not.
+    let report = arbor_json(&[
+        "convert",
+        "--json",
+        &src,
+        &format!("oci:{}:a", layout.display()),
+    ]);
+    let notes = report["images"][0]["inferred"]["notes"].to_string();
+    assert!(notes.contains("main.py"), "{report}");
+
+    let spec = ImageSpec {
+        cmd: vec!["python3".into(), "/app/main.py".into()],
+        ..spec
+    };
+    write_oci_layout(&layout, "v2", &spec).unwrap();
+    let src = format!("oci:{}:v2", layout.display());
+    let dst = format!("oci:{}:inferred", layout.display());
+    let report = arbor_json(&["convert", "--json", &src, &dst]);
+    let inferred = &report["images"][0]["inferred"];
+    assert_eq!(
+        inferred["entrypoint"],
+        serde_json::json!(["python3", "/app/main.py"])
+    );
+    let inspect = arbor_json(&["inspect", "--json", &dst]);
+    let layers = inspect["images"][0]["layers"].as_array().unwrap();
+    // In the order Python reads them; bytecode instead of a source that has it; nothing
+    // imported only inside a function, nothing not imported, no data file.
+    assert_eq!(
+        layers[0]["toc"]["prefetch"],
+        serde_json::json!([
+            "usr/bin/python3.11",
+            "usr/lib/python3.11/site.py",
+            "usr/lib/python3.11/os.py",
+            "usr/lib/python3.11/stat.py",
+            "usr/lib/python3.11/json/__init__.py",
+            "usr/lib/python3.11/json/decoder.py"
+        ]),
+        "{inspect}"
+    );
+    assert_eq!(
+        layers[1]["toc"]["prefetch"],
+        serde_json::json!([
+            "app/main.py",
+            format!("{site}/pkg/__init__.py"),
+            format!("{site}/pkg/__pycache__/sub.cpython-311.pyc")
+        ])
+    );
+    assert_eq!(inferred["files"], 9);
+    let check = arbor(&["check", &src, &dst]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // --no-infer: every file on demand.
+    let plain = format!("oci:{}:plain", layout.display());
+    let report = arbor_json(&["convert", "--json", "--no-infer", &src, &plain]);
+    assert!(report["images"][0]["inferred"].is_null());
+    let inspect = arbor_json(&["inspect", "--json", &plain]);
+    for l in inspect["images"][0]["layers"].as_array().unwrap() {
+        assert!(
+            l["toc"]["prefetch"].as_array().is_none_or(|p| p.is_empty()),
+            "{l}"
+        );
+    }
+}

@@ -29,6 +29,10 @@ pub struct ConvertOptions {
     pub jobs: usize,
     /// Where converted layers wait for upload (default: the system temp dir).
     pub tmp_dir: Option<PathBuf>,
+    /// Without a prefetch list, infer the start-up files from each image's entrypoint
+    /// ([`crate::infer`]; one more read of every layer) and make them the prefetch list. Off
+    /// in [`Default`]; `arbor convert` turns it on unless `--no-infer`.
+    pub infer: bool,
 }
 
 impl Default for ConvertOptions {
@@ -38,6 +42,7 @@ impl Default for ConvertOptions {
             platforms: Vec::new(),
             jobs: 3,
             tmp_dir: None,
+            infer: false,
         }
     }
 }
@@ -70,6 +75,18 @@ pub struct ImageReport {
     pub layers: Vec<LayerReport>,
     /// Prefetch names found in no layer of this image.
     pub prefetch_missing: Vec<String>,
+    /// The start-up files inferred from the entrypoint, when they made the prefetch list.
+    pub inferred: Option<InferredReport>,
+}
+
+/// What [`crate::infer`] found for one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferredReport {
+    /// The entrypoint followed (`Entrypoint` + `Cmd`).
+    pub entrypoint: Vec<String>,
+    pub files: usize,
+    pub bytes: u64,
+    pub notes: Vec<String>,
 }
 
 /// The result of [`convert_image`].
@@ -220,6 +237,36 @@ async fn convert_one(
     let m = &img.manifest;
     let config = image::read_config(src, m).await?;
     let diff_ids = image::diff_ids(&config)?;
+    let mut inferred = None;
+    let with_inferred;
+    let opts = if opts.infer && opts.writer.prefetch.is_empty() {
+        match crate::infer::infer_image(src, m, &config, crate::infer::Limits::default()).await? {
+            Some(found) if !found.files.is_empty() => {
+                let entrypoint = crate::infer::Entrypoint::from_config(&config)
+                    .map(|e| e.argv)
+                    .unwrap_or_default();
+                progress.event(Event::Message(format!(
+                    "start-up set inferred from {}: {} files, {:.1} MB",
+                    entrypoint.join(" "),
+                    found.files.len(),
+                    found.bytes as f64 / 1e6
+                )));
+                inferred = Some(InferredReport {
+                    entrypoint,
+                    files: found.files.len(),
+                    bytes: found.bytes,
+                    notes: found.notes.clone(),
+                });
+                let mut o = opts.clone();
+                o.writer.prefetch = found.files;
+                with_inferred = o;
+                &with_inferred
+            }
+            _ => opts,
+        }
+    } else {
+        opts
+    };
     if diff_ids.len() != m.layers.len() {
         return Err(Error::Image(format!(
             "manifest {} has {} layers but its config lists {} diff_ids",
@@ -322,6 +369,7 @@ async fn convert_one(
             target_digest: desc.digest,
             layers: reports,
             prefetch_missing,
+            inferred,
         },
     ))
 }

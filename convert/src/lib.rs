@@ -11,6 +11,7 @@ pub mod check;
 pub mod convert;
 pub mod error;
 pub mod image;
+pub mod infer;
 pub mod inspect;
 pub mod progress;
 pub mod verify;
