@@ -661,6 +661,7 @@ impl Walker<'_> {
                         return;
                     };
                     self.elf(&file);
+                    self.extension_imports(&file, full);
                 } else if let Some(stem) = file.strip_suffix(".py") {
                     let pyc = format!("{}/__pycache__/{}.{tag}.pyc", dir_of(stem), base_of(stem));
                     let pkg = parent.clone().unwrap_or_default();
@@ -671,6 +672,51 @@ impl Walker<'_> {
             }
             Found::Namespace(_) | Found::Missing => {}
         }
+    }
+
+    /// The modules an extension module names (a Cython module imports what it cimports and
+    /// its module-level imports when it is loaded): each name that is a module in the image,
+    /// under a top-level package or module found on `sys.path`.
+    fn extension_imports(&mut self, file: &str, full: &str) {
+        let names = self
+            .tree
+            .get(file)
+            .and_then(|n| n.ext_names.clone())
+            .unwrap_or_default();
+        let path = self.py.as_ref().map(|p| p.path.clone()).unwrap_or_default();
+        for name in names {
+            if self.full() || name == full || name.starts_with(&format!("{full}.")) {
+                continue;
+            }
+            let top = name.split('.').next().unwrap_or_default();
+            let known = match self.modules.get(top) {
+                Some(Found::Package(_)) => true,
+                Some(_) => false,
+                None => matches!(self.find_in(&path, top), Found::Package(_)),
+            };
+            // Only names whose parent is a package: `pkg.module`, never `module.attribute`.
+            if known && self.is_submodule(&name) {
+                self.module(&name);
+            }
+        }
+    }
+
+    /// Whether dotted `name` is a module file or package under packages that exist, without
+    /// importing anything.
+    fn is_submodule(&self, name: &str) -> bool {
+        let path = self.py.as_ref().map(|p| p.path.clone()).unwrap_or_default();
+        let mut parts = name.split('.');
+        let Some(top) = parts.next() else {
+            return false;
+        };
+        let mut found = self.find_in(&path, top);
+        for part in parts {
+            match found {
+                Found::Package(d) | Found::Namespace(d) => found = self.find_in(&[d], part),
+                _ => return false,
+            }
+        }
+        !matches!(found, Found::Missing)
     }
 
     /// Loads a module from its source (or its cached bytecode, which Python reads instead)
@@ -749,6 +795,7 @@ mod tests {
             imports: None,
             elf: None,
             shebang: None,
+            ext_names: None,
             text: None,
         }
     }
@@ -843,6 +890,20 @@ mod tests {
             &["libopenblas.so", "libm.so.6"],
             &["$ORIGIN/../../numpy.libs"],
         );
+        b.0.nodes
+            .get_mut(&format!(
+                "{site}/numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so"
+            ))
+            .unwrap()
+            .ext_names = Some(vec![
+            "dateutil.parser".into(),
+            "json.decoder.JSONDecoder".into(),
+            "notinstalled.x".into(),
+            "numpy._core._multiarray_umath.add".into(),
+        ]);
+        b.py(&format!("{site}/dateutil/__init__.py"), "");
+        b.py(&format!("{site}/dateutil/parser.py"), "");
+        b.py(&format!("{site}/dateutil/unused.py"), "");
         b.elf(&format!("{site}/numpy.libs/libopenblas.so"), None, &[], &[]);
         b.py(&format!("{site}/numpy/lib/__init__.py"), "");
         b.py(&format!("{site}/numpy/lib/stride_tricks.py"), "");
@@ -939,6 +1000,14 @@ mod tests {
         );
         assert!(script < json && json < dec && dec < np && np < core && core < ext && ext < blas);
         assert!(blas < st);
+        // A Cython-style extension module's imports, found by name.
+        assert!(
+            pos(
+                f,
+                "/usr/local/lib/python3.11/dist-packages/dateutil/parser.py"
+            ) > ext
+        );
+        assert!(!f.iter().any(|x| x.contains("dateutil/unused")));
         // Not imported at import time, or not there at all.
         assert!(!f.iter().any(|x| x.contains("numpy/testing")));
         assert!(!f.iter().any(|x| x.contains("unused")));

@@ -43,6 +43,9 @@ pub struct Node {
     pub elf: Option<ElfDeps>,
     /// A script's `#!` line, without `#!`.
     pub shebang: Option<String>,
+    /// The dotted names a Python extension module holds as strings (a Cython module imports
+    /// the modules it uses when it is loaded, by these names): candidates, not facts.
+    pub ext_names: Option<Vec<String>>,
     /// The text of a small configuration file (`.pth`, `ld.so.conf`).
     pub text: Option<String>,
 }
@@ -118,6 +121,7 @@ pub fn scan_layer<R: Read>(tar: R) -> Result<LayerScan, ScanError> {
             imports: None,
             elf: None,
             shebang: None,
+            ext_names: None,
             text: None,
         };
         if et.is_dir() {
@@ -171,12 +175,48 @@ fn read_content<R: Read>(r: &mut R, name: &str, size: u64, node: &mut Node) -> s
             if let Ok(Some(deps)) = elf::parse(&buf) {
                 node.elf = Some(deps);
             }
+            if is_extension_module(name) {
+                node.ext_names = Some(dotted_names(&buf));
+            }
         }
     } else if let Some(rest) = head.strip_prefix(b"#!") {
         let line = rest.split(|&b| b == b'\n').next().unwrap_or_default();
         node.shebang = Some(String::from_utf8_lossy(line).trim().to_string());
     }
     Ok(())
+}
+
+/// Whether `name` is named like a CPython extension module (`m.cpython-311-x86_64-linux-gnu.so`,
+/// `m.abi3.so`).
+fn is_extension_module(name: &str) -> bool {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    base.ends_with(".so") && (base.contains(".cpython-") || base.ends_with(".abi3.so"))
+}
+
+/// Most dotted names kept per extension module.
+const MAX_EXT_NAMES: usize = 4096;
+
+/// The NUL-terminated strings of `data` that look like dotted Python module names
+/// (`dateutil.parser`), deduplicated, at most [`MAX_EXT_NAMES`].
+fn dotted_names(data: &[u8]) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for s in data.split(|&b| b == 0) {
+        if out.len() >= MAX_EXT_NAMES {
+            break;
+        }
+        if s.len() < 3 || s.len() > 200 || !s.contains(&b'.') {
+            continue;
+        }
+        let ok = s.split(|&b| b == b'.').all(|part| {
+            part.first()
+                .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+                && part.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        });
+        if ok && let Ok(s) = std::str::from_utf8(s) {
+            out.insert(s.to_string());
+        }
+    }
+    out.into_iter().collect()
 }
 
 impl Tree {
@@ -228,6 +268,7 @@ impl Tree {
                 imports: None,
                 elf: None,
                 shebang: None,
+                ext_names: None,
                 text: None,
             });
         }
@@ -419,6 +460,19 @@ mod tests {
         assert!(t.is_dir("usr/bin"));
         let kids: Vec<&str> = t.children("usr/bin").map(|(n, _)| n).collect();
         assert_eq!(kids, vec!["python3", "python3.11"]);
+    }
+
+    #[test]
+    fn extension_modules_keep_their_dotted_names() {
+        assert!(is_extension_module("a/b.cpython-311-x86_64-linux-gnu.so"));
+        assert!(is_extension_module("a/b.abi3.so"));
+        assert!(!is_extension_module("a/libb.so.6"));
+        let data =
+            b"\0dateutil.parser\0not a name\0x.1y\0pandas._libs.tslibs.base\0a.\0.b\0short\0";
+        assert_eq!(
+            dotted_names(data),
+            vec!["dateutil.parser", "pandas._libs.tslibs.base"]
+        );
     }
 
     #[test]
