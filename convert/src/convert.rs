@@ -240,7 +240,15 @@ async fn convert_one(
     let mut inferred = None;
     let with_inferred;
     let opts = if opts.infer && opts.writer.prefetch.is_empty() {
-        match crate::infer::infer_image(src, m, &config, crate::infer::Limits::default()).await? {
+        // Inference is a hint: a layer it cannot read (the conversion itself then says why,
+        // or converts it) leaves every file on demand instead of failing the conversion.
+        let found = crate::infer::infer_image(src, m, &config, crate::infer::Limits::default())
+            .await
+            .unwrap_or_else(|e| {
+                progress.event(Event::Message(format!("start-up files not inferred: {e}")));
+                None
+            });
+        match found {
             Some(found) if !found.files.is_empty() => {
                 let entrypoint = crate::infer::Entrypoint::from_config(&config)
                     .map(|e| e.argv)

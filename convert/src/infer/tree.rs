@@ -21,6 +21,11 @@ const MAX_ELF: u64 = 512 << 20;
 const MAX_TEXT: u64 = 64 << 10;
 /// Longest `#!` line kept.
 const MAX_SHEBANG: usize = 256;
+/// Imports kept per Python source.
+const MAX_IMPORTS_PER_FILE: usize = 4096;
+/// Names (imports and extension modules' dotted names) kept per layer: what a hostile layer
+/// can make the scan hold is bounded (about 100 MB at most), whatever its files say.
+const MAX_NAMES_PER_LAYER: usize = 500_000;
 
 /// What a file is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +86,7 @@ fn wanted_text(name: &str) -> bool {
 /// Reads one layer's tar stream (decompressed) and what inference needs of its files.
 pub fn scan_layer<R: Read>(tar: R) -> Result<LayerScan, ScanError> {
     let mut out = LayerScan::default();
+    let mut names_left = MAX_NAMES_PER_LAYER;
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -142,18 +148,27 @@ pub fn scan_layer<R: Read>(tar: R) -> Result<LayerScan, ScanError> {
         } else if et.is_file() || et == tar::EntryType::Continuous {
             node.kind = Kind::File;
             node.size = size;
-            read_content(&mut entry, &name, size, &mut node)?;
+            read_content(&mut entry, &name, size, &mut node, &mut names_left)?;
         }
         out.entries.push((name, node));
     }
     Ok(out)
 }
 
-fn read_content<R: Read>(r: &mut R, name: &str, size: u64, node: &mut Node) -> std::io::Result<()> {
+fn read_content<R: Read>(
+    r: &mut R,
+    name: &str,
+    size: u64,
+    node: &mut Node,
+    names_left: &mut usize,
+) -> std::io::Result<()> {
     if name.ends_with(".py") && size <= MAX_PY {
         let mut buf = Vec::with_capacity(size as usize);
         r.take(MAX_PY).read_to_end(&mut buf)?;
-        node.imports = Some(python::imports(&buf));
+        let mut imports = python::imports(&buf);
+        imports.truncate(MAX_IMPORTS_PER_FILE.min(*names_left));
+        *names_left -= imports.len();
+        node.imports = Some(imports);
         return Ok(());
     }
     if wanted_text(name) && size <= MAX_TEXT {
@@ -176,7 +191,10 @@ fn read_content<R: Read>(r: &mut R, name: &str, size: u64, node: &mut Node) -> s
                 node.elf = Some(deps);
             }
             if is_extension_module(name) {
-                node.ext_names = Some(dotted_names(&buf));
+                let mut names = dotted_names(&buf);
+                names.truncate(*names_left);
+                *names_left -= names.len();
+                node.ext_names = Some(names);
             }
         }
     } else if let Some(rest) = head.strip_prefix(b"#!") {
@@ -473,6 +491,40 @@ mod tests {
             dotted_names(data),
             vec!["dateutil.parser", "pandas._libs.tslibs.base"]
         );
+    }
+
+    #[test]
+    fn mutated_layers_never_panic() {
+        let base = tar_of(&[
+            ("usr/bin/python3.11", b"#!/bin/sh\n", None),
+            ("app/a.py", b"import os, sys\nfrom . import x\n", None),
+            (
+                "lib/x.cpython-311-x86_64-linux-gnu.so",
+                b"\x7fELF\x02\x01\x01",
+                None,
+            ),
+            ("l", b"", Some("../../x")),
+        ]);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let mut t = base.clone();
+            for _ in 0..(next() % 8 + 1) {
+                let i = (next() as usize) % t.len();
+                t[i] = next() as u8;
+            }
+            t.truncate((next() as usize) % (t.len() + 1));
+            if let Ok(scan) = scan_layer(&t[..]) {
+                let mut tree = Tree::default();
+                tree.apply(scan);
+                let _ = tree.resolve("l/a/b");
+            }
+        }
     }
 
     #[test]
