@@ -9,6 +9,8 @@
 //! The modules:
 //! - [`tree`]: [`FunctionTree`], one function's tree (join, leave, fail, queries, invariant check);
 //! - [`manager`]: [`Manager`], many functions' trees plus heartbeat liveness and expiry;
+//! - [`sim`]: a discrete-event simulation of a cold-start burst (registry-only versus function
+//!   trees, with failures) that drives the real [`Manager`];
 //! - [`store`]: the [`Store`] trait for persisting a [`Snapshot`] of the manager, and
 //!   [`MemoryStore`].
 //!
@@ -20,6 +22,7 @@
 //! join, leave and fail keep that shape and why no rotations are ever needed.
 
 pub mod manager;
+pub mod sim;
 pub mod store;
 pub mod tree;
 
