@@ -12,6 +12,7 @@
 //! came from. [`prefetch`] walks a layer's prefetch section, then the rest, in the
 //! background, a learned start-up set first ([`learn`] records one from a mount's first reads).
 //! [`metrics`] counts all of it and renders Prometheus text.
+//! [`router`] tries blob sources in order, each within a deadline (parent, then registry).
 
 pub mod cache;
 pub mod fetcher;
@@ -19,6 +20,7 @@ pub mod learn;
 pub mod memcache;
 pub mod metrics;
 pub mod prefetch;
+pub mod router;
 pub mod source;
 pub mod toc;
 

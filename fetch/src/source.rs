@@ -13,12 +13,90 @@ use arbor_oci::Store;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+/// What kind of failure a source read was, for choosing what to try next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceErrorKind {
+    /// The source does not have these bytes (404, a peer without the block).
+    Lacks,
+    /// The source did not answer in time.
+    Timeout,
+    /// Connection failure, 5xx, anything transient.
+    Unavailable,
+    /// 401/403, a bad request: retrying elsewhere may help, retrying here will not.
+    Refused,
+    /// The source answered with the wrong number of bytes.
+    Short,
+}
+
+impl SourceErrorKind {
+    /// A short lowercase name for logs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceErrorKind::Lacks => "lacks",
+            SourceErrorKind::Timeout => "timeout",
+            SourceErrorKind::Unavailable => "unavailable",
+            SourceErrorKind::Refused => "refused",
+            SourceErrorKind::Short => "short",
+        }
+    }
+}
+
+impl std::fmt::Display for SourceErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A failed source read (the message names the source and what failed).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{source_name}: {message}")]
 pub struct SourceError {
+    pub kind: SourceErrorKind,
     pub source_name: String,
     pub message: String,
+}
+
+impl SourceError {
+    pub fn new(
+        kind: SourceErrorKind,
+        source_name: impl Into<String>,
+        message: impl Into<String>,
+    ) -> SourceError {
+        SourceError {
+            kind,
+            source_name: source_name.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Classifies an image store error.
+fn classify(e: &arbor_oci::Error) -> SourceErrorKind {
+    use arbor_oci::Error as E;
+    match e {
+        E::NotFound(_) => SourceErrorKind::Lacks,
+        E::Status { status, .. } => match *status {
+            404 | 410 => SourceErrorKind::Lacks,
+            416 => SourceErrorKind::Short,
+            408 => SourceErrorKind::Timeout,
+            429 => SourceErrorKind::Unavailable,
+            s if s >= 500 => SourceErrorKind::Unavailable,
+            s if (400..500).contains(&s) => SourceErrorKind::Refused,
+            _ => SourceErrorKind::Unavailable,
+        },
+        E::Auth { .. } | E::Credentials(_) | E::Reference { .. } => SourceErrorKind::Refused,
+        E::Http { source, .. } if source.is_timeout() => SourceErrorKind::Timeout,
+        E::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => SourceErrorKind::Lacks,
+            std::io::ErrorKind::UnexpectedEof => SourceErrorKind::Short,
+            std::io::ErrorKind::TimedOut => SourceErrorKind::Timeout,
+            std::io::ErrorKind::PermissionDenied => SourceErrorKind::Refused,
+            _ => SourceErrorKind::Unavailable,
+        },
+        // Http (connect, body), BadResponse, DigestMismatch, Malformed: transient or at
+        // least not known to be this source's final answer.
+        _ => SourceErrorKind::Unavailable,
+    }
 }
 
 /// A boxed future of a source read.
@@ -87,23 +165,22 @@ impl BlobSource for StoreSource {
 
     fn read_range<'a>(&'a self, digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
         Box::pin(async move {
-            let _permit = self.permits.acquire().await.map_err(|e| SourceError {
-                source_name: self.kind().into(),
-                message: e.to_string(),
+            let _permit = self.permits.acquire().await.map_err(|e| {
+                SourceError::new(SourceErrorKind::Unavailable, self.kind(), e.to_string())
             })?;
             let data = self
                 .store
                 .blob_range(digest, offset, len)
                 .await
-                .map_err(|e| SourceError {
-                    source_name: self.kind().into(),
-                    message: arbor_oci::error::chain(&e),
+                .map_err(|e| {
+                    SourceError::new(classify(&e), self.kind(), arbor_oci::error::chain(&e))
                 })?;
             if data.len() as u64 != len {
-                return Err(SourceError {
-                    source_name: self.kind().into(),
-                    message: format!("asked for {len} bytes at {offset}, got {}", data.len()),
-                });
+                return Err(SourceError::new(
+                    SourceErrorKind::Short,
+                    self.kind(),
+                    format!("asked for {len} bytes at {offset}, got {}", data.len()),
+                ));
             }
             Ok(data)
         })
