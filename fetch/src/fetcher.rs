@@ -595,8 +595,9 @@ impl Fetcher {
     /// On the first miss in a locality group (a directory), fetches in the background, as
     /// urgent work, the windows of the rest of the missed file and then of the group's other
     /// files, [`FetcherOptions::group_read_ahead`] bytes at most,
-    /// [`FetcherOptions::group_concurrency`] at a time over all groups: a program that opens a file usually reads it whole, and an import of a package
-    /// reads many of its files one after another, each a round trip if fetched alone.
+    /// [`FetcherOptions::group_concurrency`] at a time over all groups: a program that opens a
+    /// file usually reads it whole, and an import of a package reads many of its files one
+    /// after another, each a round trip if fetched alone.
     fn read_group(self: &Arc<Self>, layer: &Arc<LayerHandle>, r: ChunkRef, w: usize) {
         let budget = self.opts.group_read_ahead;
         if budget == 0 {

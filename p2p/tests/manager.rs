@@ -2,27 +2,15 @@
 
 use arbor_p2p::store::SNAPSHOT_VERSION;
 use arbor_p2p::{
-    Change, FunctionId, Manager, ManagerError, MemoryStore, NodeId, Side, Snapshot, Store,
-    TreeError, TreeSnapshot,
+    FunctionId, Manager, ManagerError, MemoryStore, NodeId, Side, Snapshot, Store, TreeError,
+    TreeSnapshot,
 };
 
-fn id(s: &str) -> NodeId {
-    NodeId::from(s)
-}
+mod common;
+use common::{id, parent, removed};
 
 fn fid(s: &str) -> FunctionId {
     FunctionId::from(s)
-}
-
-fn parent(node: &str, parent: Option<&str>) -> Change {
-    Change::Parent {
-        node: id(node),
-        parent: parent.map(id),
-    }
-}
-
-fn removed(node: &str) -> Change {
-    Change::Removed { node: id(node) }
 }
 
 /// f: a; b c. g: c; a. Heartbeats from the joins at 0..=4.

@@ -3,22 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use arbor_p2p::{Change, FunctionTree, Links, NodeId, Side, TreeError};
+use arbor_p2p::{FunctionTree, Links, NodeId, Side, TreeError};
 
-fn id(s: &str) -> NodeId {
-    NodeId::from(s)
-}
-
-fn parent(node: &str, parent: Option<&str>) -> Change {
-    Change::Parent {
-        node: id(node),
-        parent: parent.map(id),
-    }
-}
-
-fn removed(node: &str) -> Change {
-    Change::Removed { node: id(node) }
-}
+mod common;
+use common::{id, parent, removed};
 
 /// A tree of the first `n` letters joined in order: a; b c; d e f g; h i j ...
 fn letters(n: usize) -> FunctionTree {

@@ -788,16 +788,7 @@ mod tests {
     use super::*;
 
     fn node(kind: Kind, size: u64) -> Node {
-        Node {
-            kind,
-            size,
-            mode: 0o755,
-            imports: None,
-            elf: None,
-            shebang: None,
-            ext_names: None,
-            text: None,
-        }
+        Node::new(kind, size, 0o755)
     }
 
     struct B(Tree);

@@ -55,6 +55,22 @@ pub struct Node {
     pub text: Option<String>,
 }
 
+impl Node {
+    /// A node of `kind` with nothing read from its content yet.
+    pub fn new(kind: Kind, size: u64, mode: u32) -> Node {
+        Node {
+            kind,
+            size,
+            mode,
+            imports: None,
+            elf: None,
+            shebang: None,
+            ext_names: None,
+            text: None,
+        }
+    }
+}
+
 /// The merged tree: normalized names (`usr/bin/python3`, no leading `/`) to nodes.
 #[derive(Debug, Default)]
 pub struct Tree {
@@ -120,16 +136,7 @@ pub fn scan_layer<R: Read>(tar: R) -> Result<LayerScan, ScanError> {
         let mode = header.mode().unwrap_or(0);
         let size = header.entry_size().unwrap_or(0);
         let et = header.entry_type();
-        let mut node = Node {
-            kind: Kind::Other,
-            size: 0,
-            mode,
-            imports: None,
-            elf: None,
-            shebang: None,
-            ext_names: None,
-            text: None,
-        };
+        let mut node = Node::new(Kind::Other, 0, mode);
         if et.is_dir() {
             node.kind = Kind::Dir;
         } else if et.is_symlink() {
@@ -279,16 +286,9 @@ impl Tree {
         }
         self.nodes.extend(added);
         for d in parents {
-            self.nodes.entry(d).or_insert(Node {
-                kind: Kind::Dir,
-                size: 0,
-                mode: 0o755,
-                imports: None,
-                elf: None,
-                shebang: None,
-                ext_names: None,
-                text: None,
-            });
+            self.nodes
+                .entry(d)
+                .or_insert(Node::new(Kind::Dir, 0, 0o755));
         }
     }
 
