@@ -15,6 +15,17 @@ echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 
 mkdir -p target
+# A full debug build, the fuzz builds and the tests' registries and caches need room; a full disk
+# fails deep inside a C compiler, so say it here.
+need_gb=12
+free_gb=$(( $(df -Pk "${CARGO_TARGET_DIR:-target}" | awk 'NR==2 {print $4}') / 1048576 ))
+tmp_gb=$(( $(df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}') / 1048576 ))
+if (( free_gb < need_gb || tmp_gb < 4 )); then
+  echo "[test] error: ${free_gb} GB free for the build and ${tmp_gb} GB in ${TMPDIR:-/tmp}; the tests need ${need_gb} GB and 4 GB" >&2
+  exit 1
+fi
+# A fresh clone gains nothing from incremental state; it only takes disk.
+[[ -n "${CI:-}" ]] && export CARGO_INCREMENTAL=0
 echo "[test] cargo test --workspace"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # cargo test exits non-zero on failure (pipefail); also refuse a run that ran no test.
