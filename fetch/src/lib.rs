@@ -12,8 +12,11 @@
 //! came from. [`prefetch`] walks a layer's prefetch section, then the rest, in the
 //! background, a learned start-up set first ([`learn`] records one from a mount's first reads).
 //! [`metrics`] counts all of it and renders Prometheus text.
-//! [`router`] tries blob sources in order, each within a deadline (parent, then registry).
+//! [`router`] tries blob sources in order, each within a deadline (parent, grandparent, then
+//! registry); [`blocks`] keeps a function tree's layers as raw blob blocks proved against the
+//! TOC's block table, which is what a node reads from its parent and serves its children.
 
+pub mod blocks;
 pub mod cache;
 pub mod fetcher;
 pub mod learn;

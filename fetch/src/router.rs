@@ -13,6 +13,9 @@
 //! The router never verifies content; it only checks lengths. The fetcher verifies every
 //! chunk above all sources; when it finds that bytes from a route did not verify it calls
 //! [`Router::report_bad`], and the router skips that route for [`Router::bad_penalty`].
+//! A route that missed (timed out, was unavailable, refused or lacked the bytes) is skipped
+//! for [`Router::miss_penalty`] (3 s by default), so a stalled parent costs one deadline, not
+//! one per read, until it answers again or the tree moves the node.
 //! Per-route counters ([`Router::stats`]) survive a swap for routes that keep their name.
 //!
 //! Not wired yet: the intended wiring is to build one `Router` per layer (or per tree
@@ -32,6 +35,9 @@ use crate::source::{BlobSource, ReadFuture, SourceError, SourceErrorKind};
 
 /// Default time a route is skipped after [`Router::report_bad`].
 pub const DEFAULT_BAD_PENALTY: Duration = Duration::from_secs(30);
+
+/// Default time a route is skipped after it missed (see the module docs).
+pub const DEFAULT_MISS_PENALTY: Duration = Duration::from_secs(3);
 
 /// One place to read from, with how long to wait for it.
 #[derive(Clone)]
@@ -93,6 +99,7 @@ impl Counters {
             SourceErrorKind::Unavailable => &self.unavailable,
             SourceErrorKind::Refused => &self.refused,
             SourceErrorKind::Short => &self.short,
+            SourceErrorKind::Corrupt => &self.bad,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -127,6 +134,7 @@ pub struct Router {
     /// The current list; each read takes a snapshot (an `Arc` clone) and keeps it.
     routes: Mutex<Arc<Vec<ActiveRoute>>>,
     bad_penalty: Duration,
+    miss_penalty: Duration,
 }
 
 impl Router {
@@ -135,6 +143,7 @@ impl Router {
         Router {
             routes: Mutex::new(Arc::new(Self::activate(routes, &[]))),
             bad_penalty: DEFAULT_BAD_PENALTY,
+            miss_penalty: DEFAULT_MISS_PENALTY,
         }
     }
 
@@ -149,12 +158,34 @@ impl Router {
         self.bad_penalty
     }
 
+    /// Sets how long a route that missed is skipped (zero: never).
+    pub fn with_miss_penalty(mut self, penalty: Duration) -> Router {
+        self.miss_penalty = penalty;
+        self
+    }
+
+    /// How long a route that missed is skipped.
+    pub fn miss_penalty(&self) -> Duration {
+        self.miss_penalty
+    }
+
     /// Replaces the list of routes. Reads in flight finish against the old list; routes that
     /// keep their name keep their counters and any bad penalty.
     pub fn set_routes(&self, routes: Vec<Route>) {
         let mut cur = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let next = Self::activate(routes, &cur);
         *cur = Arc::new(next);
+    }
+
+    /// Lifts every route's penalty (after [`Router::set_routes`] put another node behind a
+    /// route's name, its predecessor's misses say nothing about it).
+    pub fn forgive(&self) {
+        for a in self.snapshot().iter() {
+            *a.counters
+                .bad_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// The names of the current routes, in order.
@@ -239,14 +270,17 @@ impl Router {
     }
 }
 
-impl BlobSource for Router {
-    fn kind(&self) -> &'static str {
-        "router"
-    }
-
-    fn read_range<'a>(&'a self, digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
+impl Router {
+    /// Reads `len` bytes at `offset` of blob `digest` from the first route that serves them,
+    /// and names that route (for [`Router::report_bad`] when the bytes fail verification).
+    pub async fn read_routed(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(bytes::Bytes, String), SourceError> {
         let routes = self.snapshot();
-        Box::pin(async move {
+        {
             let now = Instant::now();
             // Skip routes reported bad, unless every route is: then try them all rather than
             // fail without asking anyone.
@@ -264,10 +298,24 @@ impl BlobSource for Router {
                         a.counters
                             .bytes
                             .fetch_add(data.len() as u64, Ordering::Relaxed);
-                        return Ok(data);
+                        return Ok((data, name.clone()));
                     }
                     Err(e) => {
                         a.counters.count_error(e.kind);
+                        if e.kind != SourceErrorKind::Short
+                            && e.kind != SourceErrorKind::Corrupt
+                            && !self.miss_penalty.is_zero()
+                        {
+                            let mut until = a
+                                .counters
+                                .bad_until
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            let t = Instant::now() + self.miss_penalty;
+                            if until.is_none_or(|u| u < t) {
+                                *until = Some(t);
+                            }
+                        }
                         debug!(route = %name, kind = %e.kind, error = %e, digest, offset, len,
                             "blob source route missed, trying the next");
                         failures.push(format!("{name}: {}: {e}", e.kind));
@@ -280,13 +328,23 @@ impl BlobSource for Router {
             }
             Err(SourceError::new(
                 last_kind.unwrap_or(SourceErrorKind::Unavailable),
-                self.kind(),
+                "router",
                 format!(
                     "{len} bytes at {offset} of {digest}: {}",
                     failures.join("; ")
                 ),
             ))
-        })
+        }
+    }
+}
+
+impl BlobSource for Router {
+    fn kind(&self) -> &'static str {
+        "router"
+    }
+
+    fn read_range<'a>(&'a self, digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
+        Box::pin(async move { Ok(self.read_routed(digest, offset, len).await?.0) })
     }
 }
 
@@ -481,6 +539,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_route_that_missed_is_skipped_for_the_miss_penalty() {
+        let stall = TestSource::new(b"", Mode::Stall);
+        let good = TestSource::new(b"gggggggg", Mode::Serve);
+        let r = Router::new(vec![
+            route("parent", &stall, Duration::from_millis(50)),
+            route("registry", &good, SEC),
+        ])
+        .with_miss_penalty(Duration::from_millis(300));
+        assert_eq!(r.miss_penalty(), Duration::from_millis(300));
+        // The first read waits out the parent's deadline; the next ones skip it at once.
+        let t = Instant::now();
+        r.read_range("d", 0, 4).await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let t = Instant::now();
+        for _ in 0..5 {
+            r.read_range("d", 0, 4).await.unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert_eq!(r.stats()[0].requests, 1);
+        // After the penalty the parent is asked again.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        r.read_range("d", 0, 4).await.unwrap();
+        assert_eq!(r.stats()[0].requests, 2);
+        assert_eq!(r.stats()[0].timeouts, 2);
+    }
+
+    #[tokio::test]
     async fn stats_count_and_survive_swap() {
         let short = Duration::from_millis(20);
         let lacks = TestSource::new(b"", Mode::Fail(SourceErrorKind::Lacks));
@@ -496,7 +581,8 @@ mod tests {
             route("wrong", &wrong, SEC),
             route("stall", &stall, short),
             route("good", &good, SEC),
-        ]);
+        ])
+        .with_miss_penalty(Duration::ZERO);
         r.read_range("d", 0, 4).await.unwrap();
         r.read_range("d", 2, 6).await.unwrap();
         r.report_bad("good");

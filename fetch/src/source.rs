@@ -1,8 +1,9 @@
 //! Blob sources: anything that can return bytes `[offset, offset + len)` of a blob.
 //!
-//! The registry is one source; a function-tree parent will be another. Sources do not
-//! verify content: the fetcher does, above all sources, so a source that lies can only cause
-//! an error, never wrong bytes.
+//! The registry is one source; a function-tree parent is another (`arbor-peer`). Sources do
+//! not verify content: the layers above do (the block table in [`crate::blocks`], chunk digests
+//! in the fetcher), so a source that lies can only cause an error or a refetch, never wrong
+//! bytes.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +27,9 @@ pub enum SourceErrorKind {
     Refused,
     /// The source answered with the wrong number of bytes.
     Short,
+    /// The bytes did not match the layer's digests (a peer or registry that lied, or a
+    /// damaged local copy).
+    Corrupt,
 }
 
 impl SourceErrorKind {
@@ -37,6 +41,7 @@ impl SourceErrorKind {
             SourceErrorKind::Unavailable => "unavailable",
             SourceErrorKind::Refused => "refused",
             SourceErrorKind::Short => "short",
+            SourceErrorKind::Corrupt => "corrupt",
         }
     }
 }
@@ -184,5 +189,65 @@ impl BlobSource for StoreSource {
             }
             Ok(data)
         })
+    }
+}
+
+/// A blocking [`std::io::Read`] of a whole blob through a [`BlobSource`], in `step`-byte range
+/// reads (for a blocking thread: each read waits on `rt`; never call it on a runtime thread).
+/// It does not verify: whoever reads it checks the digest.
+pub struct SourceReader {
+    source: Arc<dyn BlobSource>,
+    digest: String,
+    size: u64,
+    pos: u64,
+    step: u64,
+    buf: Bytes,
+    rt: tokio::runtime::Handle,
+}
+
+impl SourceReader {
+    pub fn new(
+        source: Arc<dyn BlobSource>,
+        digest: &str,
+        size: u64,
+        step: u64,
+        rt: tokio::runtime::Handle,
+    ) -> SourceReader {
+        SourceReader {
+            source,
+            digest: digest.to_string(),
+            size,
+            pos: 0,
+            step: step.max(1),
+            buf: Bytes::new(),
+            rt,
+        }
+    }
+}
+
+impl std::io::Read for SourceReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            if self.pos >= self.size || out.is_empty() {
+                return Ok(0);
+            }
+            let len = self.step.min(self.size - self.pos);
+            let data = self
+                .rt
+                .block_on(self.source.read_range(&self.digest, self.pos, len))
+                .map_err(std::io::Error::other)?;
+            if data.len() as u64 != len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{}: short read at {}", self.source.kind(), self.pos),
+                ));
+            }
+            self.pos += len;
+            self.buf = data;
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        let _ = self.buf.split_to(n);
+        Ok(n)
     }
 }
