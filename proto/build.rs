@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     files.push(root.join("cri/api.proto"));
     files.push(root.join("arbor/v1/starts.proto"));
+    files.push(root.join("arbor/v1/p2p.proto"));
     let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -21,7 +21,9 @@ pub use generated::containerd::types;
 /// `containerd.services.snapshots.v1`: messages, the client and the `Snapshots` server trait.
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 
-/// `arbor.v1`: arbord's own service (`Starts`: start reports and learned start-up sets).
+/// `arbor.v1`: arbord's own services: `Starts` (start reports and learned start-up sets) on its
+/// socket; `Peer` (blob ranges for a function tree's children) and `Tree` (the function-tree
+/// manager) over TCP between nodes.
 pub use generated::arbor::v1 as arbor;
 
 /// `runtime.v1` (CRI): the image service and the runtime service calls that run a pod.
