@@ -22,6 +22,10 @@ pub struct ArbordOptions {
     pub extra_args: Vec<String>,
     /// Config file contents (TOML) written next to the socket and passed with `--config`.
     pub config: Option<String>,
+    /// Run inside this network namespace (`nsenter --net=/run/netns/NAME`), with the metrics endpoint on
+    /// this address of it (the host reaches it, e.g. a [`crate::cluster`] node's address).
+    /// The socket and mounts stay on the host's filesystem.
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 /// A running `arbord`.
@@ -57,12 +61,29 @@ impl Arbord {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        self.metrics_addr = format!("127.0.0.1:{}", util::free_port()?);
+        let ip = self
+            .opts
+            .netns
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |(_, ip)| *ip);
+        self.metrics_addr = format!("{ip}:{}", util::free_port()?);
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(&self.opts.bin);
+        let mut cmd = match &self.opts.netns {
+            // Only the network namespace (`ip netns exec` would also unshare the mount
+            // namespace, hiding arbord's FUSE mounts from the host and from containerd);
+            // nsenter execs the program: the child is arbord itself.
+            Some((ns, _)) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.opts.bin);
+                c
+            }
+            None => Command::new(&self.opts.bin),
+        };
         cmd.arg("--root")
             .arg(&self.root)
             .arg("--address")
@@ -142,6 +163,11 @@ impl Arbord {
         self.spawn()
     }
 
+    /// The running arbord's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -169,7 +195,7 @@ impl Arbord {
         &self.root
     }
 
-    /// `127.0.0.1:<port>` of the metrics endpoint.
+    /// `127.0.0.1:<port>` (or the namespace's address) of the metrics endpoint.
     pub fn metrics_addr(&self) -> &str {
         &self.metrics_addr
     }

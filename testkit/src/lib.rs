@@ -23,6 +23,7 @@
 //! CI a test that would skip fails instead ([`skip`]).
 
 mod arbord;
+pub mod cluster;
 mod containerd;
 pub mod hostile;
 mod image;

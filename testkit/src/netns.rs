@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::util;
 
 /// The /16 the namespaces' /24s are taken from.
-const PREFIX: [u8; 2] = [10, 213];
+pub(crate) const PREFIX: [u8; 2] = [10, 213];
 /// Name prefix of the namespaces (followed by `<pid>-<seq>`).
 const NS_PREFIX: &str = "arbt-";
 const CMD_TIMEOUT: Duration = Duration::from_secs(20);
@@ -300,9 +300,9 @@ fn ns_pids(name: &str) -> Vec<u32> {
 }
 
 /// An exclusive lock (flock) held while choosing a subnet and creating the links.
-struct Lock(File);
+pub(crate) struct Lock(File);
 
-fn lock() -> Result<Lock> {
+pub(crate) fn lock() -> Result<Lock> {
     let dir = if std::path::Path::new("/run/lock").is_dir() {
         std::path::PathBuf::from("/run/lock")
     } else {
@@ -360,7 +360,7 @@ fn sweep_stale() {
 }
 
 /// The lowest N in 1..=254 such that no host interface has an address in 10.213.N.0/24.
-fn free_subnet() -> Result<u8> {
+pub(crate) fn free_subnet() -> Result<u8> {
     let out = ip(&["-o", "-4", "addr", "show"])?;
     let used: Vec<u8> = out
         .split_whitespace()
