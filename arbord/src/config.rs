@@ -50,8 +50,38 @@ pub struct Config {
     pub fuse: Fuse,
     pub registry: Registry,
     pub learn: Learn,
+    pub p2p: P2p,
 }
 
+/// Function trees (docs/architecture.md, "Function trees").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2p {
+    /// Take part in function trees.
+    pub enabled: bool,
+    /// This node's id in the trees; empty: the host name.
+    pub node_id: String,
+    /// Where this node's Peer service listens (TCP `host:port`).
+    pub listen: String,
+    /// `host:port` the other nodes reach the Peer service at; empty: `listen` (which then
+    /// must not be a wildcard address).
+    pub advertise: String,
+    /// `host:port` of the tree manager.
+    pub manager: String,
+    /// Run the tree manager in this arbord, listening on `manager` (`--tree-manager`).
+    pub run_manager: bool,
+    pub heartbeat_secs: u64,
+    /// The manager fails a node out of its trees after this long without a heartbeat.
+    pub heartbeat_timeout_secs: u64,
+    /// A parent that sends nothing (not even a keep-alive) for this long is given up.
+    pub peer_stall_ms: u64,
+    /// Bound on one read from a peer.
+    pub peer_timeout_secs: u64,
+    /// Bytes per second this node sends its children, all trees together (0: no limit).
+    pub upload_limit: Size,
+    /// Stay in a function's tree (serving children) this long after its last layer is unmounted.
+    pub idle_leave_secs: u64,
+}
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Learn {
@@ -180,6 +210,26 @@ impl Default for Config {
             fuse: Fuse::default(),
             registry: Registry::default(),
             learn: Learn::default(),
+            p2p: P2p::default(),
+        }
+    }
+}
+
+impl Default for P2p {
+    fn default() -> Self {
+        P2p {
+            enabled: false,
+            node_id: String::new(),
+            listen: "0.0.0.0:7071".into(),
+            advertise: String::new(),
+            manager: "127.0.0.1:7070".into(),
+            run_manager: false,
+            heartbeat_secs: 2,
+            heartbeat_timeout_secs: 6,
+            peer_stall_ms: 1000,
+            peer_timeout_secs: 30,
+            upload_limit: Size(0),
+            idle_leave_secs: 300,
         }
     }
 }
@@ -305,6 +355,39 @@ impl Config {
             self.fetch.proof_wait_secs >= 1,
             "fetch.proof_wait_secs must be at least 1"
         );
+        if self.p2p.enabled {
+            let p = &self.p2p;
+            for (k, v) in [("listen", &p.listen), ("manager", &p.manager)] {
+                anyhow::ensure!(
+                    v.parse::<std::net::SocketAddr>().is_ok(),
+                    "p2p.{k} must be an IP address and port, not {v:?}"
+                );
+            }
+            let advertise = if p.advertise.is_empty() {
+                &p.listen
+            } else {
+                &p.advertise
+            };
+            anyhow::ensure!(
+                advertise
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| !a.ip().is_unspecified()),
+                "p2p.advertise must be the IP address and port other nodes reach this one at \
+                 (set it when p2p.listen is a wildcard address), not {advertise:?}"
+            );
+            anyhow::ensure!(
+                p.heartbeat_secs >= 1 && p.heartbeat_timeout_secs > p.heartbeat_secs,
+                "p2p.heartbeat_timeout_secs must be longer than p2p.heartbeat_secs (at least 1)"
+            );
+            anyhow::ensure!(
+                (50..=60_000).contains(&p.peer_stall_ms),
+                "p2p.peer_stall_ms must be 50 to 60000"
+            );
+            anyhow::ensure!(
+                p.peer_timeout_secs >= 1,
+                "p2p.peer_timeout_secs must be at least 1"
+            );
+        }
         for a in &self.registry.allow {
             anyhow::ensure!(
                 !a.is_empty() && !a.contains("://"),

@@ -9,10 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use arbor_fetch::blocks::BlockStore;
 use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::prefetch::PrefetchOptions;
 use arbor_fetch::{ChunkCache, Fetcher, Metrics};
+use arbor_peer::server::PeerServiceOptions;
+use arbor_peer::tree::TreeServiceOptions;
+use arbor_peer::{Member, PeerService, TreeService};
+use arbor_proto::arbor::Node;
 use arbor_snapshotter::learn::StartsService;
+use arbor_snapshotter::trees::{TreeOptions, Trees};
 use arbor_snapshotter::{Remote, RemoteOptions, Service, Snapshotter};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -146,6 +152,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         &cfg.root.join("tocs"),
         tokio::runtime::Handle::current(),
     )?);
+    let p2p = start_p2p(&cfg, &remote).await?;
     let snap = Arc::new(Snapshotter::open(&cfg.root, Arc::clone(&remote))?);
     let restored = snap.restore().await?;
     info!(restored, "lazy mounts restored");
@@ -158,12 +165,19 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.address))?;
         let (m, s, r) = (Arc::clone(&metrics), Arc::clone(&snap), Arc::clone(&remote));
+        let peer = p2p.peer.clone();
         Some(tokio::spawn(arbor_fetch::metrics::serve(
             l,
             Arc::new(move || {
                 let mut text = m.render();
                 text.push_str(&s.render_metrics());
                 text.push_str(&r.sets().render_metrics());
+                if let Some(t) = r.trees() {
+                    t.render_metrics(&mut text);
+                }
+                if let Some(p) = &peer {
+                    render_peer_metrics(&p.stats(), &mut text);
+                }
                 text
             }),
         )))
@@ -211,12 +225,154 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    for t in p2p.tasks {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&cfg.address);
     fetcher.flush().await;
     let r = Arc::clone(&remote);
     tokio::task::spawn_blocking(move || r.unmount_all()).await?;
     info!("stopped");
     served.context("serving the snapshots API")
+}
+
+/// What runs for function trees: the Peer service's handle (for its metrics) and the tasks
+/// serving the Peer and Tree services.
+#[derive(Default)]
+struct P2p {
+    peer: Option<Arc<PeerService<Trees>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the tree manager (`p2p.run_manager`) and this node's part in function trees
+/// (`p2p.enabled`): the block store, the member client, the Peer service.
+async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
+    let p = &cfg.p2p;
+    let mut out = P2p::default();
+    if p.run_manager {
+        let l = tokio::net::TcpListener::bind(&p.manager)
+            .await
+            .with_context(|| format!("binding the tree manager on {}", p.manager))?;
+        let svc = Arc::new(TreeService::in_memory(TreeServiceOptions {
+            heartbeat_timeout: Duration::from_secs(p.heartbeat_timeout_secs),
+            ..Default::default()
+        }));
+        out.tasks.push(svc.start_expiry());
+        let server = tonic::transport::Server::builder()
+            .add_service(Arc::clone(&svc).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l));
+        out.tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(error = %e, "the tree manager stopped");
+            }
+        }));
+        info!(address = %p.manager, "tree manager serving arbor.v1.Tree");
+    }
+    if !p.enabled {
+        return Ok(out);
+    }
+    let node_id = if p.node_id.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    } else {
+        p.node_id.clone()
+    };
+    anyhow::ensure!(
+        !node_id.is_empty(),
+        "p2p.node_id is empty and the host has no name"
+    );
+    let advertise = if p.advertise.is_empty() {
+        p.listen.clone()
+    } else {
+        p.advertise.clone()
+    };
+    let member = Member::new(
+        &p.manager,
+        Node {
+            id: node_id.clone(),
+            addr: advertise.clone(),
+        },
+        Duration::from_secs(p.heartbeat_secs),
+    )
+    .context("the tree manager's address")?;
+    let blocks = BlockStore::new(cfg.root.join("blocks"))
+        .with_context(|| format!("creating {}", cfg.root.join("blocks").display()))?;
+    let trees = Trees::new(
+        TreeOptions {
+            node_id: node_id.clone(),
+            advertise: advertise.clone(),
+            manager: p.manager.clone(),
+            heartbeat: Duration::from_secs(p.heartbeat_secs),
+            peer_stall: Duration::from_millis(p.peer_stall_ms),
+            peer_timeout: Duration::from_secs(p.peer_timeout_secs),
+            registry_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
+            idle_leave: Duration::from_secs(p.idle_leave_secs),
+        },
+        blocks,
+        Arc::new(member),
+        tokio::runtime::Handle::current(),
+    );
+    remote.set_trees(Arc::clone(&trees));
+    let peer = Arc::new(PeerService::new(
+        trees,
+        PeerServiceOptions {
+            upload_limit: p.upload_limit.0,
+            ..Default::default()
+        },
+    ));
+    let l = tokio::net::TcpListener::bind(&p.listen)
+        .await
+        .with_context(|| format!("binding the peer service on {}", p.listen))?;
+    let server = tonic::transport::Server::builder()
+        .add_service(PeerService::clone(&peer).into_server())
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l));
+    out.tasks.push(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "the peer service stopped");
+        }
+    }));
+    info!(node = %node_id, listen = %p.listen, advertise = %advertise, manager = %p.manager, "serving function trees (arbor.v1.Peer)");
+    out.peer = Some(peer);
+    Ok(out)
+}
+
+/// Prometheus text for the Peer service.
+fn render_peer_metrics(s: &arbor_peer::server::PeerServiceStats, out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP arbor_p2p_served_requests_total Peer requests from this node's children, by outcome."
+    );
+    let _ = writeln!(out, "# TYPE arbor_p2p_served_requests_total counter");
+    for (outcome, n) in [
+        ("completed", s.completed),
+        ("refused", s.refused),
+        ("not_found", s.not_found),
+        ("busy", s.busy),
+        ("failed", s.failed),
+        ("cancelled", s.cancelled),
+    ] {
+        let _ = writeln!(
+            out,
+            "arbor_p2p_served_requests_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP arbor_p2p_served_bytes_total Blob bytes sent to children, by child node."
+    );
+    let _ = writeln!(out, "# TYPE arbor_p2p_served_bytes_total counter");
+    for (node, n) in &s.bytes_by_node {
+        let node = node.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "arbor_p2p_served_bytes_total{{node=\"{node}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP arbor_p2p_served_inflight Peer requests streaming now."
+    );
+    let _ = writeln!(out, "# TYPE arbor_p2p_served_inflight gauge");
+    let _ = writeln!(out, "arbor_p2p_served_inflight {}", s.inflight);
 }
 
 #[cfg(test)]

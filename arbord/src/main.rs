@@ -43,6 +43,9 @@ struct Args {
     /// Log filter (overrides `log_level`; RUST_LOG overrides both)
     #[arg(long)]
     log_level: Option<String>,
+    /// Run the function-tree manager in this arbord, on `p2p.manager` (sets `p2p.run_manager`)
+    #[arg(long)]
+    tree_manager: bool,
     /// Print the default config file, with every key documented, and exit
     #[arg(long)]
     print_default_config: bool,
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
         cfg.log_level = l;
     }
     cfg.registry.plain_http.extend(a.plain_http_hosts);
+    cfg.p2p.run_manager |= a.tree_manager;
     cfg.validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));

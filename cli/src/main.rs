@@ -246,6 +246,11 @@ enum Command {
         /// artifact, see `arbor trace`): its layers are then fetched on demand only.
         #[arg(long)]
         no_startup_set: bool,
+        /// The function this image is pulled for: with `[p2p]` on, arbord reads and serves
+        /// the lazy layers in that function's tree (its nodes stream them to each other);
+        /// without it, the image's own tree
+        #[arg(long, value_name = "NAME")]
+        function: Option<String>,
         #[command(flatten)]
         containerd: ContainerdArgs,
         #[command(flatten)]
@@ -624,13 +629,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pull {
             image,
             no_startup_set,
+            function,
             containerd,
             registry,
         } => {
             let client = client(&registry)?;
             let store = Store::open(&ImageLocation::parse(&image)?, &client, false)?;
+            if let Some(f) = &function {
+                anyhow::ensure!(
+                    pull::is_function_name(f),
+                    "--function {f:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ - / : @"
+                );
+            }
             let opts = pull::PullOptions {
                 startup_set: !no_startup_set,
+                function,
             };
             let report = pull::pull_with(
                 &store,

@@ -46,6 +46,7 @@ use arbor_proto::snapshots::{
 };
 use arbor_proto::types::Descriptor as CtdDescriptor;
 use arbor_snapshotter::labels as snaplabels;
+pub use arbor_snapshotter::labels::is_function_name;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -369,6 +370,7 @@ fn layer_labels(
     name: &str,
     manifest: &str,
     chain: &str,
+    function: Option<&str>,
     pull_key: Option<&[u8]>,
 ) -> HashMap<String, String> {
     let mut labels: HashMap<String, String> = l
@@ -384,6 +386,11 @@ fn layer_labels(
     labels.insert(snaplabels::ARBOR_LAYER_DIGEST.into(), l.digest.clone());
     labels.insert(snaplabels::ARBOR_IMAGE_REF.into(), name.to_string());
     labels.insert(snaplabels::ARBOR_MANIFEST.into(), manifest.to_string());
+    // The function is the puller's to name, never the image's.
+    labels.remove(snaplabels::ARBOR_FUNCTION);
+    if let Some(f) = function {
+        labels.insert(snaplabels::ARBOR_FUNCTION.into(), f.to_string());
+    }
     labels.remove(snaplabels::PULL_MAC);
     if let Some(k) = pull_key {
         labels.insert(
@@ -598,11 +605,18 @@ pub struct PullOptions {
     /// Give arbord the image's start-up set (its own, or the registry's) so that its layers
     /// fetch it first (`arbor pull --no-startup-set` turns it off).
     pub startup_set: bool,
+    /// The function the image is pulled for (`arbor pull --function`): arbord reads and serves
+    /// its lazy layers in that function's tree (`containerd.io/snapshot/arbor.function`).
+    /// `None`: the image's own tree (its manifest).
+    pub function: Option<String>,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
-        PullOptions { startup_set: true }
+        PullOptions {
+            startup_set: true,
+            function: None,
+        }
     }
 }
 
@@ -688,7 +702,16 @@ pub async fn pull_with(
         }
     };
     let layers = pull_under_lease(
-        store, name, img, &config, &diff_ids, &chains, t, &ch, &lease_id,
+        store,
+        name,
+        img,
+        &config,
+        &diff_ids,
+        &chains,
+        t,
+        &ch,
+        &lease_id,
+        opts.function.as_deref(),
     )
     .instrument(info_span!("pull", image = name));
     let (startup_set, result) = tokio::join!(set_lookup, layers);
@@ -724,6 +747,7 @@ async fn pull_under_lease(
     t: &Target,
     ch: &Channel,
     lease: &str,
+    function: Option<&str>,
 ) -> Result<Vec<LayerReport>> {
     let m = &img.manifest;
     let pull_key = pull_key(ch, t).await;
@@ -781,7 +805,8 @@ async fn pull_under_lease(
             .await;
         if stat.is_ok() {
             if let Some(direct) = &arbord {
-                let labels = layer_labels(l, name, &img.digest, chain, pull_key.as_deref());
+                let labels =
+                    layer_labels(l, name, &img.digest, chain, function, pull_key.as_deref());
                 check_shared(direct, chain, l, labels)
                     .await
                     .map_err(|e| e.in_layer(i, &l.digest))?;
@@ -795,7 +820,7 @@ async fn pull_under_lease(
             });
             continue;
         }
-        let labels = layer_labels(l, name, &img.digest, chain, pull_key.as_deref());
+        let labels = layer_labels(l, name, &img.digest, chain, function, pull_key.as_deref());
         let key = format!("extract-{}-{} {chain}", std::process::id(), now_nanos());
         let prepared = sc
             .prepare(req(

@@ -50,6 +50,9 @@ pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// The image manifest digest `arbor pull` prepares a layer for.
 pub const ARBOR_MANIFEST: &str = "containerd.io/snapshot/arbor.manifest-digest";
+/// The function a layer is prepared for (`arbor pull --function`, or the runtime shim): names
+/// the function tree the node joins for it.
+pub const ARBOR_FUNCTION: &str = "containerd.io/snapshot/arbor.function";
 /// Image reference, set by containerd's CRI plugin.
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// Set ("true") on snapshots Arbor mounted lazily, so `ctr snapshot info` shows it.
@@ -247,7 +250,24 @@ pub fn remote_layer(
         toc_position: locator.position.annotation(),
         toc_digest: Some(toc_digest),
         manifest: manifest_digest(labels),
+        function: function_name(labels),
     })
+}
+
+/// The function a layer is prepared for, if the label names one well-formed: 1 to 128
+/// characters of `A-Z a-z 0-9 . _ - / : @` (a name, not a path: it only keys a tree).
+pub fn function_name(labels: &BTreeMap<String, String>) -> Option<String> {
+    labels
+        .get(ARBOR_FUNCTION)
+        .filter(|f| is_function_name(f))
+        .cloned()
+}
+
+/// Whether `f` is a well-formed function name (see [`function_name`]).
+pub fn is_function_name(f: &str) -> bool {
+    (1..=128).contains(&f.len())
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
 }
 
 /// The image manifest a layer is prepared for: `arbor pull`'s label, else CRI's. Only a

@@ -5,7 +5,8 @@
 //! in an embedded transactional store ([`meta`]). Layers converted by `arbor convert` are
 //! mounted through the FUSE filesystem instead of being unpacked ([`remote`]), following
 //! containerd's remote-snapshot protocol ([`labels`]). [`service`] serves it as containerd's
-//! `containerd.services.snapshots.v1` gRPC service (a proxy plugin).
+//! `containerd.services.snapshots.v1` gRPC service (a proxy plugin). [`trees`] reads and serves
+//! the layers of functions through their function trees (parent, grandparent, registry).
 
 pub mod error;
 pub mod filter;
@@ -16,6 +17,7 @@ pub mod meta;
 pub mod remote;
 pub mod service;
 pub mod snapshotter;
+pub mod trees;
 
 pub use error::{Error, Result};
 pub use remote::{Remote, RemoteOptions};

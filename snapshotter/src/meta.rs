@@ -52,6 +52,10 @@ pub struct RemoteLayer {
     /// start-up set to fetch first; a hint, never trusted for content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// The function the layer was prepared for (`containerd.io/snapshot/arbor.function`):
+    /// names the function tree the node reads and serves it in (else the manifest does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
 }
 
 /// One snapshot.

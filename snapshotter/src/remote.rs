@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use arbor_fetch::blocks::BlockTable;
 use arbor_fetch::learn::{Recorder, learned_windows};
 use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer_learned};
 use arbor_fetch::source::{Limits, StoreSource};
@@ -89,6 +90,8 @@ type RepoSource = (Store, Arc<dyn BlobSource>);
 
 struct Active {
     mounted: Mounted,
+    /// The function tree the layer is read and served in.
+    tree: Option<(Arc<crate::trees::Trees>, String)>,
     prefetch: Option<JoinHandle<()>>,
     handle: Arc<LayerHandle>,
     layer: RemoteLayer,
@@ -120,6 +123,8 @@ pub struct Remote {
     rt: tokio::runtime::Handle,
     /// Learned start-up sets, by image manifest.
     sets: crate::learn::SetStore,
+    /// Function trees, when this node takes part in them (`[p2p]`).
+    trees: std::sync::OnceLock<Arc<crate::trees::Trees>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -164,11 +169,23 @@ impl Remote {
             stores: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             rt,
+            trees: Default::default(),
         })
     }
 
     pub fn options(&self) -> &RemoteOptions {
         &self.opts
+    }
+
+    /// Takes part in function trees from now on: layers mounted later that name a function
+    /// (or an image manifest) and carry a block table are read and served through `trees`.
+    pub fn set_trees(&self, trees: Arc<crate::trees::Trees>) {
+        let _ = self.trees.set(trees);
+    }
+
+    /// The node's function trees, if it takes part in them.
+    pub fn trees(&self) -> Option<&Arc<crate::trees::Trees>> {
+        self.trees.get()
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {
@@ -380,7 +397,23 @@ impl Remote {
         index: Arc<LayerIndex>,
         dir: &Path,
     ) -> Result<()> {
-        let (_, source) = self.store(&layer.image_ref)?;
+        let (_, registry) = self.store(&layer.image_ref)?;
+        // In a function tree the blob is read block by block through the tree (parent,
+        // grandparent, registry) and kept to serve this node's children.
+        let function = layer.function.clone().or_else(|| layer.manifest.clone());
+        let (source, tree) = match (self.trees.get(), function, BlockTable::from_index(&index)) {
+            (Some(trees), Some(f), Some(table)) => {
+                let s = trees.attach(&f, &layer.digest, layer.blob_size, table, registry)?;
+                (s as Arc<dyn BlobSource>, Some((Arc::clone(trees), f)))
+            }
+            _ => (registry, None),
+        };
+        // Undone if the mount below fails.
+        let detach_tree = |tree: &Option<(Arc<crate::trees::Trees>, String)>| {
+            if let Some((t, f)) = tree {
+                t.detach(f, &layer.digest);
+            }
+        };
         let unit = self.fetcher.options().fetch_unit;
         let handle = Arc::new(LayerHandle::new(
             &layer.digest,
@@ -403,23 +436,27 @@ impl Remote {
             // connected"); detach it before mounting again.
             detach(dir);
         }
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         let opts = MountOptions {
             threads: self.opts.fuse_threads,
             allow_other: true,
         };
-        let mounted = mount_layer(
-            Arc::clone(&handle),
-            Arc::clone(&self.fetcher),
-            self.rt.clone(),
-            dir,
-            &opts,
-        )
-        .map_err(Error::io(format!(
-            "mounting layer {} at {}",
-            layer.digest,
-            dir.display()
-        )))?;
+        let mounted = std::fs::create_dir_all(dir)
+            .map_err(Error::io(format!("creating {}", dir.display())))
+            .and_then(|()| {
+                mount_layer(
+                    Arc::clone(&handle),
+                    Arc::clone(&self.fetcher),
+                    self.rt.clone(),
+                    dir,
+                    &opts,
+                )
+                .map_err(Error::io(format!(
+                    "mounting layer {} at {}",
+                    layer.digest,
+                    dir.display()
+                )))
+            })
+            .inspect_err(|_| detach_tree(&tree))?;
         let late = Arc::clone(&handle);
         let prefetch = (self.opts.prefetch || !learned.is_empty()).then(|| {
             let mut opts = self.opts.prefetch_opts.clone();
@@ -437,6 +474,7 @@ impl Remote {
             id,
             Active {
                 mounted,
+                tree,
                 prefetch,
                 handle,
                 layer: layer.clone(),
@@ -478,6 +516,9 @@ impl Remote {
     fn finish(id: u64, a: Active) {
         if let Some(p) = a.prefetch {
             p.abort();
+        }
+        if let Some((trees, f)) = &a.tree {
+            trees.detach(f, &a.layer.digest);
         }
         let dir = a.mounted.dir().to_path_buf();
         if let Err(e) = a.mounted.unmount() {

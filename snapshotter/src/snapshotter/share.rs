@@ -321,6 +321,7 @@ mod tests {
                 toc_position: String::new(),
                 toc_digest: None,
                 manifest: None,
+                function: None,
             }),
         }
     }

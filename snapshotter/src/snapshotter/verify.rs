@@ -304,11 +304,27 @@ impl Snapshotter {
     /// thread).
     async fn prove(&self, layer: &RemoteLayer, state: &Arc<Proof>) -> Result<LayerProof> {
         let index = self.remote.stored_index(layer).await?;
-        let (store, _) = self.remote.store(&layer.image_ref)?;
-        let reader = store
-            .blob_reader(&layer.digest, Some(layer.blob_size))
-            .await
-            .map_err(|e| Error::Internal(format!("reading {}: {e}", layer.digest)))?;
+        // A layer served in a function tree is read through the tree (its blocks proved one
+        // by one on the way), so the proof costs the registry nothing more than the root's copy.
+        let tree = self.remote.trees().and_then(|t| t.source_of(&layer.digest));
+        let reader: Box<dyn std::io::Read + Send> = match tree {
+            Some(source) => Box::new(arbor_fetch::source::SourceReader::new(
+                source,
+                &layer.digest,
+                layer.blob_size,
+                4 << 20,
+                tokio::runtime::Handle::current(),
+            )),
+            None => {
+                let (store, _) = self.remote.store(&layer.image_ref)?;
+                Box::new(
+                    store
+                        .blob_reader(&layer.digest, Some(layer.blob_size))
+                        .await
+                        .map_err(|e| Error::Internal(format!("reading {}: {e}", layer.digest)))?,
+                )
+            }
+        };
         let paced = Paced {
             inner: reader,
             fetcher: Arc::clone(self.remote.fetcher()),

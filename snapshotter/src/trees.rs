@@ -1,0 +1,384 @@
+//! Function trees on this node: which layers it serves in which function's tree, where their
+//! missing blocks come from, and what its Peer service may hand its children.
+//!
+//! A lazily mounted layer that belongs to a function (the `containerd.io/snapshot/arbor.function`
+//! label, else the image manifest) and carries a block table is read through an
+//! [`arbor_fetch::blocks::BlockSource`]: its blocks are kept in the node's
+//! [`arbor_fetch::blocks::BlockStore`] and the missing ones come from the layer's
+//! [`arbor_fetch::router::Router`], whose routes follow the node's position in the function's
+//! tree: parent, grandparent (each a [`arbor_peer::PeerSource`] with a stall deadline), then
+//! the registry. The first layer of a function joins its tree in the background (a Prepare never
+//! waits for the manager: until the position is known the layer reads the registry); every
+//! position change the manager streams swaps the routes of all the function's layers at once.
+//! When the last layer of a function is unmounted the node keeps serving its children for
+//! `idle_leave`, then leaves the tree and deletes the function's blocks.
+//!
+//! [`Trees`] is also the [`arbor_peer::server::Provider`] of the node's Peer service: a child
+//! gets the same `BlockSource` the node reads from, so a block the node is still fetching is sent
+//! the moment it is proved. A node is never asked by its parent chain, and never asks its
+//! subtree: routes only point up.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbor_fetch::BlobSource;
+use arbor_fetch::blocks::{BlockSource, BlockStore, BlockTable};
+use arbor_fetch::router::{Route, Router};
+use arbor_peer::{Member, PeerSource};
+use arbor_proto::arbor::Position;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::{Error, Result};
+
+/// How this node takes part in function trees.
+#[derive(Debug, Clone)]
+pub struct TreeOptions {
+    /// This node's id in every tree.
+    pub node_id: String,
+    /// `host:port` the other nodes reach this node's Peer service at.
+    pub advertise: String,
+    /// `host:port` of the tree manager.
+    pub manager: String,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// A parent silent (no bytes, no keep-alive) for this long is given up for the next route.
+    pub peer_stall: Duration,
+    /// Bound on one read from a peer.
+    pub peer_timeout: Duration,
+    /// Bound on one read from the registry.
+    pub registry_timeout: Duration,
+    /// How long a function's tree is kept (and served) after its last layer is unmounted.
+    pub idle_leave: Duration,
+}
+
+struct Served {
+    source: Arc<BlockSource>,
+    size: u64,
+    /// Mounts reading through this layer now (0: kept only to serve children).
+    mounts: usize,
+}
+
+#[derive(Default)]
+struct Function {
+    layers: HashMap<String, Served>,
+    /// The registry source of each layer's repository (the last route).
+    registry: HashMap<String, Arc<dyn BlobSource>>,
+    position: Option<Position>,
+    watcher: Option<JoinHandle<()>>,
+    leave: Option<JoinHandle<()>>,
+}
+
+/// This node's function trees; see the module docs.
+pub struct Trees {
+    opts: TreeOptions,
+    store: Arc<BlockStore>,
+    member: Arc<Member>,
+    rt: tokio::runtime::Handle,
+    functions: Mutex<HashMap<String, Function>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Trees {
+    pub fn new(
+        opts: TreeOptions,
+        store: Arc<BlockStore>,
+        member: Arc<Member>,
+        rt: tokio::runtime::Handle,
+    ) -> Arc<Trees> {
+        Arc::new(Trees {
+            opts,
+            store,
+            member,
+            rt,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn options(&self) -> &TreeOptions {
+        &self.opts
+    }
+
+    /// The source a mount of layer `digest` (of `function`) reads its blob through. Never
+    /// blocks on the network.
+    pub fn attach(
+        self: &Arc<Self>,
+        function: &str,
+        digest: &str,
+        size: u64,
+        table: BlockTable,
+        registry: Arc<dyn BlobSource>,
+    ) -> Result<Arc<BlockSource>> {
+        let mut fns = lock(&self.functions);
+        let f = fns.entry(function.to_string()).or_default();
+        if let Some(l) = f.leave.take() {
+            l.abort();
+        }
+        if let Some(s) = f.layers.get_mut(digest) {
+            s.mounts += 1;
+            return Ok(Arc::clone(&s.source));
+        }
+        let routes = self.routes(function, f.position.as_ref(), Arc::clone(&registry));
+        let router = Arc::new(Router::new(routes));
+        let source = self
+            .store
+            .layer(digest, table, router)
+            .map_err(|e| Error::Internal(format!("block store: {e}")))?;
+        f.registry.insert(digest.to_string(), registry);
+        f.layers.insert(
+            digest.to_string(),
+            Served {
+                source: Arc::clone(&source),
+                size,
+                mounts: 1,
+            },
+        );
+        if f.watcher.is_none() {
+            f.watcher = Some(self.spawn_watch(function));
+        }
+        Ok(source)
+    }
+
+    /// A mount of layer `digest` ended. When no layer of `function` is mounted any more the
+    /// node leaves its tree after `idle_leave` (serving its children until then).
+    pub fn detach(self: &Arc<Self>, function: &str, digest: &str) {
+        let mut fns = lock(&self.functions);
+        let Some(f) = fns.get_mut(function) else {
+            return;
+        };
+        if let Some(s) = f.layers.get_mut(digest) {
+            s.mounts = s.mounts.saturating_sub(1);
+        }
+        if f.layers.values().all(|s| s.mounts == 0) && f.leave.is_none() {
+            let me = Arc::clone(self);
+            let function = function.to_string();
+            let idle = self.opts.idle_leave;
+            f.leave = Some(self.rt.spawn(async move {
+                tokio::time::sleep(idle).await;
+                me.leave(&function).await;
+            }));
+        }
+    }
+
+    /// Leaves `function`'s tree now (if no layer of it is mounted) and deletes its blocks.
+    async fn leave(&self, function: &str) {
+        let gone = {
+            let mut fns = lock(&self.functions);
+            match fns.get(function) {
+                Some(f) if f.layers.values().all(|s| s.mounts == 0) => fns.remove(function),
+                _ => None,
+            }
+        };
+        let Some(f) = gone else { return };
+        if let Some(w) = f.watcher {
+            w.abort();
+        }
+        if let Err(e) = self.member.leave(function).await {
+            warn!(function, error = %e, "leaving the function's tree failed (the manager fails the node out when it stops heartbeating for it)");
+        }
+        let still_used: Vec<String> = lock(&self.functions)
+            .values()
+            .flat_map(|f| f.layers.keys().cloned())
+            .collect();
+        for digest in f.layers.keys() {
+            if !still_used.contains(digest)
+                && let Err(e) = self.store.remove(digest)
+            {
+                warn!(layer = %digest, error = %e, "removing the layer's blocks failed");
+            }
+        }
+        info!(function, "left the function's tree");
+    }
+
+    /// Joins `function`'s tree and follows the position the manager streams.
+    fn spawn_watch(self: &Arc<Self>, function: &str) -> JoinHandle<()> {
+        let me = Arc::clone(self);
+        let function = function.to_string();
+        let span = info_span!("function_tree", function = %function);
+        self.rt.spawn(
+            async move {
+                let mut rx = loop {
+                    match me.member.join(&function).await {
+                        Ok(rx) => break rx,
+                        Err(e) => {
+                            warn!(error = %e, "joining the function's tree failed; reading the registry, retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                };
+                loop {
+                    let pos = rx.borrow_and_update().clone();
+                    me.set_position(&function, pos);
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+
+    /// Points every layer of `function` at its new parent and grandparent.
+    fn set_position(&self, function: &str, pos: Option<Position>) {
+        let mut fns = lock(&self.functions);
+        let Some(f) = fns.get_mut(function) else {
+            return;
+        };
+        info!(
+            function,
+            parent = pos
+                .as_ref()
+                .and_then(|p| p.parent.as_ref())
+                .map(|n| n.id.as_str())
+                .unwrap_or("-"),
+            depth = pos.as_ref().map(|p| p.depth),
+            "position in the function's tree"
+        );
+        for (digest, s) in &f.layers {
+            let Some(registry) = f.registry.get(digest) else {
+                continue;
+            };
+            let routes = self.routes(function, pos.as_ref(), Arc::clone(registry));
+            s.source.upstream().set_routes(routes);
+            s.source.upstream().forgive();
+        }
+        f.position = pos;
+    }
+
+    /// parent → grandparent → registry (the peers only while the position is known).
+    fn routes(
+        &self,
+        function: &str,
+        pos: Option<&Position>,
+        registry: Arc<dyn BlobSource>,
+    ) -> Vec<Route> {
+        let mut routes = Vec::new();
+        // The peers' channels spawn their workers on the runtime.
+        let _rt = self.rt.enter();
+        if let Some(p) = pos.filter(|p| !p.removed) {
+            for (name, node) in [("parent", &p.parent), ("grandparent", &p.grandparent)] {
+                let Some(node) = node else { continue };
+                match PeerSource::new(
+                    &node.addr,
+                    function,
+                    &self.opts.node_id,
+                    self.opts.peer_stall,
+                ) {
+                    Ok(s) => routes.push(Route::new(name, Arc::new(s), self.opts.peer_timeout)),
+                    Err(e) => {
+                        warn!(function, peer = %node.addr, error = %e, "cannot read from this peer")
+                    }
+                }
+            }
+        }
+        routes.push(Route::new("registry", registry, self.opts.registry_timeout));
+        routes
+    }
+
+    /// The block source of layer `digest` in whichever function's tree serves it.
+    pub fn source_of(&self, digest: &str) -> Option<Arc<dyn BlobSource>> {
+        lock(&self.functions)
+            .values()
+            .find_map(|f| f.layers.get(digest))
+            .map(|s| Arc::clone(&s.source) as Arc<dyn BlobSource>)
+    }
+
+    /// Prometheus text for the trees: position, per-route traffic and errors, blocks.
+    pub fn render_metrics(&self, out: &mut String) {
+        let fns = lock(&self.functions);
+        let _ = writeln!(
+            out,
+            "# HELP arbor_p2p_tree_depth This node's depth in each function's tree (0: root, -1: not placed yet)."
+        );
+        let _ = writeln!(out, "# TYPE arbor_p2p_tree_depth gauge");
+        for (name, f) in fns.iter() {
+            let depth = f
+                .position
+                .as_ref()
+                .filter(|p| !p.removed)
+                .map_or(-1, |p| i64::from(p.depth));
+            let _ = writeln!(
+                out,
+                "arbor_p2p_tree_depth{{function=\"{}\"}} {depth}",
+                escape(name)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP arbor_p2p_route_bytes_total Blob bytes each route served this node's function-tree layers."
+        );
+        let _ = writeln!(out, "# TYPE arbor_p2p_route_bytes_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP arbor_p2p_route_errors_total Failed reads per route and kind (bad: bytes that failed verification)."
+        );
+        let _ = writeln!(out, "# TYPE arbor_p2p_route_errors_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP arbor_p2p_blocks_total Blocks of function-tree layers, by where they came from."
+        );
+        let _ = writeln!(out, "# TYPE arbor_p2p_blocks_total counter");
+        let mut bytes: HashMap<(String, String), u64> = HashMap::new();
+        let mut errors: HashMap<(String, String, &'static str), u64> = HashMap::new();
+        let (mut local, mut fetched, mut corrupt) = (0u64, 0u64, 0u64);
+        for (name, f) in fns.iter() {
+            for s in f.layers.values() {
+                for r in s.source.upstream().stats() {
+                    *bytes.entry((name.clone(), r.name.clone())).or_default() += r.bytes;
+                    for (kind, n) in [
+                        ("lacks", r.lacks),
+                        ("timeout", r.timeouts),
+                        ("unavailable", r.unavailable),
+                        ("refused", r.refused),
+                        ("short", r.short),
+                        ("bad", r.bad),
+                    ] {
+                        *errors
+                            .entry((name.clone(), r.name.clone(), kind))
+                            .or_default() += n;
+                    }
+                }
+                let b = s.source.stats();
+                local += b.local;
+                fetched += b.fetched;
+                corrupt += b.corrupt + b.local_corrupt;
+            }
+        }
+        for ((f, r), n) in bytes {
+            let _ = writeln!(
+                out,
+                "arbor_p2p_route_bytes_total{{function=\"{}\",route=\"{r}\"}} {n}",
+                escape(&f)
+            );
+        }
+        for ((f, r, k), n) in errors {
+            let _ = writeln!(
+                out,
+                "arbor_p2p_route_errors_total{{function=\"{}\",route=\"{r}\",kind=\"{k}\"}} {n}",
+                escape(&f)
+            );
+        }
+        let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"store\"}} {local}");
+        let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"fetched\"}} {fetched}");
+        let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"corrupt\"}} {corrupt}");
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl arbor_peer::server::Provider for Trees {
+    fn source(&self, function: &str, digest: &str) -> Option<(Arc<dyn BlobSource>, u64)> {
+        let fns = lock(&self.functions);
+        let s = fns.get(function)?.layers.get(digest)?;
+        Some((Arc::clone(&s.source) as Arc<dyn BlobSource>, s.size))
+    }
+}
