@@ -154,15 +154,23 @@ fn metric(a: &Arbord, sample: &str) -> f64 {
     a.metric(sample).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen_parent() {
-    let test = "a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen_parent";
-    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo", "ip", "tc"])
-    {
-        return;
-    }
-    // 3 nodes at 400 Mbit/s each way, the registry behind 100 Mbit/s.
-    let cluster = Cluster::new(&ClusterSpec::new(3, 400_000_000).with_registry(100_000_000))
+/// A shaped cluster of `n` nodes, each running arbord with `[p2p]` on, a registry in its own
+/// namespace holding the converted test image, and the tree manager in a host-side arbord.
+struct Setup {
+    cluster: Cluster,
+    _reg: Registry,
+    _tmp: tempfile::TempDir,
+    sums: BTreeMap<String, String>,
+    dst: String,
+    layer: serde_json::Value,
+    blob_size: u64,
+    manager: String,
+    _manager: Arbord,
+    nodes: Vec<Arbord>,
+}
+
+fn setup(n: usize, node_rate: u64, registry_rate: u64) -> Setup {
+    let cluster = Cluster::new(&ClusterSpec::new(n, node_rate).with_registry(registry_rate))
         .expect("building the cluster");
     let reg = Registry::start_in_netns(cluster.registry_ns().unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -187,7 +195,7 @@ async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen
 
     // The tree manager, on the host's side of the bridge.
     let manager = format!("{}:{}", cluster.host_addr(), free_port());
-    let _manager = Arbord::start(&ArbordOptions {
+    let manager_d = Arbord::start(&ArbordOptions {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
         config: Some(format!(
             "[p2p]\nrun_manager = true\nmanager = \"{manager}\"\nheartbeat_timeout_secs = 5\n"
@@ -195,58 +203,103 @@ async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen
         ..Default::default()
     })
     .expect("starting the tree manager");
-
-    let nodes: Vec<Arbord> = cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            let ip = n.addr();
-            Arbord::start(&ArbordOptions {
-                bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
-                netns: Some((n.name().to_string(), ip)),
-                config: Some(format!(
-                    "[registry]\nplain_http = [\"{reg_host}\"]\n\
-                     [prefetch]\nrest_delay_secs = 600\n\
-                     [p2p]\nenabled = true\nnode_id = \"node{i}\"\nlisten = \"{ip}:7071\"\n\
-                     manager = \"{manager}\"\nheartbeat_secs = 1\npeer_stall_ms = 1000\n",
-                    i = n.index()
-                )),
-                ..Default::default()
+    // Started side by side (each waits for its socket).
+    let nodes: Vec<Arbord> = std::thread::scope(|s| {
+        let handles: Vec<_> = cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                let (manager, reg_host) = (&manager, &reg_host);
+                s.spawn(move || {
+                    let ip = n.addr();
+                    Arbord::start(&ArbordOptions {
+                        bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+                        netns: Some((n.name().to_string(), ip)),
+                        config: Some(format!(
+                            "[registry]\nplain_http = [\"{reg_host}\"]\n\
+                             [prefetch]\nrest_delay_secs = 600\n\
+                             [fuse]\nthreads = 1\n\
+                             [p2p]\nenabled = true\nnode_id = \"node{i}\"\nlisten = \"{ip}:7071\"\n\
+                             manager = \"{manager}\"\nheartbeat_secs = 1\npeer_stall_ms = 1000\n",
+                            i = n.index()
+                        )),
+                        ..Default::default()
+                    })
+                    .unwrap_or_else(|e| panic!("starting arbord on {}: {e:#}", n.name()))
+                })
             })
-            .unwrap_or_else(|e| panic!("starting arbord on {}: {e:#}", n.name()))
-        })
-        .collect();
-    let depth = format!("arbor_p2p_tree_depth{{function=\"{FUNCTION}\"}}");
-    let chain = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
-    let registry_before = cluster.registry_ns().unwrap().link_bytes().unwrap();
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    Setup {
+        cluster,
+        _reg: reg,
+        _tmp: tmp,
+        sums,
+        dst,
+        layer,
+        blob_size,
+        manager,
+        _manager: manager_d,
+        nodes,
+    }
+}
+
+impl Setup {
+    /// Prepares the layer lazily on node `i` for [`FUNCTION`] and waits until the node knows
+    /// its depth in the tree.
+    async fn join(&self, i: usize, depth: u32) {
+        let chain = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+        let a = &self.nodes[i];
+        prepare(a, &labels(a.root(), &self.dst, &self.layer, chain), chain).await;
+        wait_metric(a, &depth_metric(), f64::from(depth));
+    }
+
+    fn registry_egress(&self) -> u64 {
+        self.cluster
+            .registry_ns()
+            .unwrap()
+            .link_bytes()
+            .unwrap()
+            .to_host
+    }
+}
+
+fn depth_metric() -> String {
+    format!("arbor_p2p_tree_depth{{function=\"{FUNCTION}\"}}")
+}
+
+fn route_metric(route: &str) -> String {
+    format!("arbor_p2p_route_bytes_total{{function=\"{FUNCTION}\",route=\"{route}\"}}")
+}
+
+fn route_errors(route: &str, kind: &str) -> String {
+    format!(
+        "arbor_p2p_route_errors_total{{function=\"{FUNCTION}\",route=\"{route}\",kind=\"{kind}\"}}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen_parent() {
+    let test = "a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen_parent";
+    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo", "ip", "tc"])
+    {
+        return;
+    }
+    // 3 nodes at 400 Mbit/s each way, the registry behind 100 Mbit/s.
+    let s = setup(3, 400_000_000, 100_000_000);
+    let (nodes, sums, blob_size) = (&s.nodes, &s.sums, s.blob_size);
+    let registry_before = s.registry_egress();
 
     // Node 0 mounts first and becomes the root: it reads the registry.
-    prepare(
-        &nodes[0],
-        &labels(nodes[0].root(), &dst, &layer, chain),
-        chain,
-    )
-    .await;
-    wait_metric(&nodes[0], &depth, 0.0);
-    read_all(&mount_dir(&nodes[0]), &sums);
+    s.join(0, 0).await;
+    read_all(&mount_dir(&nodes[0]), sums);
     // Node 1 joins under it and reads everything from its parent.
-    prepare(
-        &nodes[1],
-        &labels(nodes[1].root(), &dst, &layer, chain),
-        chain,
-    )
-    .await;
-    wait_metric(&nodes[1], &depth, 1.0);
-    read_all(&mount_dir(&nodes[1]), &sums);
-    let served = (cluster.registry_ns().unwrap().link_bytes().unwrap() - registry_before).to_host;
-    let from_parent = metric(
-        &nodes[1],
-        &format!("arbor_p2p_route_bytes_total{{function=\"{FUNCTION}\",route=\"parent\"}}"),
-    );
-    let from_registry_1 = metric(
-        &nodes[1],
-        &format!("arbor_p2p_route_bytes_total{{function=\"{FUNCTION}\",route=\"registry\"}}"),
-    );
+    s.join(1, 1).await;
+    read_all(&mount_dir(&nodes[1]), sums);
+    let served = s.registry_egress() - registry_before;
+    let from_parent = metric(&nodes[1], &route_metric("parent"));
+    let from_registry_1 = metric(&nodes[1], &route_metric("registry"));
     eprintln!(
         "blob {blob_size} B; registry served {served} B for two nodes; node1: {from_parent} B from its parent, {from_registry_1} B from the registry"
     );
@@ -270,30 +323,20 @@ async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen
     // Freeze node 0 (the parent of node 1 and, next, node 2); node 2 joins under it and reads:
     // the frozen parent is given up after the stall deadline, the registry serves the rest.
     let pid0 = nodes[0].pid().unwrap();
+    // SAFETY: signalling a child process of this test.
     unsafe { libc::kill(pid0 as i32, libc::SIGSTOP) };
-    prepare(
-        &nodes[2],
-        &labels(nodes[2].root(), &dst, &layer, chain),
-        chain,
-    )
-    .await;
-    wait_metric(&nodes[2], &depth, 1.0);
+    s.join(2, 1).await;
     let t = Instant::now();
-    read_all(&mount_dir(&nodes[2]), &sums);
+    read_all(&mount_dir(&nodes[2]), sums);
     let took = t.elapsed();
-    let timeouts = metric(
-        &nodes[2],
-        &format!(
-            "arbor_p2p_route_errors_total{{function=\"{FUNCTION}\",route=\"parent\",kind=\"timeout\"}}"
-        ),
-    );
+    let timeouts = metric(&nodes[2], &route_errors("parent", "timeout"));
     eprintln!("node2 read the layer past a frozen parent in {took:?} ({timeouts} parent timeouts)");
     assert!(timeouts >= 1.0, "node2 gave up its frozen parent");
     // The manager fails the frozen node out (5 s without heartbeats): a child takes its place.
     let t = Instant::now();
     loop {
-        let d1 = metric(&nodes[1], &depth);
-        let d2 = metric(&nodes[2], &depth);
+        let d1 = metric(&nodes[1], &depth_metric());
+        let d2 = metric(&nodes[2], &depth_metric());
         if d1 == 0.0 || d2 == 0.0 {
             break;
         }
@@ -303,18 +346,207 @@ async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // SAFETY: as above.
     unsafe { libc::kill(pid0 as i32, libc::SIGCONT) };
     // Thawed, node 0 re-joins (as a leaf now) and still serves its files.
     let t = Instant::now();
-    loop {
-        if metric(&nodes[0], &depth) >= 1.0 {
-            break;
-        }
+    while metric(&nodes[0], &depth_metric()) < 1.0 {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "node0 did not re-join"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    read_all(&mount_dir(&nodes[0]), &sums);
+    read_all(&mount_dir(&nodes[0]), sums);
+}
+
+/// A blob source that answers every range with zeros: a peer that lies.
+struct Liar;
+
+impl arbor_fetch::BlobSource for Liar {
+    fn kind(&self) -> &'static str {
+        "liar"
+    }
+    fn read_range<'a>(
+        &'a self,
+        _digest: &'a str,
+        _offset: u64,
+        len: u64,
+    ) -> arbor_fetch::source::ReadFuture<'a> {
+        Box::pin(async move { Ok(bytes::Bytes::from(vec![0u8; len as usize])) })
+    }
+}
+
+/// Serves every blob of every function, all zeros.
+struct LyingProvider {
+    size: u64,
+}
+
+impl arbor_peer::server::Provider for LyingProvider {
+    fn source(
+        &self,
+        _function: &str,
+        _digest: &str,
+    ) -> Option<(std::sync::Arc<dyn arbor_fetch::BlobSource>, u64)> {
+        Some((std::sync::Arc::new(Liar), self.size))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_start_at_once_on_one_registry_copy_past_a_lying_peer() {
+    let test = "eight_nodes_start_at_once_on_one_registry_copy_past_a_lying_peer";
+    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo", "ip", "tc"])
+    {
+        return;
+    }
+    let s = setup(8, 400_000_000, 100_000_000);
+    let before = s.registry_egress();
+
+    // node0 is the root; then a lying peer (every byte it serves is zero) joins as its first
+    // child; then the other nodes (node i at level-order slot i + 1).
+    s.join(0, 0).await;
+    let l = tokio::net::TcpListener::bind((s.cluster.host_addr(), 0))
+        .await
+        .unwrap();
+    let liar_addr = l.local_addr().unwrap().to_string();
+    let liar_service = arbor_peer::PeerService::new(
+        std::sync::Arc::new(LyingProvider { size: s.blob_size }),
+        Default::default(),
+    );
+    let liar_stats = liar_service.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(liar_service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let liar = arbor_peer::Member::new(
+        &s.manager,
+        arbor_proto::arbor::Node {
+            id: "liar".into(),
+            addr: liar_addr,
+        },
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let pos = liar.join(FUNCTION).await.unwrap();
+    assert_eq!(pos.borrow().as_ref().map(|p| p.depth), Some(1));
+    for i in 1..8 {
+        s.join(i, (i as u32 + 2).ilog2()).await;
+    }
+    // All read at once: a burst of cold starts.
+    let dirs: Vec<PathBuf> = s.nodes.iter().map(mount_dir).collect();
+    std::thread::scope(|sc| {
+        for d in &dirs {
+            let sums = &s.sums;
+            sc.spawn(move || read_all(d, sums));
+        }
+    });
+    let served = s.registry_egress() - before;
+    let mut table = String::new();
+    for (i, a) in s.nodes.iter().enumerate() {
+        let parent = metric(a, &route_metric("parent"));
+        let grand = metric(a, &route_metric("grandparent"));
+        let registry = metric(a, &route_metric("registry"));
+        let bad = metric(a, &route_errors("parent", "bad"));
+        table.push_str(&format!(
+            "node{i}: parent {parent} B, grandparent {grand} B, registry {registry} B, parent reported bad {bad}x\n"
+        ));
+    }
+    eprintln!(
+        "registry served {served} B for 8 nodes of a {} B blob; the liar sent {} B\n{table}",
+        s.blob_size,
+        liar_stats.stats().bytes_sent
+    );
+    // The liar's children (node2, node3) caught it, reported it and read on from their
+    // grandparent (node0), never from the registry.
+    for i in [2, 3] {
+        assert!(
+            metric(&s.nodes[i], &route_errors("parent", "bad")) >= 1.0,
+            "node{i} did not report its lying parent\n{table}"
+        );
+        assert!(
+            metric(&s.nodes[i], "arbor_p2p_blocks_total{from=\"corrupt\"}") >= 1.0,
+            "{table}"
+        );
+        assert!(
+            metric(&s.nodes[i], &route_metric("grandparent")) >= 19.0 * MIB as f64,
+            "node{i} did not read on from its grandparent\n{table}"
+        );
+    }
+    assert!(liar_stats.stats().bytes_sent > 0, "the liar was asked");
+    // Every node but the root read from a peer and nothing from the registry.
+    for i in 1..8 {
+        assert_eq!(
+            metric(&s.nodes[i], &route_metric("registry")),
+            0.0,
+            "node{i} read from the registry\n{table}"
+        );
+    }
+    // One copy (plus the TOC reads).
+    assert!(
+        served < s.blob_size + s.blob_size / 4,
+        "the registry served {served} B for 8 nodes of a {} B blob\n{table}",
+        s.blob_size
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interior_node_killed_mid_transfer_leaves_its_subtree_whole() {
+    let test = "an_interior_node_killed_mid_transfer_leaves_its_subtree_whole";
+    if skip_unless_root(test) || skip_unless_tools(test, &["docker-registry", "skopeo", "ip", "tc"])
+    {
+        return;
+    }
+    // Slow links, so the transfer is still running when node 1 dies.
+    let mut s = setup(4, 80_000_000, 400_000_000);
+    // node0 root; node1, node2 its children; node3 under node1.
+    s.join(0, 0).await;
+    read_all(&mount_dir(&s.nodes[0]), &s.sums);
+    s.join(1, 1).await;
+    s.join(2, 1).await;
+    s.join(3, 2).await;
+    let (d1, d3) = (mount_dir(&s.nodes[1]), mount_dir(&s.nodes[3]));
+    // node3 reads in 256 KiB steps, timing each; node1 reads too, and dies a moment later.
+    let sums = s.sums.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut worst = Duration::ZERO;
+        for (name, want) in &sums {
+            let mut f = std::fs::File::open(d3.join(name)).unwrap();
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let t = Instant::now();
+                let n = f.read(&mut buf).unwrap_or_else(|e| panic!("{name}: {e}"));
+                worst = worst.max(t.elapsed());
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            assert_eq!(&hex(&h.finalize()), want, "{name} differs");
+        }
+        worst
+    });
+    let d1_reader = std::thread::spawn(move || {
+        let _ = std::fs::read(d1.join("data/f0.bin"));
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    s.nodes[1].kill().unwrap();
+    let worst = reader.join().unwrap();
+    let _ = d1_reader.join();
+    let from_parent = metric(&s.nodes[3], &route_metric("parent"));
+    let from_grand = metric(&s.nodes[3], &route_metric("grandparent"));
+    eprintln!(
+        "node3 read its layer while its parent died: longest single read {worst:?}; {from_parent} B from its parent(s), {from_grand} B from its grandparent"
+    );
+    assert!(
+        worst < Duration::from_secs(3),
+        "a read waited {worst:?} for the dead parent"
+    );
+    // The manager fails node1 out; node3 (the last in level order) takes its place under node0.
+    wait_metric(&s.nodes[3], &depth_metric(), 1.0);
+    // The tree is balanced again: node0 root, node3 and node2 its children.
+    assert_eq!(metric(&s.nodes[0], &depth_metric()), 0.0);
+    assert_eq!(metric(&s.nodes[2], &depth_metric()), 1.0);
 }
