@@ -16,6 +16,8 @@
 //! A route that missed (timed out, was unavailable, refused or lacked the bytes) is skipped
 //! for [`Router::miss_penalty`] (3 s by default), so a stalled parent costs one deadline, not
 //! one per read, until it answers again or the tree moves the node.
+//! A route may hedge ([`Route::with_hedge`]): when it has not answered within its hedge delay
+//! the next route is asked too, and the first good answer wins (the other is dropped).
 //! Per-route counters ([`Router::stats`]) survive a swap for routes that keep their name.
 //!
 //! Not wired yet: the intended wiring is to build one `Router` per layer (or per tree
@@ -48,6 +50,9 @@ pub struct Route {
     pub name: String,
     /// Bound on one read from this route; past it the next route is tried.
     pub deadline: Duration,
+    /// Hedging: when this route has not answered within this time, the next route is asked
+    /// too and the first good answer wins (`None`: wait for this route's answer or deadline).
+    pub hedge: Option<Duration>,
 }
 
 impl Route {
@@ -56,7 +61,14 @@ impl Route {
             source,
             name: name.into(),
             deadline,
+            hedge: None,
         }
+    }
+
+    /// Asks the next route too when this one has not answered within `after`.
+    pub fn with_hedge(mut self, after: Duration) -> Route {
+        self.hedge = Some(after);
+        self
     }
 }
 
@@ -245,6 +257,17 @@ impl Router {
             .collect()
     }
 
+    /// One read from route `a`, tagged with the route (all attempts have this one type).
+    fn attempt<'a>(
+        a: &'a ActiveRoute,
+        digest: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> impl std::future::Future<Output = (&'a ActiveRoute, Result<bytes::Bytes, SourceError>)> + 'a
+    {
+        async move { (a, Self::try_route(a, digest, offset, len).await) }
+    }
+
     async fn try_route(
         a: &ActiveRoute,
         digest: &str,
@@ -279,62 +302,94 @@ impl Router {
         offset: u64,
         len: u64,
     ) -> Result<(bytes::Bytes, String), SourceError> {
+        use futures_util::StreamExt as _;
         let routes = self.snapshot();
-        {
-            let now = Instant::now();
-            // Skip routes reported bad, unless every route is: then try them all rather than
-            // fail without asking anyone.
-            let all_penalized = routes.iter().all(|a| a.counters.penalized(now));
-            let mut failures: Vec<String> = Vec::new();
-            let mut last_kind = None;
-            for a in routes.iter() {
-                let name = &a.route.name;
-                if !all_penalized && a.counters.penalized(now) {
-                    failures.push(format!("{name}: skipped (reported bad)"));
-                    continue;
-                }
-                match Self::try_route(a, digest, offset, len).await {
-                    Ok(data) => {
-                        a.counters
-                            .bytes
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
-                        return Ok((data, name.clone()));
-                    }
-                    Err(e) => {
-                        a.counters.count_error(e.kind);
-                        if e.kind != SourceErrorKind::Short
-                            && e.kind != SourceErrorKind::Corrupt
-                            && !self.miss_penalty.is_zero()
-                        {
-                            let mut until = a
-                                .counters
-                                .bad_until
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner());
-                            let t = Instant::now() + self.miss_penalty;
-                            if until.is_none_or(|u| u < t) {
-                                *until = Some(t);
-                            }
-                        }
-                        debug!(route = %name, kind = %e.kind, error = %e, digest, offset, len,
-                            "blob source route missed, trying the next");
-                        failures.push(format!("{name}: {}: {e}", e.kind));
-                        last_kind = Some(e.kind);
-                    }
-                }
+        let now = Instant::now();
+        // Skip routes reported bad, unless every route is: then try them all rather than
+        // fail without asking anyone.
+        let all_penalized = routes.iter().all(|a| a.counters.penalized(now));
+        let mut failures: Vec<String> = Vec::new();
+        let mut eligible: Vec<&ActiveRoute> = Vec::new();
+        for a in routes.iter() {
+            if !all_penalized && a.counters.penalized(now) {
+                failures.push(format!("{}: skipped (penalized)", a.route.name));
+            } else {
+                eligible.push(a);
             }
-            if failures.is_empty() {
-                failures.push("no routes".to_string());
-            }
-            Err(SourceError::new(
-                last_kind.unwrap_or(SourceErrorKind::Unavailable),
-                "router",
-                format!(
-                    "{len} bytes at {offset} of {digest}: {}",
-                    failures.join("; ")
-                ),
-            ))
         }
+        let mut last_kind = None;
+        let mut next = 0;
+        // The attempt started last, and when: its hedge delay runs from then.
+        let mut last_started: Option<(&ActiveRoute, Instant)> = None;
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        loop {
+            if inflight.is_empty() {
+                let Some(&a) = eligible.get(next) else { break };
+                next += 1;
+                last_started = Some((a, Instant::now()));
+                inflight.push(Self::attempt(a, digest, offset, len));
+            }
+            let hedge_at = match last_started {
+                Some((a, t)) if next < eligible.len() => a.route.hedge.map(|h| t + h),
+                _ => None,
+            };
+            let done = match hedge_at {
+                Some(at) => tokio::select! {
+                    r = inflight.next() => r,
+                    _ = tokio::time::sleep_until(at) => {
+                        let a = eligible[next];
+                        next += 1;
+                        debug!(route = %a.route.name, digest, offset, len, "hedging: asking the next route too");
+                        last_started = Some((a, Instant::now()));
+                        inflight.push(Self::attempt(a, digest, offset, len));
+                        continue;
+                    }
+                },
+                None => inflight.next().await,
+            };
+            let Some((a, result)) = done else { continue };
+            let name = &a.route.name;
+            match result {
+                Ok(data) => {
+                    a.counters
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return Ok((data, name.clone()));
+                }
+                Err(e) => {
+                    a.counters.count_error(e.kind);
+                    if e.kind != SourceErrorKind::Short
+                        && e.kind != SourceErrorKind::Corrupt
+                        && !self.miss_penalty.is_zero()
+                    {
+                        let mut until = a
+                            .counters
+                            .bad_until
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        let t = Instant::now() + self.miss_penalty;
+                        if until.is_none_or(|u| u < t) {
+                            *until = Some(t);
+                        }
+                    }
+                    debug!(route = %name, kind = %e.kind, error = %e, digest, offset, len,
+                        "blob source route missed, trying the next");
+                    failures.push(format!("{name}: {}: {e}", e.kind));
+                    last_kind = Some(e.kind);
+                }
+            }
+        }
+        if failures.is_empty() {
+            failures.push("no routes".to_string());
+        }
+        Err(SourceError::new(
+            last_kind.unwrap_or(SourceErrorKind::Unavailable),
+            "router",
+            format!(
+                "{len} bytes at {offset} of {digest}: {}",
+                failures.join("; ")
+            ),
+        ))
     }
 }
 
@@ -358,6 +413,8 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Mode {
         Serve,
+        /// Serves after a delay.
+        Slow(Duration),
         Fail(SourceErrorKind),
         Stall,
         Wrong,
@@ -394,8 +451,11 @@ mod tests {
                     entered.notify_one();
                     gate.notified().await;
                 }
+                if let Mode::Slow(d) = self.mode {
+                    tokio::time::sleep(d).await;
+                }
                 match self.mode {
-                    Mode::Serve => {
+                    Mode::Serve | Mode::Slow(_) => {
                         let s = offset as usize;
                         let e = s + len as usize;
                         match self.blob.get(s..e) {
@@ -536,6 +596,64 @@ mod tests {
         let r = Router::new(vec![route("a", &a, SEC)]);
         r.report_bad("a");
         assert_eq!(&r.read_range("d", 0, 4).await.unwrap()[..], b"aaaa");
+    }
+
+    #[tokio::test]
+    async fn a_hedged_route_lets_the_next_one_answer_first() {
+        let slow = TestSource::new(b"ssssssss", Mode::Slow(Duration::from_millis(400)));
+        let fast = TestSource::new(b"ffffffff", Mode::Serve);
+        let hedged = Router::new(vec![
+            route("parent", &slow, SEC).with_hedge(Duration::from_millis(30)),
+            route("registry", &fast, SEC),
+        ]);
+        let t = Instant::now();
+        let (data, from) = hedged.read_routed("d", 0, 4).await.unwrap();
+        assert_eq!((&data[..], from.as_str()), (&b"ffff"[..], "registry"));
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(slow.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(fast.calls.load(Ordering::SeqCst), 1);
+
+        // Without a hedge the slow route is waited for, and the next is never asked.
+        let (slow, fast) = (
+            TestSource::new(b"ssssssss", Mode::Slow(Duration::from_millis(150))),
+            TestSource::new(b"ffffffff", Mode::Serve),
+        );
+        let plain = Router::new(vec![
+            route("parent", &slow, SEC),
+            route("registry", &fast, SEC),
+        ]);
+        let (data, from) = plain.read_routed("d", 0, 4).await.unwrap();
+        assert_eq!((&data[..], from.as_str()), (&b"ssss"[..], "parent"));
+        assert_eq!(fast.calls.load(Ordering::SeqCst), 0);
+
+        // A hedged route that answers within its delay: the next is never asked.
+        let (quick, fast) = (
+            TestSource::new(b"qqqqqqqq", Mode::Slow(Duration::from_millis(5))),
+            TestSource::new(b"ffffffff", Mode::Serve),
+        );
+        let r = Router::new(vec![
+            route("parent", &quick, SEC).with_hedge(Duration::from_millis(200)),
+            route("registry", &fast, SEC),
+        ]);
+        let (_, from) = r.read_routed("d", 0, 4).await.unwrap();
+        assert_eq!(from, "parent");
+        assert_eq!(fast.calls.load(Ordering::SeqCst), 0);
+
+        // The hedge fails but the hedged route still answers: its answer is used.
+        let (slowish, failing) = (
+            TestSource::new(b"ssssssss", Mode::Slow(Duration::from_millis(100))),
+            TestSource::new(b"", Mode::Fail(SourceErrorKind::Unavailable)),
+        );
+        let r = Router::new(vec![
+            route("parent", &slowish, SEC).with_hedge(Duration::from_millis(10)),
+            route("registry", &failing, SEC),
+        ]);
+        let (data, from) = r.read_routed("d", 0, 4).await.unwrap();
+        assert_eq!((&data[..], from.as_str()), (&b"ssss"[..], "parent"));
     }
 
     #[tokio::test]
