@@ -258,14 +258,13 @@ impl Router {
     }
 
     /// One read from route `a`, tagged with the route (all attempts have this one type).
-    fn attempt<'a>(
+    async fn attempt<'a>(
         a: &'a ActiveRoute,
         digest: &'a str,
         offset: u64,
         len: u64,
-    ) -> impl std::future::Future<Output = (&'a ActiveRoute, Result<bytes::Bytes, SourceError>)> + 'a
-    {
-        async move { (a, Self::try_route(a, digest, offset, len).await) }
+    ) -> (&'a ActiveRoute, Result<bytes::Bytes, SourceError>) {
+        (a, Self::try_route(a, digest, offset, len).await)
     }
 
     async fn try_route(
