@@ -15,7 +15,7 @@ cd "$ROOT"
 
 PACKAGES=(
   containerd runc skopeo umoci docker-registry fuse3 busybox-static
-  iproute2 jq zstd apache2-utils ca-certificates containernetworking-plugins
+  iproute2 jq zstd apache2-utils ca-certificates containernetworking-plugins etcd-server
 )
 
 if [[ "$(id -u)" -eq 0 ]]; then
@@ -47,12 +47,16 @@ if ((${#missing[@]} > 0)); then
   "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     "${missing[@]}" </dev/null >/dev/null
+  # Tests run their own etcd on free ports; the package's system service is not wanted.
+  if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+    "${SUDO[@]}" systemctl disable --now etcd >/dev/null 2>&1 || true
+  fi
 else
   log "system packages already installed"
 fi
 
 for bin in containerd ctr runc containerd-shim-runc-v2 skopeo umoci docker-registry \
-  fusermount3 busybox ip jq zstd htpasswd; do
+  fusermount3 busybox ip jq zstd htpasswd etcd nsenter; do
   command -v "$bin" >/dev/null 2>&1 || die "'$bin' not found after installing packages"
 done
 [[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"

@@ -53,6 +53,31 @@ pub struct Config {
     pub p2p: P2p,
 }
 
+/// One `host:port` or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addrs(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Addrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Addrs, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::One(s) => Addrs(vec![s]),
+            Raw::Many(v) => Addrs(v),
+        })
+    }
+}
+
+impl std::fmt::Display for Addrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
 /// Function trees (docs/architecture.md, "Function trees").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,10 +91,18 @@ pub struct P2p {
     /// `host:port` the other nodes reach the Peer service at; empty: `listen` (which then
     /// must not be a wildcard address).
     pub advertise: String,
-    /// `host:port` of the tree manager.
-    pub manager: String,
-    /// Run the tree manager in this arbord, listening on `manager` (`--tree-manager`).
+    /// `host:port` of the tree manager; several (a list) when standby managers share their
+    /// state in etcd: members follow whichever leads.
+    pub manager: Addrs,
+    /// Run a tree manager in this arbord (`--tree-manager`), listening on `manager_listen`.
     pub run_manager: bool,
+    /// Where this arbord's tree manager listens (one of `manager`); empty: the first of them.
+    pub manager_listen: String,
+    /// etcd client endpoints (`host:port`): the managers keep the trees there and elect one
+    /// leader, the others stand by and take over. Empty: one manager, state in memory.
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd (managers of one cluster share it).
+    pub etcd_prefix: String,
     pub heartbeat_secs: u64,
     /// The manager fails a node out of its trees after this long without a heartbeat.
     pub heartbeat_timeout_secs: u64,
@@ -222,8 +255,11 @@ impl Default for P2p {
             node_id: String::new(),
             listen: "0.0.0.0:7071".into(),
             advertise: String::new(),
-            manager: "127.0.0.1:7070".into(),
+            manager: Addrs(vec!["127.0.0.1:7070".into()]),
             run_manager: false,
+            manager_listen: String::new(),
+            etcd: Vec::new(),
+            etcd_prefix: "/arbor/p2p".into(),
             heartbeat_secs: 2,
             heartbeat_timeout_secs: 6,
             peer_stall_ms: 1000,
@@ -355,14 +391,34 @@ impl Config {
             self.fetch.proof_wait_secs >= 1,
             "fetch.proof_wait_secs must be at least 1"
         );
-        if self.p2p.enabled {
+        if self.p2p.enabled || self.p2p.run_manager {
             let p = &self.p2p;
-            for (k, v) in [("listen", &p.listen), ("manager", &p.manager)] {
+            anyhow::ensure!(!p.manager.0.is_empty(), "p2p.manager names no manager");
+            for m in &p.manager.0 {
                 anyhow::ensure!(
-                    v.parse::<std::net::SocketAddr>().is_ok(),
-                    "p2p.{k} must be an IP address and port, not {v:?}"
+                    m.parse::<std::net::SocketAddr>().is_ok(),
+                    "p2p.manager entries must be IP addresses and ports, not {m:?}"
                 );
             }
+            if p.run_manager && !p.manager_listen.is_empty() {
+                anyhow::ensure!(
+                    p.manager.0.contains(&p.manager_listen),
+                    "p2p.manager_listen {:?} must be one of p2p.manager (the members dial those)",
+                    p.manager_listen
+                );
+            }
+            anyhow::ensure!(
+                p.etcd.is_empty() || !p.etcd_prefix.is_empty(),
+                "p2p.etcd_prefix must not be empty"
+            );
+        }
+        if self.p2p.enabled {
+            let p = &self.p2p;
+            anyhow::ensure!(
+                p.listen.parse::<std::net::SocketAddr>().is_ok(),
+                "p2p.listen must be an IP address and port, not {:?}",
+                p.listen
+            );
             let advertise = if p.advertise.is_empty() {
                 &p.listen
             } else {

@@ -13,8 +13,9 @@ use arbor_fetch::blocks::BlockStore;
 use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::prefetch::PrefetchOptions;
 use arbor_fetch::{ChunkCache, Fetcher, Metrics};
+use arbor_peer::etcd::EtcdConfig;
 use arbor_peer::server::PeerServiceOptions;
-use arbor_peer::tree::TreeServiceOptions;
+use arbor_peer::tree::{Candidacy, TreeServiceOptions};
 use arbor_peer::{Member, PeerService, TreeService};
 use arbor_proto::arbor::Node;
 use arbor_snapshotter::learn::StartsService;
@@ -225,6 +226,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    // A leading manager hands over at once (its lease revoked) instead of after the lease.
+    if let Some(c) = p2p.candidacy {
+        c.resign().await;
+    }
+    if let Some(m) = &p2p.manager {
+        m.close_watches();
+    }
     for t in p2p.tasks {
         t.abort();
     }
@@ -241,6 +249,9 @@ pub async fn run(cfg: Config) -> Result<()> {
 #[derive(Default)]
 struct P2p {
     peer: Option<Arc<PeerService<Trees>>>,
+    /// The tree manager, if this arbord runs one, and its place in the etcd election.
+    manager: Option<Arc<TreeService>>,
+    candidacy: Option<Candidacy>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -250,13 +261,28 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
     let p = &cfg.p2p;
     let mut out = P2p::default();
     if p.run_manager {
-        let l = tokio::net::TcpListener::bind(&p.manager)
+        let listen = if p.manager_listen.is_empty() {
+            p.manager.0.first().cloned().unwrap_or_default()
+        } else {
+            p.manager_listen.clone()
+        };
+        let l = tokio::net::TcpListener::bind(&listen)
             .await
-            .with_context(|| format!("binding the tree manager on {}", p.manager))?;
-        let svc = Arc::new(TreeService::in_memory(TreeServiceOptions {
+            .with_context(|| format!("binding the tree manager on {listen}"))?;
+        let opts = TreeServiceOptions {
             heartbeat_timeout: Duration::from_secs(p.heartbeat_timeout_secs),
             ..Default::default()
-        }));
+        };
+        let svc = if p.etcd.is_empty() {
+            Arc::new(TreeService::in_memory(opts))
+        } else {
+            let mut etcd = EtcdConfig::new(&p.etcd);
+            etcd.prefix = p.etcd_prefix.clone();
+            let (svc, candidacy) = TreeService::with_etcd(&etcd, &listen, opts)
+                .context("starting the tree manager over etcd")?;
+            out.candidacy = Some(candidacy);
+            svc
+        };
         out.tasks.push(svc.start_expiry());
         let server = tonic::transport::Server::builder()
             .add_service(Arc::clone(&svc).into_server())
@@ -266,7 +292,8 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
                 warn!(error = %e, "the tree manager stopped");
             }
         }));
-        info!(address = %p.manager, "tree manager serving arbor.v1.Tree");
+        info!(address = %listen, etcd = %p.etcd.join(","), "tree manager serving arbor.v1.Tree");
+        out.manager = Some(svc);
     }
     if !p.enabled {
         return Ok(out);
@@ -287,8 +314,8 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
     } else {
         p.advertise.clone()
     };
-    let member = Member::new(
-        &p.manager,
+    let member = Member::new_multi(
+        &p.manager.0,
         Node {
             id: node_id.clone(),
             addr: advertise.clone(),
@@ -302,7 +329,7 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
         TreeOptions {
             node_id: node_id.clone(),
             advertise: advertise.clone(),
-            manager: p.manager.clone(),
+            manager: p.manager.to_string(),
             heartbeat: Duration::from_secs(p.heartbeat_secs),
             peer_stall: Duration::from_millis(p.peer_stall_ms),
             peer_timeout: Duration::from_secs(p.peer_timeout_secs),

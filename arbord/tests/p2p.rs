@@ -164,12 +164,18 @@ struct Setup {
     dst: String,
     layer: serde_json::Value,
     blob_size: u64,
-    manager: String,
-    _manager: Arbord,
+    /// The managers' addresses.
+    manager_addrs: Vec<String>,
+    managers: Vec<Arbord>,
     nodes: Vec<Arbord>,
 }
 
-fn setup(n: usize, node_rate: u64, registry_rate: u64) -> Setup {
+fn setup(
+    n: usize,
+    node_rate: u64,
+    registry_rate: u64,
+    etcd: Option<&arbor_testkit::Etcd>,
+) -> Setup {
     let cluster = Cluster::new(&ClusterSpec::new(n, node_rate).with_registry(registry_rate))
         .expect("building the cluster");
     let reg = Registry::start_in_netns(cluster.registry_ns().unwrap()).unwrap();
@@ -193,16 +199,32 @@ fn setup(n: usize, node_rate: u64, registry_rate: u64) -> Setup {
     let blob_size = layer["size"].as_u64().unwrap();
     let reg_host = reg.addr().rsplit_once(':').unwrap().0.to_string();
 
-    // The tree manager, on the host's side of the bridge.
-    let manager = format!("{}:{}", cluster.host_addr(), free_port());
-    let manager_d = Arbord::start(&ArbordOptions {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
-        config: Some(format!(
-            "[p2p]\nrun_manager = true\nmanager = \"{manager}\"\nheartbeat_timeout_secs = 5\n"
-        )),
-        ..Default::default()
-    })
-    .expect("starting the tree manager");
+    // The tree manager(s), on the host's side of the bridge: one with its state in memory, or
+    // two electing a leader through etcd.
+    let addrs: Vec<String> = (0..if etcd.is_some() { 2 } else { 1 })
+        .map(|_| format!("{}:{}", cluster.host_addr(), free_port()))
+        .collect();
+    let list = addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let managers: Vec<Arbord> = addrs
+        .iter()
+        .map(|a| {
+            let etcd = etcd.map_or(String::new(), |e| format!("etcd = [\"{}\"]\n", e.addr()));
+            Arbord::start(&ArbordOptions {
+                bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
+                config: Some(format!(
+                    "[p2p]\nrun_manager = true\nmanager = [{list}]\nmanager_listen = \"{a}\"\n\
+                     heartbeat_timeout_secs = 5\n{etcd}"
+                )),
+                ..Default::default()
+            })
+            .expect("starting a tree manager")
+        })
+        .collect();
+    let manager = list.clone();
     // Started side by side (each waits for its socket).
     let nodes: Vec<Arbord> = std::thread::scope(|s| {
         let handles: Vec<_> = cluster
@@ -220,7 +242,7 @@ fn setup(n: usize, node_rate: u64, registry_rate: u64) -> Setup {
                              [prefetch]\nrest_delay_secs = 600\n\
                              [fuse]\nthreads = 1\n\
                              [p2p]\nenabled = true\nnode_id = \"node{i}\"\nlisten = \"{ip}:7071\"\n\
-                             manager = \"{manager}\"\nheartbeat_secs = 1\npeer_stall_ms = 1000\n",
+                             manager = [{manager}]\nheartbeat_secs = 1\npeer_stall_ms = 1000\n",
                             i = n.index()
                         )),
                         ..Default::default()
@@ -239,8 +261,8 @@ fn setup(n: usize, node_rate: u64, registry_rate: u64) -> Setup {
         dst,
         layer,
         blob_size,
-        manager,
-        _manager: manager_d,
+        manager_addrs: addrs,
+        managers,
         nodes,
     }
 }
@@ -287,7 +309,7 @@ async fn a_function_tree_streams_a_layer_node_to_node_and_routes_around_a_frozen
         return;
     }
     // 3 nodes at 400 Mbit/s each way, the registry behind 100 Mbit/s.
-    let s = setup(3, 400_000_000, 100_000_000);
+    let s = setup(3, 400_000_000, 100_000_000, None);
     let (nodes, sums, blob_size) = (&s.nodes, &s.sums, s.blob_size);
     let registry_before = s.registry_egress();
 
@@ -399,7 +421,7 @@ async fn eight_nodes_start_at_once_on_one_registry_copy_past_a_lying_peer() {
     {
         return;
     }
-    let s = setup(8, 400_000_000, 100_000_000);
+    let s = setup(8, 400_000_000, 100_000_000, None);
     let before = s.registry_egress();
 
     // node0 is the root; then a lying peer (every byte it serves is zero) joins as its first
@@ -420,7 +442,7 @@ async fn eight_nodes_start_at_once_on_one_registry_copy_past_a_lying_peer() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
     );
     let liar = arbor_peer::Member::new(
-        &s.manager,
+        &s.manager_addrs[0],
         arbor_proto::arbor::Node {
             id: "liar".into(),
             addr: liar_addr,
@@ -498,7 +520,7 @@ async fn an_interior_node_killed_mid_transfer_leaves_its_subtree_whole() {
         return;
     }
     // Slow links, so the transfer is still running when node 1 dies.
-    let mut s = setup(4, 80_000_000, 400_000_000);
+    let mut s = setup(4, 80_000_000, 400_000_000, None);
     // node0 root; node1, node2 its children; node3 under node1.
     s.join(0, 0).await;
     read_all(&mount_dir(&s.nodes[0]), &s.sums);
@@ -549,4 +571,97 @@ async fn an_interior_node_killed_mid_transfer_leaves_its_subtree_whole() {
     // The tree is balanced again: node0 root, node3 and node2 its children.
     assert_eq!(metric(&s.nodes[0], &depth_metric()), 0.0);
     assert_eq!(metric(&s.nodes[2], &depth_metric()), 1.0);
+}
+
+/// Which of the managers leads: the one whose `List` answers (a standby answers UNAVAILABLE).
+async fn leader(addrs: &[String]) -> Option<usize> {
+    for (i, a) in addrs.iter().enumerate() {
+        let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+            .unwrap()
+            .connect()
+            .await
+        else {
+            continue;
+        };
+        let mut c = arbor_proto::arbor::tree_client::TreeClient::new(ch);
+        if c.list(arbor_proto::arbor::ListRequest {}).await.is_ok() {
+            return Some(i);
+        }
+    }
+    None
+}
+
+async fn members(addr: &str) -> usize {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let trees = arbor_proto::arbor::tree_client::TreeClient::new(ch)
+        .list(arbor_proto::arbor::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .trees;
+    trees
+        .iter()
+        .find(|t| t.function == FUNCTION)
+        .map_or(0, |t| t.members.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_manager_takes_over_mid_burst_with_the_trees() {
+    let test = "the_standby_manager_takes_over_mid_burst_with_the_trees";
+    if skip_unless_root(test)
+        || skip_unless_tools(test, &["docker-registry", "skopeo", "ip", "tc", "etcd"])
+    {
+        return;
+    }
+    let etcd = arbor_testkit::Etcd::start().expect("starting etcd");
+    let mut s = setup(4, 80_000_000, 400_000_000, Some(&etcd));
+    let lead = leader(&s.manager_addrs).await.expect("a leading manager");
+    for (i, d) in [0, 1, 1, 2].into_iter().enumerate() {
+        s.join(i, d).await;
+    }
+    assert_eq!(members(&s.manager_addrs[lead]).await, 4);
+    // All four read at once; the leading manager dies a moment into the burst.
+    let dirs: Vec<PathBuf> = s.nodes.iter().map(mount_dir).collect();
+    let sums = s.sums.clone();
+    let burst = std::thread::spawn(move || {
+        std::thread::scope(|sc| {
+            for d in &dirs {
+                let sums = &sums;
+                sc.spawn(move || read_all(d, sums));
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    s.managers[lead].kill().unwrap();
+    let killed = Instant::now();
+    burst.join().expect("every node read every byte");
+    eprintln!(
+        "the burst finished {:?} after the leader died",
+        killed.elapsed()
+    );
+    // The standby leads now, with the same tree (restored from etcd, not rebuilt).
+    let other = 1 - lead;
+    let t = Instant::now();
+    while leader(&s.manager_addrs).await != Some(other) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the standby did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the standby led {:?} after the leader died (or sooner)",
+        killed.elapsed()
+    );
+    assert_eq!(members(&s.manager_addrs[other]).await, 4);
+    // The nodes keep their places (heartbeats reach the new leader: nobody failed out).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(members(&s.manager_addrs[other]).await, 4);
+    for (i, d) in [0.0, 1.0, 1.0, 2.0].into_iter().enumerate() {
+        assert_eq!(metric(&s.nodes[i], &depth_metric()), d, "node{i}");
+    }
 }

@@ -15,6 +15,7 @@
 //! Nothing here verifies bytes: the receiving node checks every block against the layer's TOC
 //! block table (`arbor_fetch::blocks`) before it uses, caches or forwards it.
 
+pub mod etcd;
 pub mod member;
 pub mod server;
 pub mod source;

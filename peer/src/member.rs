@@ -10,6 +10,14 @@
 //! heartbeat's answer lacks a joined function (the manager forgot the node), that function's
 //! task joins again at once. Dropping the member, or [`Member::shutdown`], stops every task
 //! without leaving: the manager fails the node out after its heartbeat timeout.
+//!
+//! A member may know several managers ([`Member::new_multi`]): a leader and standbys sharing
+//! their state in etcd ([`TreeService::with_etcd`](crate::tree::TreeService::with_etcd)). It
+//! talks to one at a time. When a call to it fails with `UNAVAILABLE` (unreachable, or a
+//! standby, whose message names the leader), `UNKNOWN`, `DEADLINE_EXCEEDED` or times out, the
+//! member moves to the leader named in the message if it is one of its addresses, else to the
+//! next address; every function's task then ends its watch at once, joins again and re-opens
+//! the watch on the new manager. The position receivers handed out are the same throughout.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +32,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::tree::STANDBY_PREFIX;
 
 /// The default interval between heartbeats (a third of the manager's default timeout).
 pub const DEFAULT_HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -70,9 +80,18 @@ pub struct Member {
 }
 
 struct Inner {
-    client: TreeClient<Channel>,
+    /// The managers known, in the order given.
+    managers: Vec<ManagerConn>,
+    /// Index of the manager talked to now.
+    current: watch::Sender<usize>,
     node: Node,
     state: Mutex<State>,
+}
+
+/// One manager: its address and a (lazily connected) client.
+struct ManagerConn {
+    addr: String,
+    client: TreeClient<Channel>,
 }
 
 #[derive(Default)]
@@ -99,6 +118,7 @@ impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
             .field("node", &self.inner.node)
+            .field("manager", &self.manager())
             .field("functions", &self.functions())
             .finish_non_exhaustive()
     }
@@ -110,22 +130,37 @@ impl Member {
     /// when it breaks. Starts the heartbeat task (every `heartbeat_every`, see
     /// [`DEFAULT_HEARTBEAT_EVERY`]), so it must be called within a Tokio runtime.
     pub fn new(manager_addr: &str, node: Node, heartbeat_every: Duration) -> Result<Self, Error> {
-        let invalid = |reason: String| Error::InvalidAddress {
-            addr: manager_addr.to_owned(),
-            reason,
-        };
-        if manager_addr.is_empty() || manager_addr.contains('/') {
-            return Err(invalid("expected host:port".into()));
+        Self::new_multi(&[manager_addr], node, heartbeat_every)
+    }
+
+    /// A member of whichever of the Tree services at `manager_addrs` leads (a leader and its
+    /// standbys, see the [module docs](self)); it starts with the first. Otherwise as
+    /// [`new`](Self::new).
+    pub fn new_multi<S: AsRef<str>>(
+        manager_addrs: &[S],
+        node: Node,
+        heartbeat_every: Duration,
+    ) -> Result<Self, Error> {
+        if manager_addrs.is_empty() {
+            return Err(Error::InvalidAddress {
+                addr: String::new(),
+                reason: "no tree manager address given".into(),
+            });
         }
-        let endpoint = Endpoint::from_shared(format!("http://{manager_addr}"))
-            .map_err(|e| invalid(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+        let mut managers: Vec<ManagerConn> = Vec::with_capacity(manager_addrs.len());
+        for addr in manager_addrs {
+            let addr = addr.as_ref();
+            if managers.iter().any(|m| m.addr == addr) {
+                continue;
+            }
+            managers.push(ManagerConn {
+                addr: addr.to_owned(),
+                client: TreeClient::new(endpoint(addr)?.connect_lazy()),
+            });
+        }
         let inner = Arc::new(Inner {
-            client: TreeClient::new(endpoint.connect_lazy()),
+            managers,
+            current: watch::channel(0).0,
             node,
             state: Mutex::new(State::default()),
         });
@@ -143,6 +178,12 @@ impl Member {
         &self.inner.node
     }
 
+    /// The address of the manager the member talks to now.
+    pub fn manager(&self) -> &str {
+        let idx = *self.inner.current.borrow();
+        &self.inner.managers[idx].addr
+    }
+
     /// Joins `function`'s tree and returns a receiver of the node's position in it, kept up to
     /// date by a background task until [`leave`](Self::leave) or shutdown (`None` while the
     /// position is unknown, e.g. while the manager is unreachable). The first join is made
@@ -152,8 +193,14 @@ impl Member {
         if let Some(rx) = self.inner.subscribe(function)? {
             return Ok(rx);
         }
-        let mut client = self.inner.client.clone();
-        let position = call(client.join(self.inner.join_request(function))).await?;
+        let request = self.inner.join_request(function);
+        let position = self
+            .inner
+            .call_any(|mut client| {
+                let request = request.clone();
+                async move { client.join(request).await }
+            })
+            .await?;
         info!(
             function,
             node = %self.inner.node.id,
@@ -199,12 +246,16 @@ impl Member {
         if let Some(joined) = joined {
             joined.stop();
         }
-        let mut client = self.inner.client.clone();
-        call(client.leave(LeaveRequest {
+        let request = LeaveRequest {
             function: function.to_owned(),
             node_id: self.inner.node.id.clone(),
-        }))
-        .await?;
+        };
+        self.inner
+            .call_any(|mut client| {
+                let request = request.clone();
+                async move { client.leave(request).await }
+            })
+            .await?;
         info!(function, node = %self.inner.node.id, "left the function tree");
         Ok(())
     }
@@ -268,6 +319,114 @@ impl Inner {
             node: Some(self.node.clone()),
         }
     }
+
+    /// The index and client of the manager `idx` (clamped).
+    fn client_at(&self, idx: usize) -> (usize, TreeClient<Channel>) {
+        let idx = idx.min(self.managers.len() - 1);
+        (idx, self.managers[idx].client.clone())
+    }
+
+    /// The index and client of the current manager.
+    fn client(&self) -> (usize, TreeClient<Channel>) {
+        self.client_at(*self.current.borrow())
+    }
+
+    /// After `error` from manager `used`: if the error says that manager is unreachable or
+    /// standby, moves to the leader the error names (if it is a known address) or to the next
+    /// address, unless another task moved away from `used` already. Returns whether the
+    /// current manager is now another one than `used`.
+    fn failover(&self, used: usize, error: &Error) -> bool {
+        let n = self.managers.len();
+        if n < 2 || !worth_switching(error) {
+            return false;
+        }
+        let next = leader_named(error)
+            .and_then(|addr| self.managers.iter().position(|m| m.addr == addr))
+            .filter(|i| *i != used)
+            .unwrap_or((used + 1) % n);
+        let moved = self.current.send_if_modified(|current| {
+            if *current == used {
+                *current = next;
+                true
+            } else {
+                false
+            }
+        });
+        if moved {
+            info!(
+                from = %self.managers[used].addr,
+                to = %self.managers[next].addr,
+                reason = %error,
+                "switching to another tree manager"
+            );
+        }
+        *self.current.borrow() != used
+    }
+
+    /// A unary call to the current manager, moving on (see [`failover`](Self::failover)) at
+    /// most once per known manager plus once to a named leader.
+    async fn call_any<T, F, Fut>(&self, mut f: F) -> Result<T, Error>
+    where
+        F: FnMut(TreeClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut attempts = self.managers.len() + 1;
+        loop {
+            let (idx, client) = self.client();
+            match call(f(client)).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    attempts -= 1;
+                    if attempts == 0 || !self.failover(idx, &e) {
+                        return Err(e);
+                    }
+                    debug!(error = %e, "tree manager call failed: trying the next manager");
+                }
+            }
+        }
+    }
+}
+
+/// The endpoint of the Tree service at `addr` (`host:port`, plain HTTP/2).
+fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+    let invalid = |reason: String| Error::InvalidAddress {
+        addr: addr.to_owned(),
+        reason,
+    };
+    if addr.is_empty() || addr.contains('/') {
+        return Err(invalid("expected host:port".into()));
+    }
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+/// Whether `error` says the manager is unreachable, standby or broken (so another may serve).
+fn worth_switching(error: &Error) -> bool {
+    match error {
+        Error::Timeout(_) => true,
+        Error::Rpc(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        ),
+        Error::InvalidAddress { .. } | Error::ShutDown => false,
+    }
+}
+
+/// The leader a standby manager named in its `UNAVAILABLE` message.
+fn leader_named(error: &Error) -> Option<&str> {
+    match error {
+        Error::Rpc(status) if status.code() == tonic::Code::Unavailable => status
+            .message()
+            .strip_prefix(STANDBY_PREFIX)
+            .map(str::trim)
+            .filter(|addr| !addr.is_empty()),
+        _ => None,
+    }
 }
 
 /// Awaits a unary call within [`CALL_TIMEOUT`].
@@ -290,7 +449,7 @@ async fn heartbeat_loop(inner: Arc<Inner>, every: Duration) {
         if inner.lock().joined.is_empty() {
             continue;
         }
-        let mut client = inner.client.clone();
+        let (idx, mut client) = inner.client();
         let request = HeartbeatRequest {
             node: Some(inner.node.clone()),
         };
@@ -305,7 +464,10 @@ async fn heartbeat_loop(inner: Arc<Inner>, every: Duration) {
                     }
                 }
             }
-            Err(e) => debug!(error = %e, "heartbeat failed"),
+            Err(e) => {
+                debug!(error = %e, "heartbeat failed");
+                inner.failover(idx, &e);
+            }
         }
     }
 }
@@ -316,6 +478,8 @@ enum Ended {
     Removed,
     /// The stream ended without a `removed` message (the manager is going away).
     Closed,
+    /// The member moved to another manager.
+    Switched,
 }
 
 /// Keeps `function`'s position in `tx` for ever: join, watch, and again after each break.
@@ -328,10 +492,29 @@ async fn follow(
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut progress = false;
-        match session(&inner, &function, &tx, &rejoin, &mut progress).await {
+        let mut current = inner.current.subscribe();
+        let (idx, client) = inner.client_at(*current.borrow_and_update());
+        let ended = session(
+            &inner,
+            client,
+            &function,
+            &tx,
+            &rejoin,
+            &mut current,
+            &mut progress,
+        )
+        .await;
+        match ended {
             Ok(Ended::Removed) => warn!("the manager removed the node from the tree: re-joining"),
             Ok(Ended::Closed) => info!("the watch stream ended: re-joining"),
-            Err(e) => debug!(error = %e, ?backoff, "following the tree failed: retrying"),
+            Ok(Ended::Switched) => {
+                info!("moved to another tree manager: re-joining there");
+                continue;
+            }
+            Err(e) => {
+                let moved = inner.failover(idx, &e);
+                debug!(error = %e, ?backoff, moved, "following the tree failed: retrying");
+            }
         }
         tx.send_if_modified(|current| current.take().is_some());
         if progress {
@@ -342,13 +525,16 @@ async fn follow(
     }
 }
 
-/// Joins `function`'s tree, then mirrors its Watch stream into `tx` until it ends. Sets
-/// `progress` once the stream delivered a position.
+/// Joins `function`'s tree at the manager of `client`, then mirrors its Watch stream into `tx`
+/// until it ends or the member moves to another manager (`current` changes). Sets `progress`
+/// once the stream delivered a position.
 async fn session(
     inner: &Inner,
+    mut client: TreeClient<Channel>,
     function: &str,
     tx: &watch::Sender<Option<Position>>,
     rejoin: &Notify,
+    current: &mut watch::Receiver<usize>,
     progress: &mut bool,
 ) -> Result<Ended, Error> {
     let update = |position: Position| {
@@ -366,7 +552,6 @@ async fn session(
             }
         });
     };
-    let mut client = inner.client.clone();
     update(call(client.join(inner.join_request(function))).await?);
     let mut stream = client
         .watch(WatchRequest {
@@ -388,6 +573,7 @@ async fn session(
             () = rejoin.notified() => {
                 update(call(client.join(inner.join_request(function))).await?);
             }
+            Ok(()) = current.changed() => return Ok(Ended::Switched),
         }
     }
 }

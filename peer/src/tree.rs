@@ -11,7 +11,8 @@
 //! - persistence: the manager's [`Snapshot`] is saved to a [`Store`] after every membership
 //!   change (join, leave, expiry; not after a mere heartbeat, whose time is not kept across a
 //!   restart anyway) and restored when the service is created. The snapshot holds trees and heartbeat
-//!   times only, and the [`Store`] trait holds nothing else, so **addresses are not persisted**:
+//!   times only, and the [`Store`] trait holds nothing else, so **addresses are not persisted**
+//!   (except by [`TreeService::with_etcd`], below):
 //!   after a restart they are re-learnt from the members' next heartbeat (every member
 //!   heartbeats every couple of seconds) or join; until then a restored member is listed with an
 //!   empty `addr`. Restored heartbeat times are reset to the restart, which gives every
@@ -23,11 +24,22 @@
 //!   channels whose value differs are updated. The manager never waits for a watcher: a watch
 //!   channel keeps only the latest value, and each stream is fed by its own task;
 //! - heartbeat expiry: a background task ([`TreeService::spawn_expiry`]) that fails silent
-//!   nodes out of all their trees and notifies the watchers.
+//!   nodes out of all their trees and notifies the watchers;
+//! - high availability ([`TreeService::with_etcd`]): several managers share an etcd cluster
+//!   ([`crate::etcd`]); one is elected leader and serves, the others are *standby* and answer
+//!   every call with `UNAVAILABLE` ("standby; leader is ADDR", or "standby; no leader elected
+//!   yet"), which sends a [`Member`](crate::member::Member) given several manager addresses to
+//!   the leader. The leader's state (snapshot **and** member addresses) is written to etcd
+//!   after every membership or address change; writes are handed to a background task (latest
+//!   wins, the service never waits for etcd) and fenced by the leader's lease, so a deposed
+//!   leader cannot overwrite its successor's state. When a standby is elected it loads the
+//!   latest state (heartbeat clocks restart then, as in [`TreeService::new`]) and serves; when
+//!   a leader loses its lease it goes back to standby, forgets its state and ends every watch
+//!   stream, so the members move to the new leader. A [`Candidacy`] drives this.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv6Addr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arbor_p2p::{
@@ -39,12 +51,18 @@ use arbor_proto::arbor::{
     HeartbeatRequest, HeartbeatResponse, JoinRequest, LeaveRequest, LeaveResponse, ListRequest,
     ListResponse, Node, Position, TreeInfo, WatchRequest,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, Span, debug, field, info, instrument, warn};
+use tracing::{Instrument, Span, debug, error, field, info, info_span, instrument, warn};
+
+use crate::etcd::{Election, EtcdClient, EtcdConfig, EtcdError, EtcdStore, StoredState};
+
+/// How a standby manager's `UNAVAILABLE` message starts when it knows the leader; the
+/// leader's `host:port` follows.
+pub const STANDBY_PREFIX: &str = "standby; leader is ";
 
 /// The longest function id, node id or address accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
@@ -81,6 +99,25 @@ pub struct TreeService {
     state: Mutex<State>,
     start: Instant,
     options: TreeServiceOptions,
+    /// The leader as last observed by the election (standby managers name it).
+    leader: Option<watch::Receiver<Option<String>>>,
+}
+
+/// Whether the service serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// It serves (the only role without etcd).
+    Active,
+    /// It waits to be elected: every call is refused with `UNAVAILABLE`.
+    Standby,
+}
+
+/// Where the state is saved.
+enum Persist {
+    /// A [`Store`]: the snapshot only.
+    Store(Box<dyn Store + Send>),
+    /// etcd: the snapshot and the member addresses, written in the background.
+    Etcd(EtcdStore),
 }
 
 /// Everything behind the service's one mutex (never held across an `.await`).
@@ -88,7 +125,8 @@ struct State {
     manager: Manager,
     /// `host:port` of each member's Peer service, as last reported.
     addrs: HashMap<NodeId, String>,
-    store: Box<dyn Store + Send>,
+    persist: Persist,
+    role: Role,
     /// The watched members: their current position, per function.
     watchers: HashMap<FunctionId, HashMap<NodeId, watch::Sender<Position>>>,
 }
@@ -130,11 +168,13 @@ impl TreeService {
             state: Mutex::new(State {
                 manager,
                 addrs: HashMap::new(),
-                store,
+                persist: Persist::Store(store),
+                role: Role::Active,
                 watchers: HashMap::new(),
             }),
             start: Instant::now(),
             options,
+            leader: None,
         })
     }
 
@@ -145,12 +185,136 @@ impl TreeService {
             state: Mutex::new(State {
                 manager: Manager::new(),
                 addrs: HashMap::new(),
-                store: Box::new(MemoryStore::new()),
+                persist: Persist::Store(Box::new(MemoryStore::new())),
+                role: Role::Active,
                 watchers: HashMap::new(),
             }),
             start: Instant::now(),
             options,
+            leader: None,
         }
+    }
+
+    /// A *standby* manager whose state lives in etcd and which serves only while elected
+    /// leader (see the [module docs](self)). `my_addr` is the `host:port` members dial for this
+    /// manager's Tree service (it is what standby managers name as the leader). Also returns
+    /// the [`Candidacy`] that campaigns and flips the service between standby and active: keep
+    /// it for as long as the service runs, and [`resign`](Candidacy::resign) on a graceful
+    /// shutdown. Start the expiry task as usual ([`start_expiry`](Self::start_expiry); it has
+    /// nothing to do while standby). Must be called within a Tokio runtime; etcd is contacted
+    /// in the background (an unreachable etcd keeps the service standby, retrying).
+    pub fn with_etcd(
+        etcd: &EtcdConfig,
+        my_addr: &str,
+        options: TreeServiceOptions,
+    ) -> Result<(Arc<Self>, Candidacy), EtcdError> {
+        if my_addr.len() > MAX_ID_LEN || !valid_addr(my_addr) {
+            return Err(EtcdError::InvalidManagerAddress(my_addr.to_owned()));
+        }
+        let client = EtcdClient::new(&etcd.endpoints)?;
+        let (fence, fence_rx) = watch::channel(0_i64);
+        let store = EtcdStore::fenced(client.clone(), &etcd.prefix, fence_rx);
+        let election = Election::new(client, &etcd.prefix, my_addr, etcd.lease_ttl);
+        let (observed, observed_rx) = watch::channel(None);
+        let service = Arc::new(Self {
+            state: Mutex::new(State {
+                manager: Manager::new(),
+                addrs: HashMap::new(),
+                persist: Persist::Etcd(store.clone()),
+                role: Role::Standby,
+                watchers: HashMap::new(),
+            }),
+            start: Instant::now(),
+            options,
+            leader: Some(observed_rx.clone()),
+        });
+        let (stop, stop_rx) = oneshot::channel();
+        let span = info_span!("tree_election", manager = my_addr);
+        let task = tokio::spawn(
+            lead(
+                Arc::downgrade(&service),
+                election,
+                store,
+                fence,
+                observed,
+                stop_rx,
+            )
+            .instrument(span),
+        );
+        Ok((
+            service,
+            Candidacy {
+                observed: observed_rx,
+                stop: Some(stop),
+                task,
+            },
+        ))
+    }
+
+    /// Whether the service serves (always, unless created by [`with_etcd`](Self::with_etcd)
+    /// and not leader now).
+    pub fn is_active(&self) -> bool {
+        self.lock().role == Role::Active
+    }
+
+    /// Becomes active with `restored` (the state loaded from etcd, `None` for none): the
+    /// trees and addresses are restored, heartbeat clocks restart now.
+    fn activate(&self, restored: Option<StoredState>) {
+        let now = self.now();
+        let mut st = self.lock();
+        let (manager, addrs) = match restored {
+            Some(StoredState {
+                mut snapshot,
+                addrs,
+            }) => {
+                for last in snapshot.heartbeats.values_mut() {
+                    *last = now;
+                }
+                match Manager::restore(snapshot) {
+                    Ok(manager) => (manager, addrs),
+                    Err(e) => {
+                        error!(error = %e, "the stored state is invalid: starting empty");
+                        (Manager::new(), BTreeMap::new())
+                    }
+                }
+            }
+            None => (Manager::new(), BTreeMap::new()),
+        };
+        st.addrs = addrs
+            .into_iter()
+            .map(|(id, addr)| (NodeId::new(id), addr))
+            .filter(|(id, _)| !manager.functions_of(id).is_empty())
+            .collect();
+        info!(
+            functions = manager.functions().count(),
+            addrs = st.addrs.len(),
+            "leader: function trees restored, serving"
+        );
+        st.manager = manager;
+        st.watchers.clear();
+        st.role = Role::Active;
+    }
+
+    /// Goes back to standby: forgets the state and ends every watch stream.
+    fn deactivate(&self) {
+        let mut st = self.lock();
+        st.role = Role::Standby;
+        st.manager = Manager::new();
+        st.addrs.clear();
+        let watched = st.watchers.drain().count();
+        info!(watched, "standby: state dropped, watch streams closed");
+    }
+
+    /// `UNAVAILABLE` if the service is standby.
+    fn check_active(&self, st: &State) -> Result<(), Status> {
+        if st.role == Role::Active {
+            return Ok(());
+        }
+        let leader = self.leader.as_ref().and_then(|rx| rx.borrow().clone());
+        Err(Status::unavailable(match leader {
+            Some(addr) => format!("{STANDBY_PREFIX}{addr}"),
+            None => "standby; no leader elected yet".to_owned(),
+        }))
     }
 
     /// The options the service was created with.
@@ -244,8 +408,27 @@ impl TreeService {
 impl State {
     /// Saves the manager's state; a failing store is logged, the service goes on in memory.
     fn save(&mut self) {
-        if let Err(e) = self.manager.save_to(&mut *self.store) {
-            warn!(error = %e, "saving the function trees failed");
+        match &mut self.persist {
+            Persist::Store(store) => {
+                if let Err(e) = self.manager.save_to(&mut **store) {
+                    warn!(error = %e, "saving the function trees failed");
+                }
+            }
+            Persist::Etcd(store) => {
+                let addrs: BTreeMap<String, String> = self
+                    .addrs
+                    .iter()
+                    .map(|(id, addr)| (id.0.clone(), addr.clone()))
+                    .collect();
+                store.save_state(&self.manager.snapshot(), &addrs);
+            }
+        }
+    }
+
+    /// Saves after an address change, where addresses are persisted (etcd).
+    fn save_addrs(&mut self) {
+        if matches!(self.persist, Persist::Etcd(_)) {
+            self.save();
         }
     }
 
@@ -315,6 +498,116 @@ impl State {
         }
         self.addrs.insert(node.clone(), addr.to_owned());
         true
+    }
+}
+
+/// The election side of a [`TreeService::with_etcd`] service: a task that campaigns for
+/// leadership, activates the service when elected (loading the state from etcd) and puts it
+/// back to standby when leadership is lost, then campaigns again. Dropping it (or
+/// [`abort`](Self::abort)) stops the task *without* resigning, as a crash would: another
+/// manager takes over once the lease expires. [`resign`](Self::resign) is the graceful way.
+#[derive(Debug)]
+pub struct Candidacy {
+    observed: watch::Receiver<Option<String>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Candidacy {
+    /// The leader's address as last observed (this manager's own while it leads).
+    pub fn leader(&self) -> Option<String> {
+        self.observed.borrow().clone()
+    }
+
+    /// A receiver of the observed leader's address.
+    pub fn watch_leader(&self) -> watch::Receiver<Option<String>> {
+        self.observed.clone()
+    }
+
+    /// Stops campaigning; if leader, goes standby, writes the last state (waiting at most a
+    /// third of the lease TTL) and revokes the lease, so a standby takes over at once.
+    pub async fn resign(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.task).await
+            && !e.is_cancelled()
+        {
+            warn!(error = %e, "the election task failed");
+        }
+    }
+
+    /// Stops the task at once, without resigning (as a crash would).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Candidacy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The election task of [`TreeService::with_etcd`] (see [`Candidacy`]).
+async fn lead(
+    service: Weak<TreeService>,
+    election: Election,
+    store: EtcdStore,
+    fence: watch::Sender<i64>,
+    observed: watch::Sender<Option<String>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let mut leadership = tokio::select! {
+            leadership = election.campaign(&observed) => leadership,
+            _ = &mut stop => return,
+        };
+        let flush_within = leadership.ttl() / 3;
+        fence.send_replace(leadership.lease());
+        let state = match store.load_state().await {
+            Ok(state) => state,
+            Err(e) => {
+                error!(error = %e, "elected, but the state cannot be read: resigning");
+                fence.send_replace(0);
+                if let Err(e) = leadership.resign().await {
+                    debug!(error = %e, "resigning failed");
+                }
+                observed.send_replace(None);
+                tokio::select! {
+                    () = tokio::time::sleep(flush_within) => continue,
+                    _ = &mut stop => return,
+                }
+            }
+        };
+        let Some(active) = service.upgrade() else {
+            fence.send_replace(0);
+            let _ = leadership.resign().await;
+            return;
+        };
+        active.activate(state);
+        drop(active);
+        let stopped = tokio::select! {
+            lost = leadership.keep() => {
+                warn!(reason = %lost, "leadership lost: back to standby");
+                false
+            }
+            _ = &mut stop => true,
+        };
+        if let Some(service) = service.upgrade() {
+            service.deactivate();
+        }
+        if stopped && !store.flush(flush_within).await {
+            warn!("the last state was not written in time");
+        }
+        fence.send_replace(0);
+        observed.send_replace(None);
+        if let Err(e) = leadership.resign().await {
+            debug!(error = %e, "revoking the lease failed (it expires by itself)");
+        }
+        if stopped {
+            return;
+        }
     }
 }
 
@@ -443,6 +736,7 @@ impl Tree for TreeService {
         let now = self.now();
 
         let mut st = self.lock();
+        self.check_active(&st)?;
         let addr_changed = st.set_addr(&id, &node.addr);
         let member = st.manager.tree(&function).is_some_and(|t| t.contains(&id));
         if member {
@@ -461,6 +755,7 @@ impl Tree for TreeService {
             st.refresh(&function);
         }
         if addr_changed {
+            st.save_addrs();
             let functions: Vec<FunctionId> =
                 st.manager.functions_of(&id).into_iter().cloned().collect();
             for f in &functions {
@@ -487,6 +782,7 @@ impl Tree for TreeService {
         let id = NodeId::new(req.node_id);
 
         let mut st = self.lock();
+        self.check_active(&st)?;
         match st.manager.leave(&function, &id) {
             Ok(changes) => {
                 info!(moved = changes.len().saturating_sub(1), "left");
@@ -513,12 +809,14 @@ impl Tree for TreeService {
         let now = self.now();
 
         let mut st = self.lock();
+        self.check_active(&st)?;
         let functions: Vec<FunctionId> =
             st.manager.functions_of(&id).into_iter().cloned().collect();
         // A node in no tree is not tracked: it has nothing to fail out of.
         if !functions.is_empty() {
             st.manager.heartbeat(&id, now);
             if !node.addr.is_empty() && st.set_addr(&id, &node.addr) {
+                st.save_addrs();
                 for f in &functions {
                     st.refresh(f);
                 }
@@ -547,6 +845,7 @@ impl Tree for TreeService {
 
         let rx = {
             let mut st = self.lock();
+            self.check_active(&st)?;
             let position = st.position(&function, &id).ok_or_else(|| {
                 Status::not_found(format!("node {id} is not in the tree of {function}"))
             })?;
@@ -573,6 +872,7 @@ impl Tree for TreeService {
     #[instrument(skip_all)]
     async fn list(&self, _request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let st = self.lock();
+        self.check_active(&st)?;
         let trees = st
             .manager
             .functions()

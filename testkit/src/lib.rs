@@ -25,6 +25,7 @@
 mod arbord;
 pub mod cluster;
 mod containerd;
+pub mod etcd;
 pub mod hostile;
 mod image;
 mod layer;
@@ -39,6 +40,7 @@ mod tests;
 
 pub use arbord::{Arbord, ArbordOptions};
 pub use containerd::{Containerd, ContainerdOptions};
+pub use etcd::Etcd;
 pub use image::{
     BUSYBOX_APPLETS, ImageSpec, LayerSource, SAMPLE_PROBE, busybox_image, sample_image,
     skopeo_push, write_oci_layout, write_oci_layout_with_config,
