@@ -489,4 +489,28 @@ mod tests {
         assert!(Config::parse("root = \"relative\"\n").is_err());
         assert!(Config::parse("[fetch]\nunit = \"1q\"\n").is_err());
     }
+
+    #[test]
+    fn p2p_addresses() {
+        let c = Config::parse(
+            "[p2p]\nenabled = true\nlisten = \"10.0.0.5:7071\"\nmanager = \"10.0.0.1:7070\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.p2p.manager, Addrs(vec!["10.0.0.1:7070".into()]));
+        let c = Config::parse(
+            "[p2p]\nenabled = true\nlisten = \"10.0.0.5:7071\"\n\
+             manager = [\"10.0.0.1:7070\", \"10.0.0.2:7070\"]\netcd = [\"10.0.0.9:2379\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.p2p.manager.0.len(), 2);
+        // A wildcard listen address needs an advertised one.
+        let e = Config::parse("[p2p]\nenabled = true\n").unwrap_err();
+        assert!(format!("{e:#}").contains("p2p.advertise"), "{e:#}");
+        let e = Config::parse(
+            "[p2p]\nrun_manager = true\nmanager = [\"10.0.0.1:7070\"]\nmanager_listen = \"10.0.0.3:7070\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("manager_listen"), "{e:#}");
+        assert!(Config::parse("[p2p]\nrun_manager = true\nmanager = \"somewhere\"\n").is_err());
+    }
 }
