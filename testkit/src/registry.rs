@@ -68,11 +68,7 @@ impl Registry {
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("REGISTRY_") {
-                cmd.env_remove(k);
-            }
-        }
+        util::scrub_env(&mut cmd, "REGISTRY_");
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {} in netns {}", bin.display(), ns.name()))?;
@@ -131,92 +127,55 @@ impl Registry {
             creds: auth.map(|(u, p)| (u.to_string(), p.to_string())),
         };
 
-        // The free port may be taken by someone else before the registry binds it: retry.
-        let mut last_err = None;
-        for _attempt in 0..5 {
-            let port = util::free_port()?;
-            reg.addr = format!("127.0.0.1:{port}");
-            let config = base.join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\n\
-                     log:\n  level: info\n  accesslog:\n    disabled: false\n\
-                     storage:\n  filesystem:\n    rootdirectory: \"{storage}\"\n  delete:\n    enabled: true\n  \
-                     maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: {addr}\n  secret: arbor-testkit-not-a-secret\n\
-                     {auth_yaml}",
-                    storage = reg.storage.display(),
-                    addr = reg.addr,
-                ),
-            )?;
-            let logf = File::create(&reg.log)?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(logf.try_clone()?)
-                .stderr(logf);
-            // distribution lets REGISTRY_* variables override the config file: keep them out.
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("REGISTRY_") {
-                    cmd.env_remove(k);
-                }
-            }
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
-            reg.child = Some(child);
-            match reg.wait_ready() {
-                Ok(()) => return Ok(reg),
-                Err(e) => {
-                    let tail = util::log_tail(&reg.log, 30);
-                    if let Some(mut c) = reg.child.take() {
-                        util::terminate(&mut c, Duration::from_secs(2));
-                    }
-                    if tail.contains("address already in use") {
-                        last_err = Some(e);
-                        continue;
-                    }
-                    bail!(
-                        "docker-registry did not come up on {}: {e:#}; log tail ({}):\n{tail}",
-                        reg.addr,
-                        reg.log.display()
-                    );
-                }
-            }
-        }
-        Err(last_err
-            .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
-            .context("docker-registry: could not bind a free port in 5 attempts"))
+        let config = base.join("config.yml");
+        let storage_dir = reg.storage.clone();
+        let (child, addr) = util::start_on_free_port(
+            "docker-registry",
+            &reg.log,
+            READY_TIMEOUT,
+            "/v2/",
+            // 401 is the healthy answer of a registry with auth enabled.
+            |code, _| code == 200 || code == 401,
+            |_| {
+                let addr = format!("127.0.0.1:{}", util::free_port()?);
+                std::fs::write(
+                    &config,
+                    format!(
+                        "version: 0.1\n\
+                         log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                         storage:\n  filesystem:\n    rootdirectory: \"{storage}\"\n  delete:\n    enabled: true\n  \
+                         maintenance:\n    uploadpurging:\n      enabled: false\n\
+                         http:\n  addr: {addr}\n  secret: arbor-testkit-not-a-secret\n\
+                         {auth_yaml}",
+                        storage = storage_dir.display(),
+                    ),
+                )?;
+                let mut cmd = Command::new(&bin);
+                cmd.arg("serve").arg(&config);
+                // distribution lets REGISTRY_* variables override the config file: keep them out.
+                util::scrub_env(&mut cmd, "REGISTRY_");
+                Ok((cmd, addr))
+            },
+        )?;
+        reg.child = Some(child);
+        reg.addr = addr;
+        Ok(reg)
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let addr = self.addr.clone();
-        let mut last = String::from("no answer");
-        let ok = util::wait_until(READY_TIMEOUT, || {
-            if let Some(c) = self.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                bail!("docker-registry exited early ({st})");
-            }
-            match util::http_get(&addr, "/v2/", None) {
-                // 401 is the healthy answer of a registry with auth enabled.
-                Ok((200, _)) | Ok((401, _)) => Ok(true),
-                Ok((code, body)) => {
-                    last = format!("HTTP {code}: {body:.200}");
-                    Ok(false)
-                }
-                Err(e) => {
-                    last = format!("{e:#}");
-                    Ok(false)
-                }
-            }
-        })?;
-        if !ok {
-            bail!("GET http://{addr}/v2/ not ready after {READY_TIMEOUT:?} (last: {last})");
-        }
-        Ok(())
+        let child = self
+            .child
+            .as_mut()
+            .context("docker-registry is not running")?;
+        // 401 is the healthy answer of a registry with auth enabled.
+        util::wait_http_ready(
+            child,
+            "docker-registry",
+            &self.addr,
+            "/v2/",
+            READY_TIMEOUT,
+            |code, _| code == 200 || code == 401,
+        )
     }
 
     /// "127.0.0.1:PORT".

@@ -449,6 +449,90 @@ pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>)
     }
 }
 
+/// Removes the variables starting with `prefix` from `cmd`'s environment: a service that reads
+/// settings from them (`REGISTRY_*`, `ETCD_*`) must not see the caller's.
+pub(crate) fn scrub_env(cmd: &mut Command, prefix: &str) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with(prefix) {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Waits (up to `timeout`) until `GET http://{addr}{path}` answers as `ready(status, body)`
+/// accepts, failing at once if `child` exits.
+pub(crate) fn wait_http_ready(
+    child: &mut Child,
+    what: &str,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+    ready: impl Fn(u16, &str) -> bool,
+) -> Result<()> {
+    let mut last = String::from("no answer");
+    let ok = wait_until(timeout, || {
+        if let Some(st) = child.try_wait()? {
+            bail!("{what} exited early ({st})");
+        }
+        match http_get(addr, path, None) {
+            Ok((code, body)) if ready(code, &body) => Ok(true),
+            Ok((code, body)) => {
+                last = format!("HTTP {code}: {body:.200}");
+                Ok(false)
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                Ok(false)
+            }
+        }
+    })?;
+    if !ok {
+        bail!("GET http://{addr}{path} not ready after {timeout:?} (last: {last})");
+    }
+    Ok(())
+}
+
+/// Starts a local service on free ports and waits until it answers: `command(attempt)` builds
+/// the command (choosing its ports) and names the address to probe; its output goes to `log`.
+/// A free port may be taken by someone else before the service binds it, so an attempt whose
+/// log says "address already in use" is retried (5 attempts).
+pub(crate) fn start_on_free_port(
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    path: &str,
+    ready: impl Fn(u16, &str) -> bool,
+    mut command: impl FnMut(usize) -> Result<(Command, String)>,
+) -> Result<(Child, String)> {
+    let mut last_err = None;
+    for attempt in 0..5 {
+        let (mut cmd, addr) = command(attempt)?;
+        let logf = std::fs::File::create(log)?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        let mut child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
+        match wait_http_ready(&mut child, what, &addr, path, timeout, &ready) {
+            Ok(()) => return Ok((child, addr)),
+            Err(e) => {
+                terminate(&mut child, Duration::from_secs(2));
+                let tail = log_tail(log, 30);
+                if tail.contains("address already in use") {
+                    last_err = Some(e);
+                    continue;
+                }
+                bail!(
+                    "{what} did not come up on {addr}: {e:#}; log tail ({}):\n{tail}",
+                    log.display()
+                );
+            }
+        }
+    }
+    Err(last_err
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+        .context(format!("{what}: could not bind free ports in 5 attempts")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
