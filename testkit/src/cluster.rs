@@ -187,24 +187,14 @@ impl ClusterNode {
     /// add arguments and spawn it as usual. `ip` execs the program, so the child's pid is the
     /// program's. The mount namespace is the host's (plus `ip`'s private /sys remount).
     pub fn exec(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        crate::netns::exec_in(&self.name, program)
     }
 
     /// Bytes that crossed the node's link so far, from the host-side veth's counters:
     /// `to_host` is the node's upload (everything it sent: to other nodes, the registry, the
     /// host), `to_ns` its download.
     pub fn link_bytes(&self) -> Result<LinkBytes> {
-        let read = |what: &str| -> Result<u64> {
-            let p = format!("/sys/class/net/{}/statistics/{what}", self.host_veth);
-            let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
-            s.trim().parse().with_context(|| format!("parsing {p}"))
-        };
-        Ok(LinkBytes {
-            to_host: read("rx_bytes")?,
-            to_ns: read("tx_bytes")?,
-        })
+        LinkBytes::of_host_veth(&self.host_veth)
     }
 
     /// Pids of the processes inside the node's namespace.

@@ -84,6 +84,30 @@ pub struct LinkBytes {
     pub to_ns: u64,
 }
 
+impl LinkBytes {
+    /// The counters of a namespace's link, read on its host-side veth: what the host side
+    /// received came from the namespace (`to_host`), what it sent went in (`to_ns`).
+    pub(crate) fn of_host_veth(veth: &str) -> Result<LinkBytes> {
+        let read = |what: &str| -> Result<u64> {
+            let p = format!("/sys/class/net/{veth}/statistics/{what}");
+            let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+            s.trim().parse().with_context(|| format!("parsing {p}"))
+        };
+        Ok(LinkBytes {
+            to_host: read("rx_bytes")?,
+            to_ns: read("tx_bytes")?,
+        })
+    }
+}
+
+/// A command running `program` inside network namespace `ns` (`ip netns exec NS program`; `ip`
+/// execs it, so the child's pid is the program's).
+pub(crate) fn exec_in(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
 impl std::ops::Sub for LinkBytes {
     type Output = LinkBytes;
     fn sub(self, o: LinkBytes) -> LinkBytes {
@@ -225,22 +249,12 @@ impl Namespace {
     /// arguments and spawn it as usual. `ip` execs the program, so the child's pid is the
     /// program's. The mount namespace is the host's (plus `ip`'s private /sys remount).
     pub fn exec(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        exec_in(&self.name, program)
     }
 
     /// Bytes that crossed the link so far (from the host veth's counters).
     pub fn link_bytes(&self) -> Result<LinkBytes> {
-        let read = |what: &str| -> Result<u64> {
-            let p = format!("/sys/class/net/{}/statistics/{what}", self.host_veth);
-            let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
-            s.trim().parse().with_context(|| format!("parsing {p}"))
-        };
-        Ok(LinkBytes {
-            to_host: read("rx_bytes")?,
-            to_ns: read("tx_bytes")?,
-        })
+        LinkBytes::of_host_veth(&self.host_veth)
     }
 
     /// Pids of the processes inside the namespace.
