@@ -114,6 +114,8 @@ pub struct P2p {
     pub upload_limit: Size,
     /// Stay in a function's tree (serving children) this long after its last layer is unmounted.
     pub idle_leave_secs: u64,
+    /// A new layer's first reads wait this long at most for the node's place in the tree.
+    pub join_wait_ms: u64,
 }
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -266,6 +268,7 @@ impl Default for P2p {
             peer_timeout_secs: 30,
             upload_limit: Size(0),
             idle_leave_secs: 300,
+            join_wait_ms: 2000,
         }
     }
 }
@@ -442,6 +445,10 @@ impl Config {
             anyhow::ensure!(
                 p.peer_timeout_secs >= 1,
                 "p2p.peer_timeout_secs must be at least 1"
+            );
+            anyhow::ensure!(
+                p.join_wait_ms <= 60_000,
+                "p2p.join_wait_ms must be at most 60000"
             );
         }
         for a in &self.registry.allow {

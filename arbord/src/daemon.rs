@@ -335,6 +335,7 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
             peer_timeout: Duration::from_secs(p.peer_timeout_secs),
             registry_timeout: Duration::from_secs(cfg.fetch.timeout_secs),
             idle_leave: Duration::from_secs(p.idle_leave_secs),
+            join_wait: Duration::from_millis(p.join_wait_ms),
         },
         blocks,
         Arc::new(member),

@@ -154,6 +154,7 @@ impl BlockStore {
             inflight: Mutex::new(HashMap::new()),
             upstream,
             stats: Default::default(),
+            settle: Mutex::new(None),
         }))
     }
 
@@ -207,6 +208,9 @@ pub struct BlockSource {
     inflight: Mutex<HashMap<u64, Arc<Semaphore>>>,
     upstream: Arc<Router>,
     stats: Counters,
+    /// Until the routes settle (a node's place in its tree is known) or the deadline passes,
+    /// fetches wait rather than go to the registry; see [`BlockSource::wait_for_routes`].
+    settle: Mutex<Option<(tokio::sync::watch::Receiver<bool>, tokio::time::Instant)>>,
 }
 
 /// Blocks this reader fetches; released (and their waiters woken) on drop, also when the
@@ -244,6 +248,32 @@ impl BlockSource {
     /// The router the missing blocks come from (its routes change with the tree).
     pub fn upstream(&self) -> &Arc<Router> {
         &self.upstream
+    }
+
+    /// Holds the first fetches until `settled` turns true (the router's routes are final: a node
+    /// knows its parent) or `until` passes, whichever comes first; then never again. A node
+    /// that joins a tree in a burst would otherwise read the registry until its place arrives.
+    pub fn wait_for_routes(
+        &self,
+        settled: tokio::sync::watch::Receiver<bool>,
+        until: tokio::time::Instant,
+    ) {
+        *self.settle.lock().unwrap_or_else(|e| e.into_inner()) = Some((settled, until));
+    }
+
+    async fn routes_settled(&self) {
+        let gate = self
+            .settle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((mut rx, until)) = gate else { return };
+        if !*rx.borrow() {
+            let waited = tokio::time::Instant::now();
+            let _ = tokio::time::timeout_at(until, rx.wait_for(|v| *v)).await;
+            debug!(layer = %self.digest, waited_ms = waited.elapsed().as_millis() as u64, "waited for the layer's routes to settle");
+        }
+        *self.settle.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Blocks proved present on disk.
@@ -399,6 +429,7 @@ impl BlockSource {
     async fn fetch_run(&self, first: u64, last: u64) -> Result<Vec<(u64, Bytes)>, SourceError> {
         let start = self.table.range(first).0;
         let end = self.table.range(last).1;
+        self.routes_settled().await;
         let mut tried = Vec::new();
         for _ in 0..2 {
             let (data, route) = self
@@ -726,6 +757,67 @@ mod tests {
             "only the damaged block is refetched"
         );
         assert_eq!(src.stats().local, 5);
+    }
+
+    #[tokio::test]
+    async fn fetches_wait_for_the_routes_to_settle_then_never_again() {
+        let data = blob(4 * BS as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(dir.path()).unwrap();
+        let reg = Mem::new(&data);
+        let parent = Mem::new(&data);
+        let r = router(&[("registry", Arc::clone(&reg))]);
+        let src = store
+            .layer(DIGEST, table(&data, data.len() as u64), Arc::clone(&r))
+            .unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        src.wait_for_routes(rx, tokio::time::Instant::now() + Duration::from_secs(10));
+        let reader = {
+            let src = Arc::clone(&src);
+            tokio::spawn(async move { src.read(0, BS).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the read waits for the routes");
+        // The place arrives: the parent goes first, then the gate opens.
+        r.set_routes(vec![
+            Route::new(
+                "parent",
+                Arc::clone(&parent) as Arc<dyn BlobSource>,
+                Duration::from_secs(5),
+            ),
+            Route::new(
+                "registry",
+                Arc::clone(&reg) as Arc<dyn BlobSource>,
+                Duration::from_secs(5),
+            ),
+        ]);
+        tx.send(true).unwrap();
+        assert_eq!(&reader.await.unwrap().unwrap()[..], &data[..BS as usize]);
+        assert_eq!(
+            reg.reads.load(Ordering::SeqCst),
+            0,
+            "nothing from the registry"
+        );
+        assert_eq!(parent.reads.load(Ordering::SeqCst), 1);
+
+        // A gate that never opens holds reads until its deadline only, and only once.
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(dir.path()).unwrap();
+        let src = store
+            .layer(
+                DIGEST,
+                table(&data, data.len() as u64),
+                router(&[("registry", Arc::clone(&reg))]),
+            )
+            .unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        src.wait_for_routes(rx, tokio::time::Instant::now() + Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        src.read(0, BS).await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        src.read(BS, BS).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(100));
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct TreeOptions {
     pub registry_timeout: Duration,
     /// How long a function's tree is kept (and served) after its last layer is unmounted.
     pub idle_leave: Duration,
+    /// How long a freshly mounted layer's first fetches wait for the node's place in the tree
+    /// before they go to the registry (in a burst every node but the root would otherwise
+    /// read the registry until its place arrives).
+    pub join_wait: Duration,
 }
 
 struct Served {
@@ -61,14 +65,28 @@ struct Served {
     mounts: usize,
 }
 
-#[derive(Default)]
 struct Function {
+    /// True once the node's place in the tree is known.
+    placed: tokio::sync::watch::Sender<bool>,
     layers: HashMap<String, Served>,
     /// The registry source of each layer's repository (the last route).
     registry: HashMap<String, Arc<dyn BlobSource>>,
     position: Option<Position>,
     watcher: Option<JoinHandle<()>>,
     leave: Option<JoinHandle<()>>,
+}
+
+impl Default for Function {
+    fn default() -> Self {
+        Function {
+            placed: tokio::sync::watch::Sender::new(false),
+            layers: HashMap::new(),
+            registry: HashMap::new(),
+            position: None,
+            watcher: None,
+            leave: None,
+        }
+    }
 }
 
 /// This node's function trees; see the module docs.
@@ -129,6 +147,12 @@ impl Trees {
             .store
             .layer(digest, table, router)
             .map_err(|e| Error::Internal(format!("block store: {e}")))?;
+        if !*f.placed.borrow() {
+            source.wait_for_routes(
+                f.placed.subscribe(),
+                tokio::time::Instant::now() + self.opts.join_wait,
+            );
+        }
         f.registry.insert(digest.to_string(), registry);
         f.layers.insert(
             digest.to_string(),
@@ -246,6 +270,9 @@ impl Trees {
             let routes = self.routes(function, pos.as_ref(), Arc::clone(registry));
             s.source.upstream().set_routes(routes);
             s.source.upstream().forgive();
+        }
+        if pos.as_ref().is_some_and(|p| !p.removed) {
+            f.placed.send_replace(true);
         }
         f.position = pos;
     }
