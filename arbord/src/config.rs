@@ -116,6 +116,8 @@ pub struct P2p {
     pub idle_leave_secs: u64,
     /// A new layer's first reads wait this long at most for the node's place in the tree.
     pub join_wait_ms: u64,
+    /// A child asking for a layer this node is still preparing waits this long at most.
+    pub layer_wait_ms: u64,
 }
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -269,6 +271,7 @@ impl Default for P2p {
             upload_limit: Size(0),
             idle_leave_secs: 300,
             join_wait_ms: 2000,
+            layer_wait_ms: 5000,
         }
     }
 }
@@ -449,6 +452,10 @@ impl Config {
             anyhow::ensure!(
                 p.join_wait_ms <= 60_000,
                 "p2p.join_wait_ms must be at most 60000"
+            );
+            anyhow::ensure!(
+                p.layer_wait_ms <= 60_000,
+                "p2p.layer_wait_ms must be at most 60000"
             );
         }
         for a in &self.registry.allow {

@@ -346,6 +346,7 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
         trees,
         PeerServiceOptions {
             upload_limit: p.upload_limit.0,
+            layer_wait: Duration::from_millis(p.layer_wait_ms),
             ..Default::default()
         },
     ));

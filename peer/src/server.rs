@@ -95,6 +95,10 @@ pub struct PeerServiceOptions {
     /// with keep-alives meanwhile. Past it the request fails with `DEADLINE_EXCEEDED` (a
     /// timeout to the child, which tries its next source); `Duration::ZERO` waits forever.
     pub max_wait: Duration,
+    /// How long a request for a blob the node does not serve (yet) waits for it to appear,
+    /// with keep-alives, before `NOT_FOUND`: in a burst a child often asks for a layer its
+    /// parent is still preparing. `Duration::ZERO`: answer `NOT_FOUND` at once.
+    pub layer_wait: Duration,
 }
 
 impl Default for PeerServiceOptions {
@@ -104,6 +108,7 @@ impl Default for PeerServiceOptions {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             step: DEFAULT_STEP,
             max_wait: DEFAULT_MAX_WAIT,
+            layer_wait: Duration::ZERO,
         }
     }
 }
@@ -246,6 +251,7 @@ struct Inner<P: ?Sized> {
     provider: Arc<P>,
     step: u64,
     max_wait: Option<Duration>,
+    layer_wait: Duration,
     max_inflight: usize,
     permits: Arc<Semaphore>,
     bucket: Option<TokenBucket>,
@@ -277,6 +283,7 @@ impl<P: Provider + ?Sized> PeerService<P> {
                 provider,
                 step: opts.step.max(1),
                 max_wait: (!opts.max_wait.is_zero()).then_some(opts.max_wait),
+                layer_wait: opts.layer_wait,
                 max_inflight,
                 permits: Arc::new(Semaphore::new(max_inflight)),
                 bucket: (opts.upload_limit > 0).then(|| TokenBucket::new(opts.upload_limit)),
@@ -305,6 +312,13 @@ impl<P: Provider + ?Sized> PeerService<P> {
         debug!(%message, "peer request refused");
         Status::invalid_argument(message)
     }
+}
+
+/// The status of a request for a blob the node does not serve in that tree.
+fn not_served(digest: &str, function: &str) -> Status {
+    Status::not_found(format!(
+        "{digest} is not served in function {function:?}'s tree here"
+    ))
 }
 
 /// The status a child gets when the node's source failed.
@@ -369,7 +383,9 @@ enum Outcome {
 /// One request's streaming task.
 struct Streamer<P: ?Sized> {
     inner: Arc<Inner<P>>,
-    source: Arc<dyn BlobSource>,
+    /// `None`: not served yet; waited for (`layer_wait`) before streaming.
+    source: Option<Arc<dyn BlobSource>>,
+    function: String,
     digest: String,
     node: String,
     offset: u64,
@@ -403,7 +419,54 @@ impl<P: Provider + ?Sized> Streamer<P> {
         c.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// The blob's source, waiting (with keep-alives, up to `layer_wait`) for the node to start
+    /// serving it; `Err` is the outcome when it does not (or the range is outside it).
+    async fn source(&self) -> Result<Arc<dyn BlobSource>, Outcome> {
+        if let Some(s) = &self.source {
+            return Ok(Arc::clone(s));
+        }
+        let inner = &self.inner;
+        let wait = async {
+            let deadline = Instant::now() + inner.layer_wait;
+            loop {
+                if let Some(found) = inner.provider.source(&self.function, &self.digest) {
+                    return Some(found);
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        match with_keepalive(&self.tx, wait).await {
+            None => Err(Outcome::Cancelled),
+            Some(None) => {
+                inner.counters.not_found.fetch_add(1, Ordering::Relaxed);
+                debug!(wait = ?inner.layer_wait, "blob not served here");
+                let _ = self
+                    .tx
+                    .send(Err(not_served(&self.digest, &self.function)))
+                    .await;
+                Err(Outcome::Failed)
+            }
+            Some(Some((_, size))) if self.end > size => {
+                inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let status = Status::invalid_argument(format!(
+                    "range {}..{} is outside the blob ({size} bytes)",
+                    self.offset, self.end
+                ));
+                let _ = self.tx.send(Err(status)).await;
+                Err(Outcome::Failed)
+            }
+            Some(Some((source, _))) => Ok(source),
+        }
+    }
+
     async fn stream(&self) -> Outcome {
+        let source = match self.source().await {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        };
         let mut pos = self.offset;
         while pos < self.end {
             // Steps end on multiples of `step` (block boundaries when it is the block size), so
@@ -414,7 +477,7 @@ impl<P: Provider + ?Sized> Streamer<P> {
                 .saturating_mul(step)
                 .min(self.end);
             let n = stop - pos;
-            let read = self.source.read_range(&self.digest, pos, n);
+            let read = source.read_range(&self.digest, pos, n);
             let read = async {
                 match self.inner.max_wait {
                     Some(max) => tokio::time::timeout(max, read).await.ok(),
@@ -428,7 +491,7 @@ impl<P: Provider + ?Sized> Streamer<P> {
                     debug!(pos, ?wait, "peer source gave nothing in time");
                     let status = Status::deadline_exceeded(format!(
                         "{}: no bytes at {pos} within {wait:?}",
-                        self.source.kind()
+                        source.kind()
                     ));
                     return self.fail(status).await;
                 }
@@ -436,7 +499,7 @@ impl<P: Provider + ?Sized> Streamer<P> {
                 Some(Some(Ok(d))) => {
                     let e = SourceError::new(
                         SourceErrorKind::Short,
-                        self.source.kind(),
+                        source.kind(),
                         format!("asked for {n} bytes at {pos}, got {}", d.len()),
                     );
                     return self.fail_source(&e).await;
@@ -522,23 +585,23 @@ impl<P: Provider + ?Sized> Peer for PeerService<P> {
                 req.length
             )));
         }
-        let Some((source, size)) = self.inner.provider.source(&req.function, &req.digest) else {
+        let found = self.inner.provider.source(&req.function, &req.digest);
+        if found.is_none() && self.inner.layer_wait.is_zero() {
             c.not_found.fetch_add(1, Ordering::Relaxed);
             debug!("blob not served here");
-            return Err(Status::not_found(format!(
-                "{} is not served in function {:?}'s tree here",
-                req.digest, req.function
+            return Err(not_served(&req.digest, &req.function));
+        }
+        let Some(end) = req.offset.checked_add(req.length) else {
+            return Err(self.refuse(format!("range {}+{} overflows", req.offset, req.length)));
+        };
+        if let Some((_, size)) = &found
+            && end > *size
+        {
+            return Err(self.refuse(format!(
+                "range {}+{} is outside the blob ({size} bytes)",
+                req.offset, req.length
             )));
-        };
-        let end = match req.offset.checked_add(req.length) {
-            Some(end) if end <= size => end,
-            _ => {
-                return Err(self.refuse(format!(
-                    "range {}+{} is outside the blob ({size} bytes)",
-                    req.offset, req.length
-                )));
-            }
-        };
+        }
         let Ok(permit) = Arc::clone(&self.inner.permits).try_acquire_owned() else {
             c.busy.fetch_add(1, Ordering::Relaxed);
             debug!(
@@ -555,7 +618,8 @@ impl<P: Provider + ?Sized> Peer for PeerService<P> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let streamer = Streamer {
             inner: Arc::clone(&self.inner),
-            source,
+            source: found.map(|(s, _)| s),
+            function: req.function,
             digest: req.digest,
             node: node_key(&req.node),
             offset: req.offset,

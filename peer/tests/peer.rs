@@ -614,3 +614,66 @@ async fn wrong_lengths_are_short() {
     assert_eq!(got.len(), 300_000);
     assert!(got.iter().all(|&b| b == 7));
 }
+
+/// Serves its blob only from a moment after it was made (a layer still being prepared).
+struct LateProvider {
+    src: Arc<MemSource>,
+    from: std::time::Instant,
+}
+
+impl Provider for LateProvider {
+    fn source(&self, function: &str, digest: &str) -> Option<(Arc<dyn BlobSource>, u64)> {
+        (function == FUNCTION && digest == DIGEST && std::time::Instant::now() >= self.from).then(
+            || {
+                (
+                    Arc::clone(&self.src) as Arc<dyn BlobSource>,
+                    self.src.blob.len() as u64,
+                )
+            },
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_layer_still_being_prepared_is_waited_for_with_keepalives() {
+    let blob = random_bytes(MIB as usize, 11);
+    let late = |wait: Duration| {
+        PeerService::new(
+            Arc::new(LateProvider {
+                src: MemSource::new(blob.clone(), Behavior::Normal),
+                from: std::time::Instant::now() + Duration::from_millis(1500),
+            }),
+            PeerServiceOptions {
+                layer_wait: wait,
+                ..Default::default()
+            },
+        )
+    };
+    // Waited for (longer than the child's 1 s stall: keep-alives flow meanwhile).
+    let addr = serve(late(Duration::from_secs(5)).into_server()).await;
+    let got = source(addr, "child", Duration::from_secs(1))
+        .read_range(DIGEST, 1000, 5000)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &blob[1000..6000]);
+    // Not waited for: the child hears at once that the parent lacks it.
+    let addr = serve(late(Duration::ZERO).into_server()).await;
+    let e = source(addr, "child", Duration::from_secs(1))
+        .read_range(DIGEST, 0, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Lacks);
+    // Waited for in vain: lacks, after the wait; a range past the blob found late: refused.
+    let addr = serve(late(Duration::from_millis(300)).into_server()).await;
+    let e = source(addr, "child", Duration::from_secs(1))
+        .read_range(DIGEST, 0, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Lacks);
+    let addr = serve(late(Duration::from_secs(5)).into_server()).await;
+    let e = source(addr, "child", Duration::from_secs(1))
+        .read_range(DIGEST, MIB - 5, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Refused);
+}
