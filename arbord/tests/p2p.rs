@@ -54,24 +54,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The converted image's only layer descriptor (from its manifest).
-fn layer_of(reg: &Registry, repo: &str, tag: &str) -> serde_json::Value {
-    let (code, body) = arbor_testkit::http_request(
-        &reg.addr(),
-        "GET",
-        &format!("/v2/{repo}/manifests/{tag}"),
-        &[(
-            "Accept".into(),
-            "application/vnd.oci.image.manifest.v1+json".into(),
-        )],
-        &[],
-    )
-    .unwrap();
-    assert_eq!(code, 200);
-    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    m["layers"][0].clone()
-}
-
 /// The labels `arbor pull --function` sends for `layer` to the arbord rooted at `root`.
 fn labels(
     root: &Path,
@@ -195,7 +177,7 @@ fn setup(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let layer = layer_of(&reg, "p2p/app", "v1-arbor");
+    let layer = reg.manifest("p2p/app", "v1-arbor").unwrap()["layers"][0].clone();
     let blob_size = layer["size"].as_u64().unwrap();
     let reg_host = reg.addr().rsplit_once(':').unwrap().0.to_string();
 

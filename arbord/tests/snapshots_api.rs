@@ -451,19 +451,7 @@ fn converted_image(tmp: &Path) -> (Registry, String, serde_json::Value) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (code_, body) = arbor_testkit::http_request(
-        &reg.addr(),
-        "GET",
-        "/v2/fn/bb/manifests/v1-arbor",
-        &[(
-            "Accept".into(),
-            "application/vnd.oci.image.manifest.v1+json".into(),
-        )],
-        &[],
-    )
-    .unwrap();
-    assert_eq!(code_, 200);
-    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let m = reg.manifest("fn/bb", "v1-arbor").unwrap();
     (reg, dst, m["layers"][0].clone())
 }
 

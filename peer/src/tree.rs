@@ -644,6 +644,16 @@ fn removed(function: &FunctionId) -> Position {
 }
 
 /// Checks a function or node id: non-empty, at most [`MAX_ID_LEN`] bytes.
+/// The (function, node id) of a Leave or Watch, checked and recorded on the request's span.
+fn function_and_node(function: String, node: String) -> Result<(FunctionId, NodeId), Status> {
+    let span = Span::current();
+    span.record("function", function.as_str());
+    span.record("node", node.as_str());
+    check_id("function", &function)?;
+    check_id("node id", &node)?;
+    Ok((FunctionId::new(function), NodeId::new(node)))
+}
+
 fn check_id(what: &str, id: &str) -> Result<(), Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument(format!("{what} is empty")));
@@ -773,13 +783,7 @@ impl Tree for TreeService {
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
         let req = request.into_inner();
-        let span = Span::current();
-        span.record("function", req.function.as_str());
-        span.record("node", req.node_id.as_str());
-        check_id("function", &req.function)?;
-        check_id("node id", &req.node_id)?;
-        let function = FunctionId::new(req.function);
-        let id = NodeId::new(req.node_id);
+        let (function, id) = function_and_node(req.function, req.node_id)?;
 
         let mut st = self.lock();
         self.check_active(&st)?;
@@ -835,13 +839,7 @@ impl Tree for TreeService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
-        let span = Span::current();
-        span.record("function", req.function.as_str());
-        span.record("node", req.node_id.as_str());
-        check_id("function", &req.function)?;
-        check_id("node id", &req.node_id)?;
-        let function = FunctionId::new(req.function);
-        let id = NodeId::new(req.node_id);
+        let (function, id) = function_and_node(req.function, req.node_id)?;
 
         let rx = {
             let mut st = self.lock();
@@ -865,7 +863,7 @@ impl Tree for TreeService {
             tx.subscribe()
         };
         let (out, stream) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(feed(rx, out).instrument(span));
+        tokio::spawn(feed(rx, out).instrument(Span::current()));
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 

@@ -206,6 +206,22 @@ impl Registry {
     }
 
     /// `ADDR/<repo_and_tag>`, e.g. `reference("app:v1")` = "127.0.0.1:PORT/app:v1".
+    /// The OCI image manifest `repo:tag` (GET /v2/REPO/manifests/TAG), as JSON.
+    pub fn manifest(&self, repo: &str, tag: &str) -> Result<serde_json::Value> {
+        let (code, body) = util::http_request(
+            &self.addr,
+            "GET",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[(
+                "Accept".into(),
+                "application/vnd.oci.image.manifest.v1+json".into(),
+            )],
+            &[],
+        )?;
+        anyhow::ensure!(code == 200, "GET manifest {repo}:{tag}: HTTP {code}");
+        Ok(serde_json::from_slice(&body)?)
+    }
+
     pub fn reference(&self, repo_and_tag: &str) -> String {
         format!("{}/{}", self.addr, repo_and_tag)
     }
