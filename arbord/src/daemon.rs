@@ -328,9 +328,6 @@ async fn start_p2p(cfg: &Config, remote: &Arc<Remote>) -> Result<P2p> {
     let trees = Trees::new(
         TreeOptions {
             node_id: node_id.clone(),
-            advertise: advertise.clone(),
-            manager: p.manager.to_string(),
-            heartbeat: Duration::from_secs(p.heartbeat_secs),
             peer_stall: Duration::from_millis(p.peer_stall_ms),
             peer_timeout: Duration::from_secs(p.peer_timeout_secs),
             registry_timeout: Duration::from_secs(cfg.fetch.timeout_secs),

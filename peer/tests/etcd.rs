@@ -3,6 +3,9 @@
 //! takes over when it resigns, and when the active manager dies the standby is elected, serves
 //! the same trees and the members (given both addresses) follow it.
 
+mod common;
+use common::{ids, node, wait_for};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use arbor_peer::etcd::{Campaign, Election, EtcdClient, EtcdConfig, EtcdStore};
 use arbor_peer::member::Member;
 use arbor_peer::tree::{TreeService, TreeServiceOptions};
 use arbor_proto::arbor::tree_client::TreeClient;
-use arbor_proto::arbor::{HeartbeatRequest, JoinRequest, ListRequest, Node, Position, TreeInfo};
+use arbor_proto::arbor::{HeartbeatRequest, JoinRequest, ListRequest, TreeInfo};
 use arbor_testkit::Etcd;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -33,13 +36,6 @@ fn skip(test: &str) -> bool {
     !arbor_testkit::is_root() && arbor_testkit::skip(test, "needs root")
 }
 
-fn node(i: usize) -> Node {
-    Node {
-        id: format!("n{i}"),
-        addr: format!("10.0.0.{i}:7000"),
-    }
-}
-
 fn config(etcd: &Etcd, prefix: &str) -> EtcdConfig {
     EtcdConfig {
         lease_ttl: TTL,
@@ -56,30 +52,12 @@ async fn list(c: &mut TreeClient<Channel>) -> Result<Vec<TreeInfo>, tonic::Statu
     c.list(ListRequest {}).await.map(|r| r.into_inner().trees)
 }
 
-fn ids(tree: &TreeInfo) -> Vec<&str> {
-    tree.members.iter().map(|n| n.id.as_str()).collect()
-}
-
 /// Polls `f` every 50 ms until it holds, at most [`WAIT`].
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for(
-    rx: &mut watch::Receiver<Option<Position>>,
-    what: &str,
-    f: impl FnMut(&Option<Position>) -> bool,
-) {
-    let waited = tokio::time::timeout(WAIT, rx.wait_for(f))
-        .await
-        .map(|r| r.map(|_| ()));
-    match waited {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("timed out waiting for {what}; last {:?}", *rx.borrow()),
     }
 }
 

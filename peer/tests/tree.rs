@@ -2,6 +2,9 @@
 //! addresses, watch notifications on repair, heartbeat expiry, a member following its position
 //! through a leave and a manager restart, state restored from a store, and input validation.
 
+mod common;
+use common::{ids, node, wait_for};
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +18,7 @@ use arbor_proto::arbor::{
     WatchRequest,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::codec::Streaming;
@@ -91,13 +94,6 @@ fn options() -> TreeServiceOptions {
     TreeServiceOptions::default()
 }
 
-fn node(i: usize) -> Node {
-    Node {
-        id: format!("n{i}"),
-        addr: format!("10.0.0.{i}:7000"),
-    }
-}
-
 /// The position of member `i` of a complete tree filled in join order `n0, n1, ...`.
 fn expected(function: &str, i: usize) -> Position {
     let parent = (i > 0).then(|| (i - 1) / 2);
@@ -162,24 +158,6 @@ async fn assert_quiet(s: &mut Streaming<Position>, quiet: Duration, who: &str) {
 
 async fn list(c: &mut TreeClient<Channel>) -> Vec<TreeInfo> {
     c.list(ListRequest {}).await.unwrap().into_inner().trees
-}
-
-fn ids(tree: &TreeInfo) -> Vec<&str> {
-    tree.members.iter().map(|n| n.id.as_str()).collect()
-}
-
-async fn wait_for(
-    rx: &mut watch::Receiver<Option<Position>>,
-    what: &str,
-    f: impl FnMut(&Option<Position>) -> bool,
-) {
-    let waited = tokio::time::timeout(WAIT, rx.wait_for(f))
-        .await
-        .map(|r| r.map(|_| ()));
-    match waited {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("timed out waiting for {what}; last {:?}", *rx.borrow()),
-    }
 }
 
 #[tokio::test]

@@ -8,8 +8,9 @@
 //! [`arbor_fetch::router::Router`], whose routes follow the node's position in the function's
 //! tree: parent, grandparent (each a [`arbor_peer::PeerSource`] with a stall deadline), then
 //! the registry. The first layer of a function joins its tree in the background (a Prepare never
-//! waits for the manager: until the position is known the layer reads the registry); every
-//! position change the manager streams swaps the routes of all the function's layers at once.
+//! waits for the manager; a new layer's first fetches wait up to `join_wait` for the position,
+//! then read the registry); every position change the manager streams swaps the routes of all
+//! the function's layers at once.
 //! When the last layer of a function is unmounted the node keeps serving its children for
 //! `idle_leave`, then leaves the tree and deletes the function's blocks.
 //!
@@ -38,12 +39,6 @@ use crate::error::{Error, Result};
 pub struct TreeOptions {
     /// This node's id in every tree.
     pub node_id: String,
-    /// `host:port` the other nodes reach this node's Peer service at.
-    pub advertise: String,
-    /// `host:port` of the tree manager.
-    pub manager: String,
-    /// Heartbeat period.
-    pub heartbeat: Duration,
     /// A parent silent (no bytes, no keep-alive) for this long is given up for the next route.
     pub peer_stall: Duration,
     /// Bound on one read from a peer.
@@ -60,6 +55,8 @@ pub struct TreeOptions {
 
 struct Served {
     source: Arc<BlockSource>,
+    /// The registry source of the layer's repository (its last route).
+    registry: Arc<dyn BlobSource>,
     size: u64,
     /// Mounts reading through this layer now (0: kept only to serve children).
     mounts: usize,
@@ -69,8 +66,6 @@ struct Function {
     /// True once the node's place in the tree is known.
     placed: tokio::sync::watch::Sender<bool>,
     layers: HashMap<String, Served>,
-    /// The registry source of each layer's repository (the last route).
-    registry: HashMap<String, Arc<dyn BlobSource>>,
     position: Option<Position>,
     watcher: Option<JoinHandle<()>>,
     leave: Option<JoinHandle<()>>,
@@ -81,7 +76,6 @@ impl Default for Function {
         Function {
             placed: tokio::sync::watch::Sender::new(false),
             layers: HashMap::new(),
-            registry: HashMap::new(),
             position: None,
             watcher: None,
             leave: None,
@@ -118,10 +112,6 @@ impl Trees {
         })
     }
 
-    pub fn options(&self) -> &TreeOptions {
-        &self.opts
-    }
-
     /// The source a mount of layer `digest` (of `function`) reads its blob through. Never
     /// blocks on the network.
     pub fn attach(
@@ -153,11 +143,11 @@ impl Trees {
                 tokio::time::Instant::now() + self.opts.join_wait,
             );
         }
-        f.registry.insert(digest.to_string(), registry);
         f.layers.insert(
             digest.to_string(),
             Served {
                 source: Arc::clone(&source),
+                registry,
                 size,
                 mounts: 1,
             },
@@ -263,11 +253,8 @@ impl Trees {
             depth = pos.as_ref().map(|p| p.depth),
             "position in the function's tree"
         );
-        for (digest, s) in &f.layers {
-            let Some(registry) = f.registry.get(digest) else {
-                continue;
-            };
-            let routes = self.routes(function, pos.as_ref(), Arc::clone(registry));
+        for s in f.layers.values() {
+            let routes = self.routes(function, pos.as_ref(), Arc::clone(&s.registry));
             s.source.upstream().set_routes(routes);
             s.source.upstream().forgive();
         }
