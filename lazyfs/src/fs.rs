@@ -7,13 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arbor_fetch::{Fetcher, LayerHandle};
-use fuser::{
-    Errno, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags, IoctlFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-};
-use tracing::{debug, warn};
+use tracing::warn;
 
+use crate::abi::{self, Request, op};
+use crate::session::{Handler, Reply};
 use crate::tree::Tree;
 
 /// The filesystem of one layer.
@@ -51,87 +48,104 @@ impl LayerFs {
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
+/// The reply to GETXATTR/LISTXATTR: the size when asked for it (`size` 0), else the data.
+fn xattr_reply(reply: Reply, data: &[u8], size: u32) {
     if size == 0 {
-        reply.size(data.len() as u32);
+        reply.out(abi::xattr_size(data.len() as u32));
     } else if data.len() > size as usize {
-        reply.error(Errno::ERANGE);
+        reply.error(libc::ERANGE);
     } else {
         reply.data(data);
     }
 }
 
-impl Filesystem for LayerFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ASYNC_READ
-            | InitFlags::FUSE_NO_OPEN_SUPPORT
-            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
-        if let Err(unsupported) = config.add_capabilities(wanted) {
-            debug!(?unsupported, "kernel lacks some FUSE capabilities");
-            let _ = config.add_capabilities(wanted - unsupported);
+impl Handler for LayerFs {
+    fn handle(&self, req: &Request<'_>, reply: Reply) {
+        // Answered without looking at the layer.
+        match req.opcode {
+            // ENOSYS: with FUSE_NO_OPEN_SUPPORT / FUSE_NO_OPENDIR_SUPPORT the kernel then opens
+            // files and directories without asking (read-only is enforced by the mount), keeps
+            // their pages and listings cached across opens, and sends no RELEASE either.
+            op::OPEN | op::OPENDIR => return reply.error(libc::ENOSYS),
+            // ENOSYS: the kernel stops sending FLUSH (nothing is ever written).
+            op::FLUSH => return reply.error(libc::ENOSYS),
+            op::RELEASE | op::RELEASEDIR => return reply.data(&[]),
+            // No ioctls (overlayfs asks for inode flags, FS_IOC_GETFLAGS, on copy-up): "not a
+            // typewriter", as for a file system without flags, rather than ENOSYS.
+            op::IOCTL => return reply.error(libc::ENOTTY),
+            op::STATFS => {
+                let blocks = self.tree.total_size.div_ceil(4096);
+                let files = self.tree.nodes.len() as u64;
+                return reply.out(abi::statfs_out(blocks, files, 4096, 255));
+            }
+            op::READ => return self.read(req, reply),
+            op::LOOKUP
+            | op::GETATTR
+            | op::READLINK
+            | op::READDIR
+            | op::READDIRPLUS
+            | op::GETXATTR
+            | op::LISTXATTR => {}
+            _ => return reply.error(libc::ENOSYS),
         }
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(64);
+        if self.layer.is_poisoned() {
+            return reply.error(libc::EIO);
+        }
+        let r = match req.opcode {
+            op::LOOKUP => self.lookup(req, reply),
+            op::GETATTR => match self.tree.get(req.nodeid) {
+                Some(n) => {
+                    reply.out(abi::attr_out(&n.attr(req.nodeid), self.ttl));
+                    Ok(())
+                }
+                None => {
+                    reply.error(libc::ENOENT);
+                    Ok(())
+                }
+            },
+            op::READLINK => {
+                match self.tree.get(req.nodeid).and_then(|n| n.link.as_ref()) {
+                    Some(l) => reply.data(l.as_bytes()),
+                    None => reply.error(libc::EINVAL),
+                }
+                Ok(())
+            }
+            op::READDIR => self.readdir(req, reply, false),
+            op::READDIRPLUS => self.readdir(req, reply, true),
+            op::GETXATTR => self.getxattr(req, reply),
+            _ => self.listxattr(req, reply),
+        };
+        // Malformed arguments: the reply was dropped, answering EIO.
+        if let Err(e) = r {
+            warn!(layer = %self.layer.digest, opcode = req.opcode, error = %e, "bad request");
+        }
+    }
+}
+
+impl LayerFs {
+    fn lookup(&self, req: &Request<'_>, reply: Reply) -> Result<(), abi::Malformed> {
+        let name = OsStr::from_bytes(req.name_at(0)?);
+        match self
+            .tree
+            .lookup(req.nodeid, name)
+            .and_then(|ino| Some((ino, self.tree.get(ino)?)))
+        {
+            Some((ino, n)) => {
+                let mut o = abi::Out::with_capacity(128);
+                abi::entry_out(&mut o, &n.attr(ino), self.ttl);
+                reply.out(o);
+            }
+            None => reply.error(libc::ENOENT),
+        }
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        match self.tree.lookup(parent.0, name) {
-            Some(ino) => match self.tree.get(ino) {
-                Some(n) => reply.entry(&self.ttl, &n.attr(ino), Generation(0)),
-                None => reply.error(Errno::ENOENT),
-            },
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        match self.tree.get(ino.0) {
-            Some(n) => reply.attr(&self.ttl, &n.attr(ino.0)),
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        match self.tree.get(ino.0).and_then(|n| n.link.as_ref()) {
-            Some(l) => reply.data(l.as_bytes()),
-            None => reply.error(Errno::EINVAL),
-        }
-    }
-
-    /// Answered ENOSYS: with FUSE_NO_OPEN_SUPPORT the kernel then opens files without asking
-    /// (read-only is enforced by the mount) and keeps their pages cached across opens, and
-    /// sends no RELEASE either: three round trips per file saved.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let Some(node) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+    fn read(&self, req: &Request<'_>, reply: Reply) {
+        let (Ok(offset), Ok(size)) = (req.arg_u64(8), req.arg_u32(16)) else {
+            return reply.error(libc::EINVAL);
+        };
+        let Some(node) = self.tree.get(req.nodeid) else {
+            return reply.error(libc::ENOENT);
         };
         let Some(entry) = node.entry else {
             return reply.data(&[]);
@@ -149,136 +163,68 @@ impl Filesystem for LayerFs {
                         .read_errors
                         .fetch_add(1, Ordering::Relaxed);
                     warn!(layer = %layer.digest, entry, offset, error = %e, "read failed: EIO");
-                    reply.error(Errno::EIO)
+                    reply.error(libc::EIO)
                 }
             }
         });
     }
 
-    /// ENOSYS: the kernel stops sending FLUSH (nothing is ever written).
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    /// ENOSYS, like `open`: with FUSE_NO_OPENDIR_SUPPORT the kernel caches directory listings.
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        let Some(n) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+    fn readdir(&self, req: &Request<'_>, reply: Reply, plus: bool) -> Result<(), abi::Malformed> {
+        let (offset, size) = (req.arg_u64(8)?, req.arg_u32(16)? as usize);
+        let ino = req.nodeid;
+        let Some(n) = self.tree.get(ino) else {
+            reply.error(libc::ENOENT);
+            return Ok(());
         };
-        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), n.parent)];
+        let dots = [(OsStr::new("."), ino), (OsStr::new(".."), n.parent)];
         let all = dots
             .into_iter()
             .chain(n.children.iter().map(|(name, i)| (name.as_os_str(), *i)));
-        for (i, (name, child)) in all.enumerate().skip(offset as usize) {
-            let kind = self
-                .tree
-                .get(child)
-                .map_or(FileType::RegularFile, |c| c.kind);
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        let Some(n) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), n.parent)];
-        let all = dots
-            .into_iter()
-            .chain(n.children.iter().map(|(name, i)| (name.as_os_str(), *i)));
+        let mut o = abi::Out::with_capacity(size.min(64 << 10));
         for (i, (name, child)) in all.enumerate().skip(offset as usize) {
             let Some(c) = self.tree.get(child) else {
                 continue;
             };
-            if reply.add(
-                INodeNo(child),
-                (i + 1) as u64,
-                name,
-                &self.ttl,
-                &c.attr(child),
-                Generation(0),
-            ) {
+            let next = (i + 1) as u64;
+            let fits = if plus {
+                abi::direntplus(
+                    &mut o,
+                    size,
+                    &c.attr(child),
+                    self.ttl,
+                    next,
+                    name.as_bytes(),
+                )
+            } else {
+                abi::dirent(&mut o, size, child, next, c.kind, name.as_bytes())
+            };
+            if !fits {
                 break;
             }
         }
-        reply.ok();
+        reply.out(o);
+        Ok(())
     }
 
-    /// No ioctls (overlayfs asks for inode flags, FS_IOC_GETFLAGS, on copy-up): "not a
-    /// typewriter", as for a file system without flags, rather than ENOSYS.
-    fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: ReplyIoctl,
-    ) {
-        reply.error(Errno::ENOTTY);
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.tree.total_size.div_ceil(4096);
-        let files = self.tree.nodes.len() as u64;
-        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        let Some(n) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+    fn getxattr(&self, req: &Request<'_>, reply: Reply) -> Result<(), abi::Malformed> {
+        let size = req.arg_u32(0)?;
+        let name = OsStr::from_bytes(req.name_at(8)?);
+        let Some(n) = self.tree.get(req.nodeid) else {
+            reply.error(libc::ENOENT);
+            return Ok(());
         };
         match n.xattrs.iter().find(|(k, _)| k == name) {
             Some((_, v)) => xattr_reply(reply, v, size),
-            None => reply.error(Errno::NO_XATTR),
+            None => reply.error(libc::ENODATA),
         }
+        Ok(())
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if self.layer.is_poisoned() {
-            return reply.error(Errno::EIO);
-        }
-        let Some(n) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+    fn listxattr(&self, req: &Request<'_>, reply: Reply) -> Result<(), abi::Malformed> {
+        let size = req.arg_u32(0)?;
+        let Some(n) = self.tree.get(req.nodeid) else {
+            reply.error(libc::ENOENT);
+            return Ok(());
         };
         let mut list = Vec::new();
         for (k, _) in &n.xattrs {
@@ -286,5 +232,6 @@ impl Filesystem for LayerFs {
             list.push(0);
         }
         xattr_reply(reply, &list, size);
+        Ok(())
     }
 }

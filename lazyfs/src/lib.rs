@@ -5,14 +5,22 @@
 //! - [`tree`]: the inode tree, built once at mount (hard links share an inode; whiteouts
 //!   become the 0/0 character devices overlayfs expects; opaque directories carry
 //!   `trusted.overlay.opaque=y`).
-//! - [`fs`]: the `fuser::Filesystem` implementation. Metadata requests are answered from the
-//!   immutable tree on the FUSE threads; reads are moved onto the tokio runtime, so FUSE
-//!   threads never block on the network.
-//! - [`mount`]: mounting (multi-threaded session, cloned `/dev/fuse` fds) and unmounting.
+//! - [`abi`]: the FUSE kernel protocol, parsed with bounds checks.
+//! - [`session`]: FUSE connections served by one process-wide pool of workers over an epoll
+//!   set, that can stop and leave their mount to a successor, or adopt one.
+//! - [`holder`]: the fd holder that keeps connections alive between two daemons.
+//! - [`fs`]: the request handlers of a layer. Metadata requests are answered from the
+//!   immutable tree on the FUSE workers; reads are moved onto the tokio runtime, so the
+//!   workers never block on the network.
+//! - [`mount`]: mounting, adopting, releasing and unmounting a layer.
 
+pub mod abi;
 pub mod fs;
+pub mod holder;
 pub mod mount;
 pub mod overlay;
+pub mod session;
 pub mod tree;
 
-pub use mount::{MountOptions, Mounted, Privileges, mount_layer, mount_layer_with};
+pub use abi::Negotiated;
+pub use mount::{MountOptions, Mounted, Privileges, adopt_layer, mount_layer, mount_layer_with};

@@ -1,18 +1,22 @@
-//! Mounting a layer filesystem.
+//! Mounting a layer filesystem, adopting one a predecessor mounted, and handing one over.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arbor_fetch::{Fetcher, LayerHandle};
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
+use crate::abi::Negotiated;
 use crate::fs::LayerFs;
+use crate::session::{MountSpec, Session, server};
 
 /// How to mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// FUSE worker threads (each with its own cloned `/dev/fuse` fd).
+    /// Worker threads of the process's FUSE server (shared by every mount; the first mount
+    /// of the process decides, see [`crate::session::set_workers`]).
     pub threads: usize,
     /// Let every user, not only root (the mounter), use the mount: FUSE's `allow_other`.
     /// arbord needs it (containers run as many uids); `arbor mount` only with
@@ -67,14 +71,18 @@ impl Privileges {
     };
 }
 
-/// A mounted layer; unmounted on [`Mounted::unmount`] or drop.
+/// A mounted layer; unmounted on [`Mounted::unmount`] or drop, left mounted for a successor
+/// by [`Mounted::release`].
 pub struct Mounted {
-    session: Option<BackgroundSession>,
+    session: Option<Arc<Session>>,
     dir: PathBuf,
     layer: Arc<LayerHandle>,
     /// Inodes of the layer's tree: 1 (the root) ..= this.
     inodes: u64,
 }
+
+/// How long a fresh mount waits for the kernel's FUSE_INIT.
+const INIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Mounts `layer` read-only at `dir` (which must exist) with `nosuid,nodev`
 /// ([`Privileges::NONE`]). Reads run on `rt`.
@@ -97,34 +105,48 @@ pub fn mount_layer_with(
     opts: &MountOptions,
     privileges: Privileges,
 ) -> std::io::Result<Mounted> {
+    crate::session::set_workers(opts.threads.max(1));
     let fs = LayerFs::new(Arc::clone(&layer), fetcher, rt);
     let inodes = fs.inodes();
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName(format!("arbor:{}", &layer.digest)),
-        MountOption::Subtype("arbor".into()),
-        MountOption::RO,
-        MountOption::DefaultPermissions,
-        if privileges.dev {
-            MountOption::Dev
-        } else {
-            MountOption::NoDev
-        },
-        if privileges.suid {
-            MountOption::Suid
-        } else {
-            MountOption::NoSuid
-        },
-        MountOption::Exec,
-        MountOption::NoAtime,
-    ];
-    if opts.allow_other {
-        cfg.acl = SessionACL::All;
+    let spec = MountSpec {
+        fsname: format!("arbor:{}", &layer.digest),
+        subtype: "arbor".into(),
+        allow_other: opts.allow_other,
+        suid: privileges.suid,
+        dev: privileges.dev,
+    };
+    let fd = crate::session::mount(dir, &spec)?;
+    let session = server().serve(fd, dir, Arc::new(fs))?;
+    if let Err(e) = session.wait_init(INIT_WAIT) {
+        session.stop(Duration::ZERO);
+        let _ = crate::session::unmount(dir, true);
+        return Err(e);
     }
-    cfg.n_threads = Some(opts.threads.max(1));
-    cfg.clone_fd = opts.threads > 1;
-    let session = Session::new(fs, dir, &cfg)?.spawn()?;
     info!(layer = %layer.digest, dir = %dir.display(), "layer mounted");
+    Ok(Mounted {
+        session: Some(session),
+        dir: dir.to_path_buf(),
+        layer,
+        inodes,
+    })
+}
+
+/// Serves again a layer mounted at `dir` by a predecessor, over `fd` (a duplicate of its
+/// connection's, from the fd holder) with what was agreed at its INIT. The layer's inode
+/// numbers are its TOC's, so the kernel's cached inodes stay valid. Requests the predecessor
+/// read and did not answer are queued again where the kernel can (Linux 6.9+).
+pub fn adopt_layer(
+    layer: Arc<LayerHandle>,
+    fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
+    dir: &Path,
+    fd: OwnedFd,
+    negotiated: Negotiated,
+) -> std::io::Result<Mounted> {
+    let fs = LayerFs::new(Arc::clone(&layer), fetcher, rt);
+    let inodes = fs.inodes();
+    let session = server().adopt(fd, dir, Arc::new(fs), negotiated)?;
+    info!(layer = %layer.digest, dir = %dir.display(), "layer adopted");
     Ok(Mounted {
         session: Some(session),
         dir: dir.to_path_buf(),
@@ -138,6 +160,21 @@ impl Mounted {
         &self.dir
     }
 
+    /// The connection serving the layer.
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
+    }
+
+    /// Stops serving the layer and leaves it mounted, for a successor to adopt: requests
+    /// already read are answered (within `timeout`), later ones wait in the kernel. Returns
+    /// how many were still unanswered at the deadline.
+    pub fn release(mut self, timeout: Duration) -> usize {
+        match self.session.take() {
+            Some(s) => s.stop(timeout),
+            None => 0,
+        }
+    }
+
     /// Stops serving the layer (it was proved to lie): from now on every lookup, stat and read
     /// that reaches it fails with EIO ([`LayerHandle::poison`]), and the kernel is told to drop
     /// what it cached of every inode (attributes and pages), so that processes already using
@@ -148,11 +185,10 @@ impl Mounted {
         let Some(session) = &self.session else {
             return;
         };
-        let notifier = session.notifier();
         let mut failed = 0u64;
         for ino in 1..=self.inodes {
             // ENOENT for inodes the kernel never looked up: nothing cached, nothing to drop.
-            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+            if let Err(e) = session.inval_inode(ino)
                 && e.raw_os_error() != Some(libc::ENOENT)
             {
                 failed += 1;
@@ -167,65 +203,44 @@ impl Mounted {
         );
     }
 
-    /// Unmounts and waits (up to [`JOIN_WAIT`]) for the FUSE threads to finish. A layer
-    /// still held by someone the unmount cannot see, an overlay of a running container (it
-    /// keeps its own reference to each lower mount), keeps being served by its thread until the
-    /// last holder goes: the caller is not blocked on it (serving a poisoned layer, that thread
-    /// only answers EIO).
+    /// Unmounts and waits (up to [`JOIN_WAIT`]) for the connection to end. A layer still
+    /// held by someone the unmount cannot see, an overlay of a running container (it keeps
+    /// its own reference to each lower mount), keeps being served until the last holder goes:
+    /// the caller is not blocked on it (serving a poisoned layer only answers EIO).
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) => finish(s, &self.dir),
+            Some(s) => finish(&s, &self.dir),
             None => Ok(()),
         }
     }
 }
 
-/// How long [`Mounted::unmount`] waits for the FUSE threads after the unmount.
-pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long [`Mounted::unmount`] waits for the connection to end after the unmount.
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 
-fn finish(s: BackgroundSession, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
-    if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
-        // Busy (a process has a file or its cwd in it): the caller decides (detach); dropping
-        // `s` leaves its thread running for whoever still holds the mount.
-        return Err(std::io::Error::last_os_error());
+fn finish(s: &Session, dir: &Path) -> std::io::Result<()> {
+    // Busy (a process has a file or its cwd in it): the caller decides (detach); the session
+    // goes on serving whoever still holds the mount.
+    crate::session::unmount(dir, false)?;
+    if !s.wait_ended(JOIN_WAIT) {
+        warn!(
+            dir = %dir.display(),
+            "unmounted, but still held (an overlay of a running container): it is served \
+             until the last holder goes"
+        );
     }
-    let deadline = std::time::Instant::now() + JOIN_WAIT;
-    while !s.guard.is_finished() {
-        if std::time::Instant::now() > deadline {
-            warn!(
-                dir = %dir.display(),
-                "unmounted, but still held (an overlay of a running container): its FUSE thread \
-                 serves it until the last holder goes"
-            );
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    s.join()
+    Ok(())
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take()
-            && let Err(e) = finish(s, &self.dir)
+            && let Err(e) = finish(&s, &self.dir)
         {
             // Busy (files still open in it): detach it, so nothing is left mounted; it goes
             // away with its last user.
             warn!(dir = %self.dir.display(), error = %e, "unmount failed; detaching");
-            detach(&self.dir);
+            let _ = crate::session::unmount(&self.dir, true);
         }
-    }
-}
-
-/// Lazily detaches whatever is mounted at `dir` (`umount -l`).
-fn detach(dir: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    if let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
-        // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }

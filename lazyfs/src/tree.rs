@@ -3,10 +3,10 @@
 use std::ffi::{OsStr, OsString};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::abi::{Attr, FileType};
 use arbor_format::index::LayerIndex;
 use arbor_format::tarstream::Timestamp;
 use arbor_format::tree::{LayerTree, NodeKind};
-use fuser::{FileAttr, FileType, INodeNo};
 
 pub use arbor_format::tree::{OPAQUE_XATTR, ROOT};
 
@@ -33,23 +33,17 @@ pub struct Node {
 
 impl Node {
     /// The attributes the kernel sees for inode `ino`.
-    pub fn attr(&self, ino: u64) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
+    pub fn attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
             size: self.size,
-            blocks: self.size.div_ceil(512),
-            atime: self.mtime,
             mtime: self.mtime,
-            ctime: self.mtime,
-            crtime: self.mtime,
             kind: self.kind,
             perm: self.perm,
             nlink: self.nlink,
             uid: self.uid,
             gid: self.gid,
             rdev: self.rdev,
-            blksize: 4096,
-            flags: 0,
         }
     }
 }
