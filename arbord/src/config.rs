@@ -213,8 +213,15 @@ pub struct Prefetch {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Fuse {
-    /// FUSE worker threads per mounted layer.
+    /// FUSE worker threads of arbord, shared by every mounted layer.
     pub threads: usize,
+    /// Keep every layer's FUSE connection in an fd holder process, so that mounted layers
+    /// (and the containers reading them) survive a restart, an upgrade or a crash of arbord;
+    /// on SIGTERM arbord then leaves its layers mounted for its successor.
+    pub handover: bool,
+    /// On SIGTERM with `handover`: how long arbord waits for the reads it has taken to be
+    /// answered before it exits (later ones wait in the kernel for the successor).
+    pub release_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -324,7 +331,11 @@ impl Default for Prefetch {
 
 impl Default for Fuse {
     fn default() -> Self {
-        Fuse { threads: 2 }
+        Fuse {
+            threads: 2,
+            handover: true,
+            release_timeout_ms: 5000,
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use arbor_fetch::blocks::BlockStore;
 use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::prefetch::PrefetchOptions;
 use arbor_fetch::{ChunkCache, Fetcher, Metrics};
+use arbor_lazyfs::holder::HolderClient;
 use arbor_peer::etcd::EtcdConfig;
 use arbor_peer::server::PeerServiceOptions;
 use arbor_peer::tree::{Candidacy, TreeServiceOptions};
@@ -154,9 +155,29 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::runtime::Handle::current(),
     )?);
     let p2p = start_p2p(&cfg, &remote).await?;
+    if cfg.fuse.handover {
+        let (r, root) = (Arc::clone(&remote), cfg.root.clone());
+        let kept = tokio::task::spawn_blocking(move || {
+            let exe = std::env::current_exe().context("finding arbord's own binary")?;
+            let holder = HolderClient::connect_or_spawn(
+                &root.join("fdholder.sock"),
+                &exe,
+                &root.join("fdholder.log"),
+            )
+            .context("starting the fd holder (fuse.handover)")?;
+            anyhow::Ok(r.set_holder(holder)?)
+        })
+        .await??;
+        info!(
+            kept,
+            "fd holder answers; connections it kept will be adopted"
+        );
+    }
     let snap = Arc::new(Snapshotter::open(&cfg.root, Arc::clone(&remote))?);
     let restored = snap.restore().await?;
-    info!(restored, "lazy mounts restored");
+    let r = Arc::clone(&remote);
+    let orphans = tokio::task::spawn_blocking(move || r.reconcile_inventory()).await?;
+    info!(restored, orphans, "lazy mounts restored");
 
     let listener = bind_socket(&cfg.address)?;
     let metrics_task = if cfg.metrics.address.is_empty() {
@@ -239,7 +260,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.address);
     fetcher.flush().await;
     let r = Arc::clone(&remote);
-    tokio::task::spawn_blocking(move || r.unmount_all()).await?;
+    if cfg.fuse.handover {
+        let timeout = Duration::from_millis(cfg.fuse.release_timeout_ms);
+        let (layers, unanswered) =
+            tokio::task::spawn_blocking(move || r.release_all(timeout)).await?;
+        info!(
+            layers,
+            unanswered, "layers left mounted for the next arbord (fuse.handover)"
+        );
+    } else {
+        tokio::task::spawn_blocking(move || r.unmount_all()).await?;
+    }
     info!("stopped");
     served.context("serving the snapshots API")
 }

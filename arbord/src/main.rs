@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use arbord::config::{Config, DEFAULT_CONFIG_TOML};
 use clap::Parser;
 
@@ -49,6 +49,11 @@ struct Args {
     /// Print the default config file, with every key documented, and exit
     #[arg(long)]
     print_default_config: bool,
+    /// Run as the fd holder on this socket instead (arbord starts it itself with
+    /// `fuse.handover`): keep duplicates of the layers' FUSE connections so that mounted
+    /// layers survive arbord's restarts, upgrades and crashes
+    #[arg(long, value_name = "SOCKET")]
+    fd_holder: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -56,6 +61,22 @@ fn main() -> Result<()> {
     if a.print_default_config {
         print!("{DEFAULT_CONFIG_TOML}");
         return Ok(());
+    }
+    if let Some(socket) = a.fd_holder {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+            .init();
+        // A holder outlives arbord: SIGTERM/SIGINT meant for arbord's terminal or process
+        // group must not end it (its connections would end with it).
+        // SAFETY: setting signal dispositions to SIG_IGN before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+        return arbor_lazyfs::holder::run_holder(&socket)
+            .with_context(|| format!("fd holder on {}", socket.display()));
     }
     let mut cfg = Config::load(a.config.as_deref())?;
     if let Some(r) = a.root {

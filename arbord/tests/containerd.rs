@@ -522,16 +522,19 @@ fn restart_restores_mounts_without_the_registry() {
     }
     let status = node.arbord.stop().expect("stopping arbord");
     assert!(status.success(), "arbord exited with {status}");
+    // fuse.handover: the layers stay mounted, their connections in the fd holder.
     assert_eq!(
         node.layer_mounts(),
-        0,
-        "arbord left mounts behind at shutdown"
+        3,
+        "arbord must leave its layers mounted for its successor"
     );
+    assert_eq!(node.arbord.fd_holders().len(), 1, "one fd holder runs");
     drop(reg);
 
     node.arbord.restart().expect("restarting arbord");
     node.wait_reconnected();
     assert_eq!(node.metric("arbor_snapshotter_restored_total"), 3.0);
+    assert_eq!(node.metric("arbor_snapshotter_adopted_total"), 3.0);
     assert_eq!(node.layer_mounts(), 3);
     // No new pull: containerd still has the image and its snapshots.
     assert_eq!(node.run_arbor(&dst, PROBE), want);
@@ -541,14 +544,26 @@ fn restart_restores_mounts_without_the_registry() {
         0.0
     );
 
-    // A crash (SIGKILL) leaves dead FUSE mounts ("transport endpoint is not connected");
-    // the next start replaces them.
+    // A crash (SIGKILL): the holder still keeps the connections; the next start adopts them.
     node.arbord.kill().unwrap();
     node.arbord
         .restart()
         .expect("restarting arbord after a crash");
     node.wait_reconnected();
+    assert_eq!(node.metric("arbor_snapshotter_adopted_total"), 3.0);
+    assert_eq!(node.run_arbor(&dst, PROBE), want);
+
+    // arbord and its holder both gone: dead mounts ("transport endpoint is not connected")
+    // that the next start replaces.
+    node.arbord.kill().unwrap();
+    arbor_testkit::kill_fd_holders(node.arbord.root());
+    node.arbord
+        .restart()
+        .expect("restarting arbord after it and its holder died");
+    node.wait_reconnected();
     assert_eq!(node.metric("arbor_snapshotter_restored_total"), 3.0);
+    assert_eq!(node.metric("arbor_snapshotter_adopted_total"), 0.0);
+    assert_eq!(node.layer_mounts(), 3);
     assert_eq!(node.run_arbor(&dst, PROBE), want);
 }
 

@@ -17,7 +17,8 @@ use arbor_fetch::{BlobSource, Fetcher, LayerHandle};
 use arbor_format::Digest;
 use arbor_format::footer::TocPosition;
 use arbor_format::index::LayerIndex;
-use arbor_lazyfs::{MountOptions, Mounted, mount_layer, overlay};
+use arbor_lazyfs::holder::{HolderClient, Kept};
+use arbor_lazyfs::{MountOptions, Mounted, Negotiated, adopt_layer, mount_layer, overlay};
 use arbor_oci::Store;
 use arbor_oci::auth::CredentialStore;
 use arbor_oci::manifest::Descriptor;
@@ -125,6 +126,20 @@ pub struct Remote {
     sets: crate::learn::SetStore,
     /// Function trees, when this node takes part in them (`[p2p]`).
     trees: std::sync::OnceLock<Arc<crate::trees::Trees>>,
+    /// The fd holder keeping every mount's FUSE connection (`fuse.handover`).
+    holder: std::sync::OnceLock<Mutex<HolderClient>>,
+    /// Connections a predecessor left in the holder, by mount directory, until adopted.
+    inventory: Mutex<HashMap<PathBuf, Kept>>,
+    /// Layers adopted from a predecessor.
+    adopted: std::sync::atomic::AtomicU64,
+}
+
+/// What the holder keeps with a connection, to adopt it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptMeta {
+    digest: String,
+    snapshot: u64,
+    negotiated: Negotiated,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,7 +185,91 @@ impl Remote {
             mounts: Mutex::new(HashMap::new()),
             rt,
             trees: Default::default(),
+            holder: Default::default(),
+            inventory: Default::default(),
+            adopted: Default::default(),
         })
+    }
+
+    /// Keeps every mount's FUSE connection in `holder` from now on, and takes the inventory
+    /// of those a predecessor left there (adopted by [`Remote::mount`]). Blocking.
+    pub fn set_holder(&self, holder: HolderClient) -> Result<usize> {
+        let kept = holder
+            .list()
+            .map_err(|e| Error::Internal(format!("listing the fd holder: {e}")))?;
+        let n = kept.len();
+        let mut inv = lock(&self.inventory);
+        for k in kept {
+            inv.insert(PathBuf::from(&k.name), k);
+        }
+        drop(inv);
+        let _ = self.holder.set(Mutex::new(holder));
+        Ok(n)
+    }
+
+    /// The live connection a predecessor left for `dir`, if it serves `digest` and is still
+    /// mounted there; anything else kept for `dir` is forgotten.
+    fn adoptable(&self, dir: &Path, digest: &str) -> Option<(std::os::fd::OwnedFd, Negotiated)> {
+        let kept = lock(&self.inventory).remove(dir)?;
+        let meta: Option<KeptMeta> = serde_json::from_value(kept.meta).ok();
+        match meta {
+            Some(m) if m.digest == digest && overlay::is_mounted(dir) => {
+                Some((kept.fd, m.negotiated))
+            }
+            _ => {
+                warn!(dir = %dir.display(), "kept connection does not match; mounting anew");
+                self.holder_forget(dir);
+                None
+            }
+        }
+    }
+
+    fn holder_forget(&self, dir: &Path) {
+        if let Some(h) = self.holder.get()
+            && let Err(e) = lock(h).forget(&dir.to_string_lossy())
+        {
+            warn!(dir = %dir.display(), error = %e, "fd holder: forgetting failed");
+        }
+    }
+
+    fn holder_keep(&self, id: u64, digest: &str, mounted: &Mounted) {
+        let (Some(h), Some(session)) = (self.holder.get(), mounted.session()) else {
+            return;
+        };
+        let Some(negotiated) = session.negotiated() else {
+            return;
+        };
+        let meta = KeptMeta {
+            digest: digest.to_string(),
+            snapshot: id,
+            negotiated,
+        };
+        let r = serde_json::to_value(&meta)
+            .map_err(std::io::Error::other)
+            .and_then(|m| lock(h).keep(&mounted.dir().to_string_lossy(), m, &session.dup_fd()?));
+        if let Err(e) = r {
+            warn!(dir = %mounted.dir().display(), error = %e,
+                "fd holder: keeping the connection failed; this mount will not survive a restart");
+        }
+    }
+
+    /// Layers adopted from a predecessor since start.
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forgets and detaches what a predecessor left in the holder and no snapshot claimed
+    /// (a layer removed, or taken out of service, while no arbord ran). Blocking.
+    pub fn reconcile_inventory(&self) -> usize {
+        let left: Vec<(PathBuf, Kept)> = lock(&self.inventory).drain().collect();
+        for (dir, _) in &left {
+            warn!(dir = %dir.display(), "kept connection of no mounted snapshot; detaching it");
+            self.holder_forget(dir);
+            if overlay::is_mounted(dir) {
+                detach(dir);
+            }
+        }
+        left.len()
     }
 
     pub fn options(&self) -> &RemoteOptions {
@@ -422,8 +521,10 @@ impl Remote {
             vec![source],
             unit,
         ));
+        let adopt = self.adoptable(dir, &layer.digest);
         let learn = &self.opts.learn;
-        if learn.enabled {
+        // An adopted layer's reads are not a fresh start: nothing to learn from them.
+        if learn.enabled && adopt.is_none() {
             handle.record(Arc::new(Recorder::new(learn.max_chunks, learn.max_age)));
         }
         let learned = self.learned_for(layer.manifest.as_deref(), &handle);
@@ -431,32 +532,54 @@ impl Remote {
         self.fetcher
             .metrics()
             .layer(&layer.digest, handle.index.data_end);
-        if overlay::is_mounted(dir) {
-            // Left over from an earlier run of the daemon ("transport endpoint is not
-            // connected"); detach it before mounting again.
+        if adopt.is_none() && overlay::is_mounted(dir) {
+            // Left over from an earlier run of the daemon whose connection nobody kept
+            // ("transport endpoint is not connected"); detach it before mounting again.
             detach(dir);
         }
         let opts = MountOptions {
             threads: self.opts.fuse_threads,
             allow_other: true,
         };
-        let mounted = std::fs::create_dir_all(dir)
-            .map_err(Error::io(format!("creating {}", dir.display())))
-            .and_then(|()| {
-                mount_layer(
-                    Arc::clone(&handle),
-                    Arc::clone(&self.fetcher),
-                    self.rt.clone(),
-                    dir,
-                    &opts,
-                )
-                .map_err(Error::io(format!(
-                    "mounting layer {} at {}",
-                    layer.digest,
-                    dir.display()
-                )))
-            })
-            .inspect_err(|_| detach_tree(&tree))?;
+        let adopted = adopt.is_some();
+        let mounted = match adopt {
+            Some((fd, negotiated)) => adopt_layer(
+                Arc::clone(&handle),
+                Arc::clone(&self.fetcher),
+                self.rt.clone(),
+                dir,
+                fd,
+                negotiated,
+            )
+            .map_err(Error::io(format!(
+                "adopting layer {} at {}",
+                layer.digest,
+                dir.display()
+            ))),
+            None => std::fs::create_dir_all(dir)
+                .map_err(Error::io(format!("creating {}", dir.display())))
+                .and_then(|()| {
+                    mount_layer(
+                        Arc::clone(&handle),
+                        Arc::clone(&self.fetcher),
+                        self.rt.clone(),
+                        dir,
+                        &opts,
+                    )
+                    .map_err(Error::io(format!(
+                        "mounting layer {} at {}",
+                        layer.digest,
+                        dir.display()
+                    )))
+                }),
+        }
+        .inspect_err(|_| detach_tree(&tree))?;
+        if adopted {
+            self.adopted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.holder_keep(id, &layer.digest, &mounted);
+        }
         let late = Arc::clone(&handle);
         let prefetch = (self.opts.prefetch || !learned.is_empty()).then(|| {
             let mut opts = self.opts.prefetch_opts.clone();
@@ -497,7 +620,7 @@ impl Remote {
     pub fn unmount(&self, id: u64) {
         let active = lock(&self.mounts).remove(&id);
         if let Some(a) = active {
-            Self::finish(id, a);
+            self.finish(id, a);
         }
     }
 
@@ -509,11 +632,11 @@ impl Remote {
         let active = lock(&self.mounts).remove(&id);
         if let Some(a) = active {
             a.mounted.poison();
-            Self::finish(id, a);
+            self.finish(id, a);
         }
     }
 
-    fn finish(id: u64, a: Active) {
+    fn finish(&self, id: u64, a: Active) {
         if let Some(p) = a.prefetch {
             p.abort();
         }
@@ -521,6 +644,7 @@ impl Remote {
             trees.detach(f, &a.layer.digest);
         }
         let dir = a.mounted.dir().to_path_buf();
+        self.holder_forget(&dir);
         if let Err(e) = a.mounted.unmount() {
             warn!(id, dir = %dir.display(), error = %e, "unmount failed; detaching");
             detach(&dir);
@@ -534,6 +658,25 @@ impl Remote {
         for id in ids {
             self.unmount(id);
         }
+    }
+
+    /// Hands every layer over to a successor (shutdown with `fuse.handover`): stops reading
+    /// their FUSE requests, answers those taken (within `timeout` in all), and leaves them
+    /// mounted, their connections kept by the holder. Returns the layers released and the
+    /// requests still unanswered at the deadline. Blocking.
+    pub fn release_all(&self, timeout: std::time::Duration) -> (usize, usize) {
+        let all: Vec<(u64, Active)> = lock(&self.mounts).drain().collect();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut unanswered = 0;
+        let n = all.len();
+        for (_, a) in all {
+            if let Some(p) = a.prefetch {
+                p.abort();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            unanswered += a.mounted.release(left);
+        }
+        (n, unanswered)
     }
 
     /// Number of layers mounted.

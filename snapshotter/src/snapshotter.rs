@@ -764,6 +764,11 @@ impl Snapshotter {
             "arbor_snapshotter_restored_total {}\n",
             c.restored.load(Ordering::Relaxed)
         ));
+        s.push_str("# HELP arbor_snapshotter_adopted_total Lazy mounts restored by adopting the FUSE connection a predecessor left in the fd holder (still mounted, never remounted).\n# TYPE arbor_snapshotter_adopted_total counter\n");
+        s.push_str(&format!(
+            "arbor_snapshotter_adopted_total {}\n",
+            self.remote.adopted()
+        ));
         s.push_str("# HELP arbor_snapshotter_restore_failures_total Lazy mounts that could not be restored.\n# TYPE arbor_snapshotter_restore_failures_total counter\n");
         s.push_str(&format!(
             "arbor_snapshotter_restore_failures_total {}\n",

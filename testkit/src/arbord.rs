@@ -1,5 +1,6 @@
 //! A private `arbord` (Arbor's node daemon) for one test: own root, socket and metrics port,
-//! logs in a file, stopped with SIGTERM (it unmounts its layers) on drop.
+//! logs in a file, stopped with SIGTERM on drop (then its fd holder is killed and what it left
+//! mounted is detached).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -163,6 +164,20 @@ impl Arbord {
         self.spawn()
     }
 
+    /// [`Arbord::restart`] with another binary (an upgrade); later restarts use it too.
+    pub fn restart_with(&mut self, bin: &Path) -> Result<()> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.opts.bin = bin.to_path_buf();
+        self.spawn()
+    }
+
+    /// The pids of the fd holder(s) this arbord started (`fuse.handover`).
+    pub fn fd_holders(&self) -> Vec<u32> {
+        util::fd_holders(&self.root)
+    }
+
     /// The running arbord's pid.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -245,6 +260,9 @@ impl Drop for Arbord {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        // With `fuse.handover` the layers stay mounted for a successor, their connections
+        // kept by the fd holder: none comes, so the holder goes and the mounts with it.
+        util::kill_fd_holders(&self.root);
         util::unmount_below(&self.base);
         if let Some(root) = &self.opts.root {
             util::unmount_below(root);

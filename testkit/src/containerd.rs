@@ -242,7 +242,8 @@ state = "{state}"
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    fn ctr_command(&self) -> Command {
+    /// `ctr --address SOCK --namespace NS` (to add arguments to, e.g. a long-running `run`).
+    pub fn ctr_command(&self) -> Command {
         self.ctr_command_in(&self.namespace)
     }
 

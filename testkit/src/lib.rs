@@ -51,7 +51,10 @@ pub use layer::{
 };
 pub use proxy::{Fault, FaultProxy};
 pub use registry::Registry;
-pub use util::{find_in_path, http_get, http_request, is_mounted, log_tail, mounts_below};
+pub use util::{
+    fd_holders, find_in_path, http_get, http_request, is_mounted, kill_fd_holders, log_tail,
+    mounts_below,
+};
 
 /// True if running as root (effective uid 0).
 pub fn is_root() -> bool {

@@ -315,6 +315,47 @@ pub fn is_mounted(p: &Path) -> bool {
     mounts_below(p).iter().any(|m| m == p)
 }
 
+/// Pids of the fd holders arbord started for `root` (`arbord --fd-holder ROOT/fdholder.sock`).
+pub fn fd_holders(root: &Path) -> Vec<u32> {
+    let want = root.join("fdholder.sock");
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--fd-holder" && w[1] == want.as_os_str().as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills the fd holders of `root` (their connections end) and waits (2 s) until they are gone.
+pub fn kill_fd_holders(root: &Path) {
+    let pids = fd_holders(root);
+    for &p in &pids {
+        signal(p, libc::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Lazily unmounts everything at or below `dir`, deepest first (repeats for stacked mounts).
 pub(crate) fn unmount_below(dir: &Path) {
     for _ in 0..8 {
