@@ -555,8 +555,7 @@ fn restart_restores_mounts_without_the_registry() {
 
     // arbord and its holder both gone: dead mounts ("transport endpoint is not connected")
     // that the next start replaces.
-    node.arbord.kill().unwrap();
-    arbor_testkit::kill_fd_holders(node.arbord.root());
+    node.arbord.kill_node().unwrap();
     node.arbord
         .restart()
         .expect("restarting arbord after it and its holder died");

@@ -536,7 +536,8 @@ async fn an_interior_node_killed_mid_transfer_leaves_its_subtree_whole() {
         let _ = std::fs::read(d1.join("data/f0.bin"));
     });
     std::thread::sleep(Duration::from_millis(700));
-    s.nodes[1].kill().unwrap();
+    // The node dies for good (its fd holder too): its own reader gets ENOTCONN.
+    s.nodes[1].kill_node().unwrap();
     let worst = reader.join().unwrap();
     let _ = d1_reader.join();
     let from_parent = metric(&s.nodes[3], &route_metric("parent"));
@@ -618,7 +619,7 @@ async fn the_standby_manager_takes_over_mid_burst_with_the_trees() {
         })
     });
     std::thread::sleep(Duration::from_millis(300));
-    s.managers[lead].kill().unwrap();
+    s.managers[lead].kill_node().unwrap();
     let killed = Instant::now();
     burst.join().expect("every node read every byte");
     eprintln!(

@@ -332,6 +332,11 @@ fn parse_answer(b: &[u8]) -> io::Result<Value> {
     Ok(v)
 }
 
+/// The file the holder on `socket` writes its pid to: `socket` with the extension `pid`.
+pub fn pid_file(socket: &Path) -> std::path::PathBuf {
+    socket.with_extension("pid")
+}
+
 /// Whether the connection behind `fd` has ended (`/dev/fuse` polls as an error then).
 fn ended(fd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {
@@ -392,6 +397,10 @@ pub fn run_holder(socket: &Path) -> io::Result<()> {
     if unsafe { libc::listen(listener.as_raw_fd(), 8) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Who holds a root's connections, for supervisors and tests (reading other processes'
+    // command lines can block behind a stuck FUSE mount; this file cannot).
+    let pid_file = pid_file(socket);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))?;
     // SAFETY: no preconditions.
     let me = unsafe { libc::geteuid() };
     info!(socket = %socket.display(), pid = std::process::id(), "fd holder listening");
@@ -430,6 +439,7 @@ pub fn run_holder(socket: &Path) -> io::Result<()> {
                 Served::Quit => {
                     info!(kept = kept.len(), "asked to quit");
                     let _ = std::fs::remove_file(socket);
+                    let _ = std::fs::remove_file(&pid_file);
                     return Ok(());
                 }
             }

@@ -155,6 +155,14 @@ impl Arbord {
         Ok(())
     }
 
+    /// Kills arbord and its fd holder (a node lost for good: nothing left to hand its layers
+    /// to). Readers of its layers get ENOTCONN instead of waiting for a successor.
+    pub fn kill_node(&mut self) -> Result<()> {
+        self.kill()?;
+        util::kill_fd_holders(&self.root);
+        Ok(())
+    }
+
     /// Starts arbord again on the same root and socket (after [`Arbord::stop`] or
     /// [`Arbord::kill`]).
     pub fn restart(&mut self) -> Result<()> {

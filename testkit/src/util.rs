@@ -315,29 +315,28 @@ pub fn is_mounted(p: &Path) -> bool {
     mounts_below(p).iter().any(|m| m == p)
 }
 
-/// Pids of the fd holders arbord started for `root` (`arbord --fd-holder ROOT/fdholder.sock`).
+/// Pids of the fd holders arbord started for `root` (`arbord --fd-holder ROOT/fdholder.sock`,
+/// which writes `ROOT/fdholder.pid`). Not found by command line: reading another process's
+/// command line blocks while that process waits on a stuck FUSE mount.
 pub fn fd_holders(root: &Path) -> Vec<u32> {
-    let want = root.join("fdholder.sock");
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
+    let Some(pid) = std::fs::read_to_string(root.join("fdholder.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return Vec::new();
     };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args
-            .windows(2)
-            .any(|w| w[0] == b"--fd-holder" && w[1] == want.as_os_str().as_bytes())
-        {
-            pids.push(pid);
-        }
+    // Still that holder (an arbord binary), not a recycled pid.
+    let name = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.trim_start_matches("Name:").trim().to_string())
+        });
+    match name {
+        Some(n) if n.starts_with("arbord") => vec![pid],
+        _ => Vec::new(),
     }
-    pids
 }
 
 /// Kills the fd holders of `root` (their connections end) and waits (2 s) until they are gone.
