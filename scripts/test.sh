@@ -4,6 +4,7 @@
 # root; run as a normal user they print why they skip), then fuzzes the TOC and tar parsers.
 #
 #   ARBOR_FUZZ_SECONDS=60   seconds per fuzz target (0 skips fuzzing)
+#   ARBOR_SOAK_MINUTES=3    minutes of benches/soak (0 skips it)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,6 +31,22 @@ echo "[test] cargo test --workspace"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # cargo test exits non-zero on failure (pipefail); also refuse a run that ran no test.
 grep -q "test result: ok" target/test.log || { echo "[test] no test ran" >&2; exit 1; }
+
+# The soak: random container starts and stops, arbord restarts and crashes, registry faults,
+# cache pressure and a full disk, with the invariants checked (benches/soak.rs). Bounded here;
+# `--minutes 60` by hand.
+soak_minutes="${ARBOR_SOAK_MINUTES:-3}"
+if [[ "$soak_minutes" != "0" ]]; then
+  if [[ "$(id -u)" == "0" ]]; then
+    echo "[test] soak for ${soak_minutes} min"
+    cargo build -p arbor-benches --bin bench-soak
+    bin="${CARGO_TARGET_DIR:-target}/debug"
+    "$bin/bench-soak" --minutes "$soak_minutes" --arbord "$bin/arbord" \
+      --json "${CARGO_TARGET_DIR:-target}/bench-soak.json"
+  else
+    echo "[test] soak skipped: it needs root (mounts, containerd)"
+  fi
+fi
 
 fuzz_seconds="${ARBOR_FUZZ_SECONDS:-60}"
 if [[ "$fuzz_seconds" != "0" ]]; then
