@@ -577,3 +577,17 @@ impl Remote {
         }))
     }
 }
+
+/// (threads, open fds, RSS bytes) of process `pid` ("self" for this one), from `/proc`.
+pub fn proc_usage(pid: &str) -> Option<(u64, u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((field("Threads:"), fds, field("VmRSS:") * 1024))
+}

@@ -62,16 +62,7 @@ struct Args {
 
 /// (threads, fds, RSS bytes) of this process.
 fn usage() -> (u64, u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    (field("Threads:"), fds, field("VmRSS:") * 1024)
+    harness::proc_usage("self").unwrap_or_default()
 }
 
 fn main() {

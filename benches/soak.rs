@@ -142,16 +142,7 @@ struct Seen {
 
 /// (threads, fds, RSS bytes) of `pid`.
 fn usage(pid: u32) -> Option<(u64, u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    Some((field("Threads:"), fds, field("VmRSS:") * 1024))
+    harness::proc_usage(&pid.to_string())
 }
 
 fn main() {
@@ -241,18 +232,7 @@ fn run() -> Result<bool> {
     let start_one = |image: usize| -> Result<Running> {
         let id = format!("soak-{}", counter.fetch_add(1, Ordering::Relaxed));
         let mut child = ctd
-            .ctr_command()
-            .args([
-                "run",
-                "--rm",
-                "--snapshotter",
-                "arbor",
-                &refs[image],
-                &id,
-                "sh",
-                "-c",
-                LOOP,
-            ])
+            .arbor_run_command(&refs[image], &id, &["sh", "-c", LOOP])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;

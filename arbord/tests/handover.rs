@@ -146,18 +146,7 @@ fn containers_keep_reading_through_restart_upgrade_and_crash() {
 
     // The container: checksums forever, its lines collected with the host's clock.
     let mut ctr = ctd
-        .ctr_command()
-        .args([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "arbor",
-            &dst,
-            "reader",
-            "sh",
-            "-c",
-            LOOP,
-        ])
+        .arbor_run_command(&dst, "reader", &["sh", "-c", LOOP])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arbor_fetch::fetcher::FetcherOptions;
 use arbor_lazyfs::abi::{Request, op};
 use arbor_lazyfs::fs::LayerFs;
 use arbor_lazyfs::session::{Handler, MountSpec, Reply, server};
@@ -66,14 +65,8 @@ fn successor_adopts_and_resend_recovers_a_read_the_dead_daemon_took() {
         ]))],
         ..Default::default()
     };
-    let r = converted(&rt, &reg, &spec, "handover/layer");
-    let c = client(2);
-    let s = store(&r, &c);
-    let ls = layers(&rt, &s);
-    let cache = tempfile::tempdir().unwrap();
-    let (f, _) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
-    let dir = tempfile::tempdir().unwrap();
-    let h = handle(&s, &ls[0].0, &ls[0].1, 1 << 20);
+    let layer = one_layer(&rt, &reg, &spec, "handover/layer");
+    let (h, f, dir) = (layer.handle.clone(), layer.fetcher.clone(), &layer.dir);
 
     // Mounted by hand, to serve it with the swallowing handlers.
     let fd = arbor_lazyfs::session::mount(

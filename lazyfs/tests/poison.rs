@@ -5,7 +5,6 @@
 
 mod common;
 
-use arbor_fetch::fetcher::FetcherOptions;
 use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar};
 use common::*;
 
@@ -26,14 +25,8 @@ fn poisoned_layer_answers_eio_to_everything_cached_or_not() {
         ]))],
         ..Default::default()
     };
-    let r = converted(&rt, &reg, &spec, "poison/layer");
-    let c = client(2);
-    let s = store(&r, &c);
-    let ls = layers(&rt, &s);
-    let cache = tempfile::tempdir().unwrap();
-    let (f, _) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
-    let dir = tempfile::tempdir().unwrap();
-    let h = handle(&s, &ls[0].0, &ls[0].1, 1 << 20);
+    let layer = one_layer(&rt, &reg, &spec, "poison/layer");
+    let (h, f, dir) = (layer.handle.clone(), layer.fetcher.clone(), &layer.dir);
     let mounted = mount(&rt, h.clone(), &f, dir.path());
 
     let before = dir.path().join("app/read-before.txt");

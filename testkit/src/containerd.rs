@@ -242,6 +242,15 @@ state = "{state}"
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// `ctr run --rm --snapshotter arbor REFERENCE ID CMD...`, not started: for a container that
+    /// runs alongside the caller (pipe its output, kill it with `ctr task kill`).
+    pub fn arbor_run_command(&self, reference: &str, id: &str, cmd: &[&str]) -> Command {
+        let mut c = self.ctr_command();
+        c.args(["run", "--rm", "--snapshotter", "arbor", reference, id])
+            .args(cmd);
+        c
+    }
+
     /// `ctr --address SOCK --namespace NS` (to add arguments to, e.g. a long-running `run`).
     pub fn ctr_command(&self) -> Command {
         self.ctr_command_in(&self.namespace)

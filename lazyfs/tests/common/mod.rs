@@ -138,3 +138,32 @@ pub fn mount(
     )
     .unwrap()
 }
+
+/// A one-layer image converted into `reg`, its layer's handle over a fresh fetcher (1 GiB
+/// cache), and an empty directory to mount it at.
+pub struct OneLayer {
+    pub handle: Arc<LayerHandle>,
+    pub fetcher: Arc<Fetcher>,
+    pub dir: tempfile::TempDir,
+    _cache: tempfile::TempDir,
+}
+
+pub fn one_layer(
+    rt: &tokio::runtime::Runtime,
+    reg: &Registry,
+    spec: &ImageSpec,
+    repo: &str,
+) -> OneLayer {
+    let r = converted(rt, reg, spec, repo);
+    let c = client(2);
+    let s = store(&r, &c);
+    let ls = layers(rt, &s);
+    let cache = tempfile::tempdir().unwrap();
+    let (fetcher, _) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
+    OneLayer {
+        handle: handle(&s, &ls[0].0, &ls[0].1, 1 << 20),
+        fetcher,
+        dir: tempfile::tempdir().unwrap(),
+        _cache: cache,
+    }
+}
