@@ -2,8 +2,9 @@
 //!
 //! A [`Session`] is one connection (one `/dev/fuse` open file description, one mount) and the
 //! parameters agreed at its FUSE_INIT ([`Negotiated`]). It is served by the process-wide
-//! [`Server`]: a few worker threads waiting on one epoll set over every session's fd, so a
-//! node with hundreds of layers has the same threads as one with a single layer. Workers
+//! [`Server`]: a few worker threads, each waiting on its own epoll set over every session's fd
+//! (`EPOLLEXCLUSIVE`: a request wakes one idle worker, not all), so a node with hundreds of
+//! layers has the same threads as one with a single layer. Workers
 //! read requests without blocking and hand them to the session's [`Handler`]; a reply may be
 //! sent from any thread (reads are answered from the tokio runtime).
 //!
@@ -255,9 +256,10 @@ impl Drop for Reply {
     }
 }
 
-/// The process's FUSE workers: one epoll set over every session.
+/// The process's FUSE workers: each has an epoll set over every session.
 pub struct Server {
-    epoll: OwnedFd,
+    /// One epoll set per worker.
+    epolls: Vec<OwnedFd>,
     sessions: RwLock<HashMap<u64, Arc<Session>>>,
     next: AtomicU64,
     workers: usize,
@@ -283,14 +285,18 @@ pub fn server() -> &'static Arc<Server> {
 
 impl Server {
     fn start(workers: usize) -> io::Result<Arc<Server>> {
-        // SAFETY: plain syscall; the fd is owned below.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
+        let mut epolls = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            // SAFETY: plain syscall; the fd is owned below.
+            let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if ep < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `ep` is a fresh fd owned by nobody else.
+            epolls.push(unsafe { OwnedFd::from_raw_fd(ep) });
         }
         let s = Arc::new(Server {
-            // SAFETY: `ep` is a fresh fd owned by nobody else.
-            epoll: unsafe { OwnedFd::from_raw_fd(ep) },
+            epolls,
             sessions: RwLock::new(HashMap::new()),
             next: AtomicU64::new(1),
             workers,
@@ -299,7 +305,7 @@ impl Server {
             let me = Arc::clone(&s);
             std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
-                .spawn(move || me.work())?;
+                .spawn(move || me.work(i))?;
         }
         Ok(s)
     }
@@ -372,50 +378,48 @@ impl Server {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Arc::clone(&s));
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: id,
-        };
-        // SAFETY: both fds are open; `ev` lives for the call.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, s.fd(), &mut ev) }
-            != 0
-        {
-            let e = io::Error::last_os_error();
-            self.forget(&s);
-            return Err(e);
+        for ep in &self.epolls {
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                u64: id,
+            };
+            // SAFETY: both fds are open; `ev` lives for the call.
+            if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, s.fd(), &mut ev) } != 0
+            {
+                let e = io::Error::last_os_error();
+                self.forget(&s);
+                return Err(e);
+            }
         }
         Ok(s)
     }
 
     fn forget(&self, s: &Session) {
-        // SAFETY: removing an fd from the set; a null event is allowed for DEL.
-        unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                s.fd(),
-                std::ptr::null_mut(),
-            )
-        };
+        for ep in &self.epolls {
+            // SAFETY: removing an fd from a set; a null event is allowed for DEL.
+            unsafe {
+                libc::epoll_ctl(
+                    ep.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    s.fd(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&s.id);
     }
 
-    fn work(&self) {
+    fn work(&self, worker: usize) {
         let mut buf = vec![0u8; BUF];
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let epoll = self.epolls[worker].as_raw_fd();
         loop {
             // SAFETY: `events` is a writable array of the length passed.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    -1,
-                )
-            };
+            let n =
+                unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -439,9 +443,11 @@ impl Server {
         }
     }
 
-    /// Reads and dispatches the requests waiting on `s` (a few, to share the workers).
+    /// Reads and dispatches a request waiting on `s`. One per wake-up: the set is
+    /// level-triggered, so more waiting wake this worker again or another idle one, and no
+    /// read is spent learning that nothing waits.
     fn drain(&self, s: &Arc<Session>, buf: &mut [u8]) {
-        for _ in 0..16 {
+        for _ in 0..2 {
             s.busy.fetch_add(1, Ordering::SeqCst);
             if s.stopping.load(Ordering::SeqCst) {
                 s.busy.fetch_sub(1, Ordering::SeqCst);
@@ -471,6 +477,7 @@ impl Server {
             }
             // `busy` is handed to the Reply, which releases it when answered.
             self.dispatch(s, &buf[..n as usize]);
+            return;
         }
     }
 
