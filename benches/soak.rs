@@ -1,6 +1,7 @@
 //! `bench-soak`: a node under faults for a while, and nothing leaks.
 //!
-//! One `arbord` (its root on a small loop-mounted ext4, its chunk cache on a small budget) and
+//! One `arbord` (its root on a small loop-mounted ext4, its chunk cache on a budget smaller than
+//! the working set, `--cache-mib`, and 2 MiB in memory) and
 //! one containerd, three converted images behind a fault proxy in front of a loopback
 //! `docker-registry`. For `--minutes`, every `--step-ms` one random action:
 //!
@@ -51,6 +52,10 @@ struct Args {
     /// Time between two actions.
     #[arg(long, default_value_t = 2000)]
     step_ms: u64,
+    /// arbord's chunk cache on disk, MiB (the working set, 3 x 4 MiB of files, does not fit
+    /// the default: evicted chunks are fetched again, through the faults).
+    #[arg(long, default_value_t = 6)]
+    cache_mib: u64,
     /// Containers running at most.
     #[arg(long, default_value_t = 4)]
     max_containers: usize,
@@ -202,10 +207,10 @@ fn run() -> Result<bool> {
     let mut arbord = Arbord::start(&ArbordOptions {
         bin: arbord_bin.clone(),
         root: Some(root.clone()),
-        config: Some(
-            "[cache]\ndisk_size = \"24MiB\"\nmemory_size = \"8MiB\"\n[fetch]\ntimeout_secs = 10\n"
-                .into(),
-        ),
+        config: Some(format!(
+            "[cache]\ndisk_size = \"{}MiB\"\nmemory_size = \"2MiB\"\n[fetch]\ntimeout_secs = 10\n",
+            a.cache_mib
+        )),
         ..Default::default()
     })?;
     let ctd = Containerd::start_with(&ContainerdOptions {
