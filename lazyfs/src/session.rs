@@ -73,8 +73,6 @@ pub struct Session {
     /// Requests being read or answered by this process.
     busy: AtomicUsize,
     stopping: AtomicBool,
-    /// Requests answered (for tests and metrics).
-    served: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,10 +95,6 @@ impl Session {
 
     pub fn negotiated(&self) -> Option<Negotiated> {
         lock(&self.state).negotiated
-    }
-
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 
     /// Whether the connection is gone (unmounted and released by every user, or aborted).
@@ -219,9 +213,7 @@ impl Reply {
     fn finish(&mut self, error: i32, body: &[u8]) {
         self.done = true;
         match self.session.send(self.unique, error, body) {
-            Ok(()) => {
-                self.session.served.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             // The request was interrupted or the connection aborted: nobody waits for it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => debug!(dir = %self.session.dir.display(), error = %e, "FUSE reply failed"),
@@ -310,18 +302,6 @@ impl Server {
         Ok(s)
     }
 
-    /// Sessions served now.
-    pub fn sessions(&self) -> usize {
-        self.sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-
-    pub fn workers(&self) -> usize {
-        self.workers
-    }
-
     /// Serves a connection whose INIT is still to come (a fresh mount).
     pub fn serve(
         &self,
@@ -372,7 +352,6 @@ impl Server {
             changed: Condvar::new(),
             busy: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            served: AtomicU64::new(0),
         });
         self.sessions
             .write()
