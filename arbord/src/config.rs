@@ -51,6 +51,68 @@ pub struct Config {
     pub registry: Registry,
     pub learn: Learn,
     pub p2p: P2p,
+    pub functions: Functions,
+}
+
+/// The function gateway (`arbor fn ...`): an HTTP/JSON API to deploy and invoke functions,
+/// whose instances run through containerd with this snapshotter and the `arbor` runtime.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Functions {
+    /// Serve the gateway.
+    pub enabled: bool,
+    /// Address of the API (loopback by default: put a real front door before exposing it).
+    pub listen: String,
+    /// A file holding the bearer token every request (but `/healthz`) must carry; empty:
+    /// no token.
+    pub token_file: String,
+    /// containerd's socket.
+    pub containerd: PathBuf,
+    /// containerd namespace of the instances.
+    pub namespace: String,
+    /// Snapshotter the instances' images are unpacked with (`arbor`: lazily, by this arbord).
+    pub snapshotter: String,
+    /// Runtime of the instances (`io.containerd.arbor.v1` reports starts, so start-up sets
+    /// are learned; `io.containerd.runc.v2` also works).
+    pub runtime: String,
+    /// Directories holding the CNI plugins (`bridge`, `host-local`, `loopback`).
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// The host bridge instances attach to.
+    pub bridge: String,
+    /// IPv4 subnet of the instances.
+    pub subnet: String,
+    /// Masquerade the instances' outbound traffic (needs iptables).
+    pub masquerade: bool,
+    /// Largest invocation request body.
+    pub max_body: Size,
+    /// Largest response body taken from an instance.
+    pub max_response: Size,
+    /// SIGTERM to SIGKILL when an instance is stopped.
+    pub stop_grace_secs: u64,
+    /// cgroup parent of the instances; empty: containerd's `/NAMESPACE/ID`.
+    pub cgroup_parent: String,
+}
+
+impl Default for Functions {
+    fn default() -> Self {
+        Functions {
+            enabled: false,
+            listen: "127.0.0.1:8480".into(),
+            token_file: String::new(),
+            containerd: "/run/containerd/containerd.sock".into(),
+            namespace: "arbor-fn".into(),
+            snapshotter: "arbor".into(),
+            runtime: "io.containerd.arbor.v1".into(),
+            cni_bin_dirs: vec!["/usr/lib/cni".into(), "/opt/cni/bin".into()],
+            bridge: "arbor0".into(),
+            subnet: "10.89.0.0/16".into(),
+            masquerade: false,
+            max_body: Size(6 << 20),
+            max_response: Size(64 << 20),
+            stop_grace_secs: 5,
+            cgroup_parent: String::new(),
+        }
+    }
 }
 
 /// One `host:port` or a list of them.
@@ -255,6 +317,7 @@ impl Default for Config {
             registry: Registry::default(),
             learn: Learn::default(),
             p2p: P2p::default(),
+            functions: Functions::default(),
         }
     }
 }
@@ -408,6 +471,34 @@ impl Config {
             self.fetch.proof_wait_secs >= 1,
             "fetch.proof_wait_secs must be at least 1"
         );
+        if self.functions.enabled {
+            let f = &self.functions;
+            anyhow::ensure!(
+                f.listen.parse::<std::net::SocketAddr>().is_ok(),
+                "functions.listen must be an IP address and port, not {:?}",
+                f.listen
+            );
+            anyhow::ensure!(
+                f.containerd.is_absolute(),
+                "functions.containerd must be an absolute path"
+            );
+            anyhow::ensure!(
+                !f.namespace.is_empty() && !f.snapshotter.is_empty() && !f.runtime.is_empty(),
+                "functions.namespace, snapshotter and runtime must not be empty"
+            );
+            anyhow::ensure!(
+                f.max_body.0 >= 1024 && f.max_body.0 <= 1 << 30,
+                "functions.max_body must be between 1KiB and 1GiB"
+            );
+            anyhow::ensure!(
+                !f.bridge.is_empty() && f.bridge.len() <= 15,
+                "functions.bridge must be a network interface name (1-15 characters)"
+            );
+            anyhow::ensure!(
+                f.subnet.contains('/'),
+                "functions.subnet must be CIDR, like 10.89.0.0/16"
+            );
+        }
         if self.p2p.enabled || self.p2p.run_manager {
             let p = &self.p2p;
             anyhow::ensure!(!p.manager.0.is_empty(), "p2p.manager names no manager");

@@ -180,6 +180,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     info!(restored, orphans, "lazy mounts restored");
 
     let listener = bind_socket(&cfg.address)?;
+    let (gateway, gateway_task) = start_gateway(&cfg).await?;
     let metrics_task = if cfg.metrics.address.is_empty() {
         None
     } else {
@@ -188,6 +189,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.address))?;
         let (m, s, r) = (Arc::clone(&metrics), Arc::clone(&snap), Arc::clone(&remote));
         let peer = p2p.peer.clone();
+        let gw = gateway.clone();
         Some(tokio::spawn(arbor_fetch::metrics::serve(
             l,
             Arc::new(move || {
@@ -199,6 +201,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 if let Some(p) = &peer {
                     render_peer_metrics(&p.stats(), &mut text);
+                }
+                if let Some(g) = &gw {
+                    g.render_metrics(&mut text);
                 }
                 text
             }),
@@ -219,10 +224,17 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let gw = gateway.clone();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        if let Some(g) = gw {
+            // Instances read their layers through this arbord and their snapshots are
+            // removed through it: stop them while it still serves.
+            g.shutdown().await;
+            info!("function instances stopped");
         }
     };
     info!(
@@ -244,6 +256,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         warn!(error = %e, "gRPC server stopped with an error");
     }
     writeback.abort();
+    if let Some(t) = gateway_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -273,6 +288,72 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     info!("stopped");
     served.context("serving the snapshots API")
+}
+
+/// Starts the function gateway (`functions.enabled`): its API task and handle.
+async fn start_gateway(
+    cfg: &Config,
+) -> Result<(
+    Option<arbor_gateway::Gateway>,
+    Option<tokio::task::JoinHandle<()>>,
+)> {
+    let f = &cfg.functions;
+    if !f.enabled {
+        return Ok((None, None));
+    }
+    let dir = cfg.root.join("functions");
+    let opts = arbor_gateway::GatewayOptions {
+        target: arbor_client::Target {
+            address: f.containerd.clone(),
+            namespace: f.namespace.clone(),
+            snapshotter: f.snapshotter.clone(),
+        },
+        runtime: f.runtime.clone(),
+        net: arbor_gateway::NetConfig {
+            bin_dirs: f.cni_bin_dirs.clone(),
+            bridge: f.bridge.clone(),
+            subnet: f.subnet.clone(),
+            masquerade: f.masquerade,
+            netns_dir: dir.join("netns"),
+            ipam_dir: dir.join("ipam"),
+        },
+        dir,
+        plain_http_hosts: cfg.registry.plain_http.clone(),
+        docker_config: (!cfg.registry.docker_config.is_empty())
+            .then(|| PathBuf::from(&cfg.registry.docker_config)),
+        max_body: f.max_body.0 as usize,
+        max_response: f.max_response.0 as usize,
+        stop_grace: Duration::from_secs(f.stop_grace_secs),
+        cgroup_parent: (!f.cgroup_parent.is_empty()).then(|| f.cgroup_parent.clone()),
+    };
+    let token = if f.token_file.is_empty() {
+        None
+    } else {
+        let t = std::fs::read_to_string(&f.token_file)
+            .with_context(|| format!("reading functions.token_file {}", f.token_file))?;
+        let t = t.trim().to_string();
+        anyhow::ensure!(
+            !t.is_empty(),
+            "functions.token_file {} is empty",
+            f.token_file
+        );
+        Some(t)
+    };
+    let gw = arbor_gateway::Gateway::start(opts)
+        .await
+        .context("starting the function gateway")?;
+    let l = tokio::net::TcpListener::bind(&f.listen)
+        .await
+        .with_context(|| format!("binding the function API on {}", f.listen))?;
+    let router = arbor_gateway::api::router(gw.clone(), token);
+    let listen = f.listen.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = arbor_gateway::api::serve(l, router, std::future::pending()).await {
+            warn!(error = %e, "the function API stopped");
+        }
+    });
+    info!(address = %listen, "function API serving (arbor fn)");
+    Ok((Some(gw), Some(task)))
 }
 
 /// What runs for function trees: the Peer service's handle (for its metrics) and the tasks

@@ -2,6 +2,7 @@
 //! pulls and runs them through containerd ([`pull`]).
 
 mod bars;
+mod func;
 mod mount;
 mod output;
 mod trace;
@@ -377,6 +378,15 @@ enum Command {
     /// referrers API or its tag fallback), where `arbor pull` finds it on every other node.
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// Functions on a node: deploy, invoke (cold or warm), list, logs, remove, through
+    /// arbord's function API.
+    ///
+    /// A function is an image serving `POST /invoke` on a port (9000 by default). arbord
+    /// starts an instance when a request finds none free (a cold start, lazily through the
+    /// arbor snapshotter and runtime), keeps --min instances warm, queues up to --queue-limit
+    /// requests (then 429) and stops instances idle for --idle-timeout (scale to zero).
+    #[command(after_help = func::AFTER_HELP)]
+    Fn(func::FnArgs),
 }
 
 #[derive(Subcommand)]
@@ -490,6 +500,7 @@ fn read_prefetch_list(path: &PathBuf) -> Result<Vec<String>> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Fn(a) => func::run(a).await,
         Command::Convert {
             source,
             target,
@@ -717,6 +728,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 read_only,
                 tty,
                 net_host,
+                netns: None,
                 annotations: annotations.into_iter().collect(),
                 cgroup_parent,
             };

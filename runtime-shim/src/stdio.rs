@@ -59,12 +59,17 @@ impl Prepared {
             let io = NullIo::new().map_err(Error::io("creating null io"))?;
             return Ok(Prepared::Null(Arc::new(io)));
         }
-        for p in [&stdio.stdin, &stdio.stdout, &stdio.stderr] {
-            if let Some((scheme, _)) = p.split_once("://")
+        for (p, out) in [
+            (&stdio.stdin, false),
+            (&stdio.stdout, true),
+            (&stdio.stderr, true),
+        ] {
+            if let Some((scheme, rest)) = p.split_once("://")
                 && scheme != "fifo"
+                && !(out && scheme == "file" && rest.starts_with('/'))
             {
                 return Err(Error::InvalidArgument(format!(
-                    "stdio {p:?}: only FIFOs are supported (no {scheme}:// logging)"
+                    "stdio {p:?}: only FIFOs, and file:///ABSOLUTE/PATH for output, are supported (no {scheme}:// logging)"
                 )));
             }
         }
@@ -216,6 +221,41 @@ async fn futures_all(rx: Vec<oneshot::Receiver<()>>) {
 /// Copies a process's output pipe into a FIFO; the shim also holds a read end of the FIFO so
 /// that the open never blocks and writes do not fail when the reader goes away.
 fn copy_out(
+    from: Box<dyn AsyncRead + Send + Sync + Unpin>,
+    path: PathBuf,
+) -> Result<oneshot::Receiver<()>> {
+    if let Some(file) = path.to_str().and_then(|p| p.strip_prefix("file://")) {
+        return copy_to_file(from, PathBuf::from(file));
+    }
+    copy_to_fifo(from, path)
+}
+
+/// `file://PATH` output (containerd's runc shim does the same): appended to PATH, which is
+/// created (0640) if missing, as a log that outlives the process.
+fn copy_to_file(
+    mut from: Box<dyn AsyncRead + Send + Sync + Unpin>,
+    path: PathBuf,
+) -> Result<oneshot::Receiver<()>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    let mut to = tokio::fs::File::from_std(f);
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
+            debug!(error = %e, file = %path.display(), "output copy ended");
+        }
+        let _ = to.flush().await;
+        let _ = tx.send(());
+    });
+    Ok(rx)
+}
+
+fn copy_to_fifo(
     mut from: Box<dyn AsyncRead + Send + Sync + Unpin>,
     path: PathBuf,
 ) -> Result<oneshot::Receiver<()>> {

@@ -298,6 +298,7 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
     "ln",
     "ls",
     "md5sum",
+    "nc",
     "mkdir",
     "mount",
     "mv",
@@ -414,3 +415,54 @@ pub const SAMPLE_PROBE: &[&str] = &[
      find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -print \
        | sort | xargs sha256sum | sha256sum",
 ];
+
+/// The request handler of [`echo_function_image`]: one HTTP/1.1 request per connection
+/// (busybox `nc -ll -e`), answering `hello BODY from HOSTNAME rid=REQUEST-ID` and logging
+/// `served REQUEST-ID` on stderr. Body `crash` kills the server (pid 1) mid-request; body
+/// `sleep N` answers after N seconds.
+pub const ECHO_HANDLER: &str = r#"#!/bin/sh
+read -r method path proto
+# A connection that sends nothing (a port probe) gets nothing.
+[ -z "$method" ] && exit 0
+len=0
+rid=
+cr=$(printf '\r')
+while IFS= read -r line; do
+  line=${line%$cr}
+  [ -z "$line" ] && break
+  case "$line" in
+    [Cc]ontent-[Ll]ength:*) len=${line#*: } ;;
+    [Xx]-[Aa]rbor-[Rr]equest-[Ii]d:*) rid=${line#*: } ;;
+  esac
+done
+body=$(head -c "$len")
+case "$body" in
+  crash) kill -9 1; exit 1 ;;
+  sleep*) sleep "${body#sleep }" ;;
+esac
+echo "served $rid" >&2
+out="hello ${body} from $(hostname) rid=${rid}"
+printf 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#out}" "$out"
+"#;
+
+/// A function image in the custom-container convention: serves `POST /invoke` on port
+/// 9000 with [`ECHO_HANDLER`], printing `echo function listening on 9000` first; `ballast`
+/// bytes of incompressible data in `/app/ballast` (never read at start) make it as large as
+/// a real image.
+pub fn echo_function_image(ballast: usize) -> ImageSpec {
+    let mut app = vec![
+        Entry::dir("app"),
+        Entry::executable("app/handler", ECHO_HANDLER),
+        Entry::executable(
+            "app/run.sh",
+            "#!/bin/sh\necho 'echo function listening on 9000'\nexec nc -ll -p 9000 -e /app/handler\n",
+        ),
+    ];
+    if ballast > 0 {
+        app.push(Entry::file(
+            "app/ballast",
+            crate::pseudo_random_bytes(9000, ballast),
+        ));
+    }
+    busybox_image(app, &["/bin/sh", "/app/run.sh"])
+}

@@ -42,8 +42,8 @@ pub use arbord::{Arbord, ArbordOptions};
 pub use containerd::{Containerd, ContainerdOptions};
 pub use etcd::Etcd;
 pub use image::{
-    BUSYBOX_APPLETS, ImageSpec, LayerSource, SAMPLE_PROBE, busybox_image, sample_image,
-    skopeo_push, write_oci_layout, write_oci_layout_with_config,
+    BUSYBOX_APPLETS, ECHO_HANDLER, ImageSpec, LayerSource, SAMPLE_PROBE, busybox_image,
+    echo_function_image, sample_image, skopeo_push, write_oci_layout, write_oci_layout_with_config,
 };
 pub use layer::{
     DEFAULT_MTIME, Entry, EntryKind, XorShift64, corpus, layer_tar, layer_tar_gnu,
@@ -52,8 +52,8 @@ pub use layer::{
 pub use proxy::{Fault, FaultProxy};
 pub use registry::Registry;
 pub use util::{
-    fd_holders, find_in_path, http_get, http_request, is_mounted, kill_fd_holders, log_tail,
-    mounts_below,
+    fd_holders, find_in_path, free_port, http_get, http_request, is_mounted, kill_fd_holders,
+    log_tail, mounts_below,
 };
 
 /// True if running as root (effective uid 0).

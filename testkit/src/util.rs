@@ -93,7 +93,7 @@ pub(crate) fn require_tool(program: &str, package: &str) -> Result<PathBuf> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-pub(crate) fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

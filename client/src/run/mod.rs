@@ -18,6 +18,7 @@
 
 pub mod spec;
 pub mod stdio;
+pub mod task;
 
 mod rootfs;
 
@@ -611,29 +612,28 @@ async fn remove_snapshot(ch: &Channel, t: &Target, key: &str) {
 
 /// Deletes the task (if any), the container record and its snapshot (`ctr run --rm`).
 async fn remove_container(ch: &Channel, t: &Target, opts: &RunOptions) {
+    remove_container_id(ch, t, &opts.id).await
+}
+
+pub(crate) async fn remove_container_id(ch: &Channel, t: &Target, id: &str) {
     let mut tc = TasksClient::new(ch.clone());
     if let Ok(r) = req(
         t,
         None,
         DeleteTaskRequest {
-            container_id: opts.id.clone(),
+            container_id: id.into(),
         },
     ) {
         let _ = tc.delete(r).await;
     }
     let mut cc = ContainersClient::new(ch.clone());
-    if let Ok(r) = req(
-        t,
-        None,
-        DeleteContainerRequest {
-            id: opts.id.clone(),
-        },
-    ) && let Err(e) = cc.delete(r).await
+    if let Ok(r) = req(t, None, DeleteContainerRequest { id: id.into() })
+        && let Err(e) = cc.delete(r).await
         && e.code() != Code::NotFound
     {
-        tracing::warn!(id = %opts.id, error = %e, "deleting the container");
+        tracing::warn!(id, error = %e, "deleting the container");
     }
-    remove_snapshot(ch, t, &opts.id).await;
+    remove_snapshot(ch, t, id).await;
 }
 
 /// Creates, starts and (unless detached) waits for the task, then deletes it. (pid, exit

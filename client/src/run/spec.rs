@@ -125,6 +125,9 @@ pub struct SpecOptions {
     pub tty: bool,
     /// Share the host's network namespace, `/etc/hosts` and `/etc/resolv.conf`.
     pub net_host: bool,
+    /// Join this network namespace (a bind-mounted namespace file, as CNI prepares)
+    /// instead of getting an empty one of its own. Ignored with `net_host`.
+    pub netns: Option<std::path::PathBuf>,
     /// The spec's annotations (read by the runtime shim).
     pub annotations: BTreeMap<String, String>,
     /// cgroup parent: the container's cgroup is `PARENT/ID` (default `/NAMESPACE/ID`).
@@ -629,9 +632,16 @@ pub fn build_spec(cfg: &ImageConfig, o: &SpecOptions, cx: &SpecContext) -> Resul
     if cx.cgroup_v2 {
         ns_types.push(LinuxNamespaceType::Cgroup);
     }
+    let netns = o.netns.as_ref().filter(|_| !o.net_host);
     let namespaces = ns_types
         .into_iter()
-        .map(|t| LinuxNamespaceBuilder::default().typ(t).build())
+        .map(|t| match netns {
+            Some(p) if t == LinuxNamespaceType::Network => LinuxNamespaceBuilder::default()
+                .typ(t)
+                .path(p.clone())
+                .build(),
+            _ => LinuxNamespaceBuilder::default().typ(t).build(),
+        })
         .collect::<Result<Vec<_>, _>>()
         .ctx("namespaces")?;
     let mut devices = Vec::new();
@@ -1087,6 +1097,23 @@ mod tests {
         // Not a regular file: refused, not read (a FIFO would block).
         std::fs::create_dir(r.path().join("etc/dir")).unwrap();
         assert!(read_in_root(r.path(), "etc/dir").is_err());
+    }
+
+    #[test]
+    fn a_netns_path_is_joined() {
+        let o = SpecOptions {
+            netns: Some("/run/netns/fn-1".into()),
+            ..Default::default()
+        };
+        let s = json_of(&image(json!({"Cmd": ["x"]})), &o, &cx());
+        let ns = s["linux"]["namespaces"].as_array().unwrap();
+        let net = ns.iter().find(|n| n["type"] == "network").unwrap();
+        assert_eq!(net["path"], "/run/netns/fn-1");
+        assert!(
+            ns.iter()
+                .filter(|n| n["type"] != "network")
+                .all(|n| n.get("path").is_none())
+        );
     }
 
     #[test]
