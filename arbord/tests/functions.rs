@@ -9,15 +9,17 @@
 //! (`cargo build --workspace --bins`); without them each test says why it skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use arbor_testkit::functions::{
+    FnNode, FnNodeOptions, FnSnapshotter, HttpResponse as Resp, http_exchange,
+};
 use arbor_testkit::{
-    Arbord, ArbordOptions, Containerd, ContainerdOptions, Registry, echo_function_image,
-    skip_unless_root, skip_unless_tools, skopeo_push, write_oci_layout,
+    Registry, echo_function_image, skip_unless_root, skip_unless_tools, skopeo_push,
+    write_oci_layout,
 };
 use serde_json::{Value, json};
 
@@ -34,72 +36,6 @@ const TOOLS: &[&str] = &[
 ];
 const NS: &str = "fn-test";
 
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-    fn h(&self, k: &str) -> &str {
-        self.headers.get(k).map_or("", String::as_str)
-    }
-}
-
-/// One HTTP/1.1 exchange (Connection: close), waiting up to `timeout`.
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    timeout: Duration,
-) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(timeout)).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .unwrap_or_else(|e| panic!("{method} {path}: reading the answer: {e}"));
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| {
-            panic!(
-                "{method} {path}: no HTTP head in {:?}",
-                String::from_utf8_lossy(&raw)
-            )
-        });
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&raw[end + 4..]).to_string(),
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -111,20 +47,46 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Resp {
+    http_exchange(addr, method, path, headers, body, timeout).unwrap()
+}
+
+trait Text {
+    fn body_text(&self) -> String;
+    fn error(&self) -> String;
+}
+
+impl Text for Resp {
+    fn body_text(&self) -> String {
+        self.text()
+    }
+    fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 struct Scene {
-    bridge: String,
-    tmp: tempfile::TempDir,
+    node: FnNode,
+    _tmp: tempfile::TempDir,
     _reg: Registry,
-    arbord: Arbord,
-    ctd: Containerd,
     image: String,
     api: String,
     bins: PathBuf,
 }
 
 impl Scene {
-    /// A registry with the converted echo function, arbord with its gateway on `bridge` and
-    /// `subnet`, and a containerd whose `arbor` snapshotter it is.
+    /// A registry with the converted echo function and a node whose gateway puts instances on
+    /// `bridge` and `subnet`.
     fn start(test: &str, bridge: &str, subnet: &str) -> Option<Scene> {
         if skip_unless_root(test) || skip_unless_tools(test, TOOLS) {
             return None;
@@ -159,42 +121,17 @@ impl Scene {
                 .unwrap(),
             "arbor convert",
         );
-        let port = arbor_testkit::free_port().unwrap();
-        let api = format!("127.0.0.1:{port}");
-        let sock = tmp.path().join("containerd.sock");
-        let config = format!(
-            r#"[registry]
-plain_http = ["127.0.0.1"]
-[functions]
-enabled = true
-listen = "{api}"
-containerd = "{}"
-namespace = "{NS}"
-bridge = "{bridge}"
-subnet = "{subnet}"
-max_body = "64KiB"
-stop_grace_secs = 1
-"#,
-            sock.display()
-        );
-        let arbord = Arbord::start(&ArbordOptions {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_arbord")),
-            config: Some(config),
-            ..Default::default()
-        })
-        .unwrap();
-        let ctd = Containerd::start_with(&ContainerdOptions {
-            extra_config: arbord.containerd_config(),
-            cri: false,
-        })
-        .unwrap();
-        std::os::unix::fs::symlink(ctd.socket(), &sock).unwrap();
+        let mut o = FnNodeOptions::new(env!("CARGO_BIN_EXE_arbord"), FnSnapshotter::Arbor);
+        o.bridge = bridge.into();
+        o.subnet = subnet.into();
+        o.namespace = NS.into();
+        o.functions_extra = "max_body = \"64KiB\"\n".into();
+        let node = FnNode::start(&o).unwrap();
+        let api = node.api.clone();
         Some(Scene {
-            bridge: bridge.to_string(),
-            tmp,
+            node,
+            _tmp: tmp,
             _reg: reg,
-            arbord,
-            ctd,
             image,
             api,
             bins,
@@ -222,19 +159,11 @@ stop_grace_secs = 1
     }
 
     fn invoke(&self, name: &str, body: &str) -> Resp {
-        http(
-            &self.api,
-            "POST",
-            &format!("/v1/functions/{name}/invoke"),
-            &[],
-            body.as_bytes(),
-            Duration::from_secs(90),
-        )
+        self.node.invoke(name, body.as_bytes()).unwrap()
     }
 
     fn function(&self, name: &str) -> Value {
-        self.call("GET", &format!("/v1/functions/{name}"), Value::Null)
-            .json()
+        self.node.function(name).unwrap()
     }
 
     fn instances(&self, name: &str) -> Vec<Value> {
@@ -252,19 +181,12 @@ stop_grace_secs = 1
             .collect()
     }
 
-    /// Containers in the gateway's namespace.
     fn containers(&self) -> Vec<String> {
-        self.ctd
-            .ctr_in(NS, &["containers", "ls", "-q"])
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .filter(|l| !l.is_empty())
-            .collect()
+        self.node.containers()
     }
 
     fn netns_files(&self) -> usize {
-        std::fs::read_dir(self.arbord.root().join("functions/netns")).map_or(0, |d| d.count())
+        std::fs::read_dir(self.node.root().join("functions/netns")).map_or(0, |d| d.count())
     }
 
     fn mounts_of(&self, id: &str) -> usize {
@@ -282,18 +204,6 @@ stop_grace_secs = 1
             .env("ARBOR_FN_API", format!("http://{}", self.api))
             .output()
             .unwrap()
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        // Instances first (their snapshots are removed through arbord), then the rest.
-        let _ = self.arbord.stop();
-        let _ = &self.tmp;
-        // The bridge the CNI plugin made (plugins never delete one).
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
     }
 }
 
@@ -344,20 +254,23 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         Duration::from_secs(90),
     );
     let cold_secs = t0.elapsed().as_secs_f64();
-    assert_eq!(cold.status, 200, "{}", cold.body);
+    assert_eq!(cold.status, 200, "{}", cold.body_text());
     assert!(
-        cold.body.starts_with("hello abc from ") && cold.body.ends_with("rid=req-1"),
+        cold.body_text().starts_with("hello abc from ") && cold.body_text().ends_with("rid=req-1"),
         "{}",
-        cold.body
+        cold.body_text()
     );
-    assert_eq!(cold.h("x-arbor-start"), "cold");
-    assert_eq!(cold.h("x-arbor-request-id"), "req-1");
+    assert_eq!(cold.header("x-arbor-start"), "cold");
+    assert_eq!(cold.header("x-arbor-request-id"), "req-1");
     let t1 = Instant::now();
     let warm = s.invoke("hello", "def");
     let warm_secs = t1.elapsed().as_secs_f64();
-    assert_eq!(warm.status, 200, "{}", warm.body);
-    assert_eq!(warm.h("x-arbor-start"), "warm");
-    assert_eq!(warm.h("x-arbor-instance"), cold.h("x-arbor-instance"));
+    assert_eq!(warm.status, 200, "{}", warm.body_text());
+    assert_eq!(warm.header("x-arbor-start"), "warm");
+    assert_eq!(
+        warm.header("x-arbor-instance"),
+        cold.header("x-arbor-instance")
+    );
     println!("cold invoke {cold_secs:.3} s, warm invoke {warm_secs:.3} s");
 
     // The instance, its phases (contiguous, network first, port last) and its log.
@@ -404,9 +317,9 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
 
     // Cold again: served from the node (image in containerd, layers mounted by arbord).
     let again = s.invoke("hello", "again");
-    assert_eq!(again.status, 200, "{}", again.body);
-    assert_eq!(again.h("x-arbor-start"), "cold");
-    assert_ne!(again.h("x-arbor-instance"), id);
+    assert_eq!(again.status, 200, "{}", again.body_text());
+    assert_eq!(again.header("x-arbor-start"), "cold");
+    assert_ne!(again.header("x-arbor-instance"), id);
     let pull = s.instances("hello")[0]["cold_start"][1][1]
         .as_f64()
         .unwrap();
@@ -417,7 +330,7 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         "warm",
         json!({"image": s.image, "min_instances": 1, "idle_timeout_secs": 1}),
     );
-    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.status, 201, "{}", r.body_text());
     wait_for("the reserved instance", Duration::from_secs(60), || {
         s.ready_ids("warm").len() == 1
     });
@@ -428,14 +341,15 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         std::slice::from_ref(&first),
         "a reserved instance went idle-stopped"
     );
-    s.ctd
+    s.node
+        .ctd
         .ctr_in(NS, &["tasks", "kill", "-s", "SIGKILL", &first])
         .unwrap();
     wait_for("a replacement", Duration::from_secs(60), || {
         let ids = s.ready_ids("warm");
         ids.len() == 1 && ids[0] != first
     });
-    let metrics = s.arbord.metrics().unwrap();
+    let metrics = s.node.arbord.metrics().unwrap();
     assert!(
         metrics.contains("arbor_fn_instance_exits_total{function=\"warm\"} 1"),
         "{metrics}"
@@ -451,7 +365,7 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         "hello",
         json!({"image": s.image, "idle_timeout_secs": 3, "max_instances": 2, "env": ["V=2"]}),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(r.json()["function"]["version"], 2);
     let v2 = s.invoke("hello", "v2");
     assert_eq!(v2.status, 200);
@@ -460,7 +374,7 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
     });
 
     // arbord restarted: definitions kept, the reserved instance back.
-    s.arbord.restart().unwrap();
+    s.node.arbord.restart().unwrap();
     wait_for("the API after the restart", Duration::from_secs(30), || {
         TcpStream::connect(&s.api).is_ok()
     });
@@ -505,11 +419,11 @@ fn bad_input_and_a_burst_of_32() {
     let Some(s) = Scene::start(test, "arbt-bad", "10.201.2.0/24") else {
         return;
     };
-    let err = |r: &Resp| r.json()["error"].as_str().unwrap_or_default().to_string();
+    let err = |r: &Resp| r.error();
 
     // Unknown function, invalid definitions.
     let r = s.invoke("nope", "x");
-    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.status, 404, "{}", r.body_text());
     assert!(err(&r).contains("nope"));
     for (name, spec, what) in [
         ("Bad_Name", json!({"image": s.image}), "function name"),
@@ -528,8 +442,8 @@ fn bad_input_and_a_burst_of_32() {
         ("ok", json!({"port": 9000}), "image"),
     ] {
         let r = s.deploy(name, spec);
-        assert_eq!(r.status, 400, "{what}: {}", r.body);
-        assert!(err(&r).contains(what), "{what}: {}", r.body);
+        assert_eq!(r.status, 400, "{what}: {}", r.body_text());
+        assert!(err(&r).contains(what), "{what}: {}", r.body_text());
     }
     let r = http(
         &s.api,
@@ -545,19 +459,23 @@ fn bad_input_and_a_burst_of_32() {
     let missing = s.image.replace("fn/echo", "fn/missing");
     s.deploy("missing", json!({"image": missing}));
     let r = s.invoke("missing", "x");
-    assert_eq!(r.status, 502, "{}", r.body);
-    assert!(err(&r).contains("fn/missing"), "{}", r.body);
+    assert_eq!(r.status, 502, "{}", r.body_text());
+    assert!(err(&r).contains("fn/missing"), "{}", r.body_text());
     s.deploy("mute", json!({"image": s.image, "command": ["sleep", "60"], "entrypoint": [], "start_timeout_secs": 3}));
     let r = s.invoke("mute", "x");
-    assert_eq!(r.status, 502, "{}", r.body);
-    assert!(err(&r).contains("port 9000 never opened"), "{}", r.body);
+    assert_eq!(r.status, 502, "{}", r.body_text());
+    assert!(
+        err(&r).contains("port 9000 never opened"),
+        "{}",
+        r.body_text()
+    );
     s.deploy("exits", json!({"image": s.image, "entrypoint": ["/bin/sh", "-c", "echo broken config >&2; exit 3"]}));
     let r = s.invoke("exits", "x");
-    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.status, 502, "{}", r.body_text());
     assert!(
         err(&r).contains("exited with status 3") && err(&r).contains("broken config"),
         "{}",
-        r.body
+        r.body_text()
     );
 
     // Too large a body; a crash mid-request; the gateway stays healthy and serves on.
@@ -574,16 +492,20 @@ fn bad_input_and_a_burst_of_32() {
         &big,
         Duration::from_secs(30),
     );
-    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.status, 413, "{}", r.body_text());
     let r = s.invoke("echo", "crash");
-    assert_eq!(r.status, 502, "{}", r.body);
-    assert!(err(&r).contains("failed while serving"), "{}", r.body);
+    assert_eq!(r.status, 502, "{}", r.body_text());
+    assert!(
+        err(&r).contains("failed while serving"),
+        "{}",
+        r.body_text()
+    );
     assert_eq!(
         http(&s.api, "GET", "/healthz", &[], b"", Duration::from_secs(5)).status,
         200
     );
     let r = s.invoke("echo", "after the crash");
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body_text());
     wait_for(
         "the crashed instance to go",
         Duration::from_secs(20),
@@ -593,7 +515,7 @@ fn bad_input_and_a_burst_of_32() {
     // 32 at once against a function scaled to zero: max 4 instances, 1 request each, a
     // queue of 20. Every request answered once, by its own id; the rest 429.
     let r = s.call("DELETE", "/v1/functions/echo", Value::Null);
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body_text());
     s.deploy("burst", json!({"image": s.image, "max_instances": 4, "concurrency": 1, "queue_limit": 20, "idle_timeout_secs": 120}));
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -601,18 +523,15 @@ fn bad_input_and_a_burst_of_32() {
         let (api, peak, done) = (s.api.clone(), peak.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let v: Value = serde_json::from_str(
-                    &http(
-                        &api,
-                        "GET",
-                        "/v1/functions/burst",
-                        &[],
-                        b"",
-                        Duration::from_secs(10),
-                    )
-                    .body,
+                let v = http(
+                    &api,
+                    "GET",
+                    "/v1/functions/burst",
+                    &[],
+                    b"",
+                    Duration::from_secs(10),
                 )
-                .unwrap_or(Value::Null);
+                .json();
                 let n = v["instances"].as_array().map_or(0, Vec::len);
                 peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));
@@ -646,14 +565,14 @@ fn bad_input_and_a_burst_of_32() {
         match r.status {
             200 => {
                 assert!(
-                    r.body.ends_with(&format!("rid={rid}")),
+                    r.body_text().ends_with(&format!("rid={rid}")),
                     "{rid} got {}",
-                    r.body
+                    r.body_text()
                 );
                 assert!(served.insert(rid.clone()));
             }
             429 => refused += 1,
-            other => panic!("{rid}: unexpected {other}: {}", r.body),
+            other => panic!("{rid}: unexpected {other}: {}", r.body_text()),
         }
     }
     println!(
@@ -665,7 +584,7 @@ fn bad_input_and_a_burst_of_32() {
     assert!(refused >= 1, "the queue of 20 never overflowed");
     assert!(served.len() >= 20, "only {} served", served.len());
     assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 4);
-    let m = s.arbord.metrics().unwrap();
+    let m = s.node.arbord.metrics().unwrap();
     let starts: f64 = m
         .lines()
         .find(|l| {

@@ -26,6 +26,7 @@ mod arbord;
 pub mod cluster;
 mod containerd;
 pub mod etcd;
+pub mod functions;
 pub mod hostile;
 mod image;
 mod layer;
