@@ -443,6 +443,36 @@ mod tests {
             ..Default::default()
         };
         assert!(Prepared::new(&s, 0, 0).is_err());
+        // file:// is for output, with an absolute path.
+        for (stdin, stdout, ok) in [
+            ("", "file:///var/log/fn.log", true),
+            ("file:///tmp/in", "", false),
+            ("", "file://relative.log", false),
+        ] {
+            let s = Stdio {
+                stdin: stdin.into(),
+                stdout: stdout.into(),
+                ..Default::default()
+            };
+            assert_eq!(Prepared::new(&s, 0, 0).is_ok(), ok, "{stdin:?} {stdout:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn file_output_is_appended() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("fn.log");
+        std::fs::write(&log, b"before\n").unwrap();
+        let (r, mut w) = tokio::io::duplex(64);
+        let done = copy_out(
+            Box::new(r),
+            PathBuf::from(format!("file://{}", log.display())),
+        )
+        .unwrap();
+        w.write_all(b"after\n").await.unwrap();
+        drop(w);
+        done.await.unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "before\nafter\n");
     }
 
     #[test]

@@ -327,7 +327,7 @@ impl Scene {
             ],
             &["/bin/cat", "/app/hello.txt"],
         );
-        let image = push_converted(&reg, tmp.path(), &dir, &spec, "fn/cri");
+        let image = push_converted(&reg, tmp.path(), &dir, &spec, "fn/hello");
         // The sandbox image: one plain layer (busybox and nothing it shares with the function's
         // layers) whose command sleeps until CRI kills it. CRI pulls it itself, offline.
         let busybox = std::fs::read("/bin/busybox").unwrap();
@@ -544,7 +544,49 @@ fn a_cri_pod_on_the_arbor_runtime_serves_its_function_and_leaves_nothing() {
     else {
         return;
     };
-    let pod_config = s.pod_config(&[("arbor.io/function", "hello"), ("arbor.io/port", "9000")]);
+    // The pod spec the docs show (docs/kubernetes.md), as kubelet turns it into CRI calls:
+    // its annotations on the sandbox, its runtime class's handler, its container's command.
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes/function-pod.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["kind"], "Pod");
+    assert_eq!(manifest["spec"]["runtimeClassName"], "arbor");
+    let class = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes/runtimeclass.yaml"),
+    )
+    .unwrap();
+    assert!(
+        class.contains("name: arbor") && class.contains("handler: arbor"),
+        "{class}"
+    );
+    let annotations: Vec<(String, String)> = manifest["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let annotations: Vec<(&str, &str)> = annotations
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(annotations.contains(&("arbor.io/function", "hello")));
+    let container = &manifest["spec"]["containers"][0];
+    assert_eq!(
+        container["image"].as_str().unwrap().replace("REGISTRY/", ""),
+        s.image.split_once('/').unwrap().1,
+        "the manifest names the test's image"
+    );
+    let command: Vec<String> = container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let pod_config = s.pod_config(&annotations);
 
     // Pull through CRI (the CRI-wide snapshotter is arbor): the layers are mounted lazily.
     let image_ref = s
@@ -573,6 +615,7 @@ fn a_cri_pod_on_the_arbor_runtime_serves_its_function_and_leaves_nothing() {
         .cri
         .call(s.cri.runtime().run_pod_sandbox(RunPodSandboxRequest {
             config: Some(pod_config.clone()),
+            // The RuntimeClass `arbor`'s handler (packaging/kubernetes/runtimeclass.yaml).
             runtime_handler: "arbor".into(),
         }))
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", s.logs()))
@@ -613,18 +656,14 @@ fn a_cri_pod_on_the_arbor_runtime_serves_its_function_and_leaves_nothing() {
             pod_sandbox_id: pod.clone(),
             config: Some(ContainerConfig {
                 metadata: Some(ContainerMetadata {
-                    name: "fn".into(),
+                    name: container["name"].as_str().unwrap().into(),
                     attempt: 0,
                 }),
                 image: Some(CriImage {
                     image: image_ref.clone(),
                     ..Default::default()
                 }),
-                command: vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "cat /app/hello.txt >/dev/null; sleep 1; exec httpd -f -p 9000 -h /app".into(),
-                ],
+                command: command.clone(),
                 log_path: "fn.log".into(),
                 ..Default::default()
             }),

@@ -246,9 +246,27 @@ pub fn http_exchange(
     s.write_all(req.as_bytes())?;
     // A server may answer (413) before taking the whole body.
     let _ = s.write_all(body);
+    // Read until the body is complete by its Content-Length (as a client does; a server may
+    // close the connection later), else to the end.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("{method} {path}: reading the answer"))?;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("{method} {path}: reading the answer"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n")
+            && let Ok(r) = parse_response(&raw)
+            && let Some(len) = r.headers.get("content-length").and_then(|l| l.parse::<usize>().ok())
+            && raw.len() >= end + 4 + len
+        {
+            raw.truncate(end + 4 + len);
+            break;
+        }
+    }
     parse_response(&raw).with_context(|| format!("{method} {path}"))
 }
 

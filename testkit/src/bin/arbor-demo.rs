@@ -1,23 +1,26 @@
 //! The README's main job: starts a private registry (behind a 1 Gbit/s shaped link in its own
-//! network namespace), builds a sample HTTP function image, converts it with `arbor convert`
-//! and checks it, then cold-starts the function twice and prints how long each took to give
-//! its first HTTP answer: through stock containerd with overlayfs (pull, then run), and
-//! through a private containerd whose `arbor` snapshotter is a private `arbord` (`arbor pull`,
-//! then `ctr run --snapshotter arbor`, layers mounted lazily).
+//! network namespace), builds a sample function image (an HTTP function on port 9000 and a
+//! 192 MB model it does not read to answer), converts it with `arbor convert` and checks it,
+//! then deploys it as a function with `arbor fn deploy` on two nodes and invokes it cold
+//! (scaled to zero) and warm with `arbor fn invoke`, printing the times side by side:
+//!
+//! * **containerd + overlayfs**: arbord's function gateway with its instances on stock
+//!   containerd's overlayfs snapshotter and runc (the image pulled whole on the cold start);
+//! * **arbor**: the same gateway with the `arbor` snapshotter (layers mounted lazily, chunks
+//!   fetched when read) and the `containerd-shim-arbor-v1` runtime.
 //!
 //! Everything lives under one directory (`ARBOR_TESTKIT_TMPDIR`, default `./.arbor-state`)
 //! and is removed at the end; nothing else on the machine is touched.
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use arbor_testkit::functions::{FnNode, FnNodeOptions, FnSnapshotter};
 use arbor_testkit::netns::Namespace;
-use arbor_testkit::{
-    Arbord, ArbordOptions, Containerd, Entry, LayerSource, Registry, busybox_image, layer_tar,
-    pseudo_random_bytes, skopeo_push, write_oci_layout,
-};
+use arbor_testkit::{Registry, echo_function_image, skopeo_push, write_oci_layout};
+use serde_json::Value;
 
 fn arbor_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -47,59 +50,88 @@ fn arbor(args: &[&str]) -> Result<String> {
 const MODEL_BYTES: usize = 192 << 20;
 /// The link between the node and the registry.
 const LINK_BITS: u64 = 1_000_000_000;
+/// Warm invocations after the cold one (the median is shown).
+const WARM: usize = 9;
 
-/// Runs `ctr run -d --net-host` of `reference` serving HTTP on `port` and waits for the first
-/// answer; returns (seconds to the container started, seconds to the answer, the answer).
-fn start_function(
-    ctd: &Containerd,
-    reference: &str,
-    snapshotter: &str,
-    id: &str,
-    port: u16,
-    t0: Instant,
-) -> Result<(f64, f64, String)> {
-    let listen = format!("127.0.0.1:{port}");
-    ctd.ctr(&[
-        "run",
-        "-d",
-        "--net-host",
-        "--snapshotter",
-        snapshotter,
-        reference,
-        id,
-        "/bin/busybox",
-        "httpd",
-        "-f",
-        "-p",
-        &listen,
-        "-h",
-        "/app/www",
-    ])
-    .with_context(|| format!("starting the function from {reference}"))?;
-    let created = t0.elapsed().as_secs_f64();
-    loop {
-        if let Ok((200, body)) = arbor_testkit::http_get(&listen, "/cgi-bin/fn", None) {
-            if !body.starts_with("hello from a lazily started function\n") {
-                bail!("the function answered {body:?}");
-            }
-            return Ok((created, t0.elapsed().as_secs_f64(), body));
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            bail!("the function did not answer within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// `arbor fn ARGS` against `node`'s API.
+fn arbor_fn(node: &FnNode, args: &[&str]) -> Result<String> {
+    let out = Command::new(arbor_bin()?)
+        .arg("fn")
+        .args(args)
+        .env("ARBOR_FN_API", format!("http://{}", node.api))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "arbor fn {args:?} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    Ok(text)
 }
 
-fn stop_function(ctd: &Containerd, id: &str) {
-    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    for _ in 0..50 {
-        if ctd.ctr(&["task", "delete", id]).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// One invocation with `arbor fn invoke --json`: (seconds, start kind, answer).
+fn invoke(node: &FnNode, data: &str) -> Result<(f64, String, String)> {
+    let t = Instant::now();
+    let out = arbor_fn(node, &["invoke", "hello", data, "--json"])?;
+    let secs = t.elapsed().as_secs_f64();
+    let v: Value = serde_json::from_str(out.trim()).context("arbor fn invoke --json")?;
+    let body = v["body"].as_str().unwrap_or_default().to_string();
+    if !body.starts_with(&format!("hello {data} from ")) {
+        bail!("the function answered {body:?}");
     }
-    let _ = ctd.ctr(&["container", "rm", id]);
+    Ok((secs, v["start"].as_str().unwrap_or("").into(), body))
+}
+
+/// Deploys `image` on a fresh node of `kind` and invokes it cold, then warm: (cold seconds,
+/// median warm seconds, cold-start phases, registry bytes arbord fetched).
+fn run_node(
+    kind: FnSnapshotter,
+    image: &str,
+    registry_host: &str,
+) -> Result<(f64, f64, String, Option<f64>)> {
+    let mut o = FnNodeOptions::new(arbor_bin()?.with_file_name("arbord"), kind);
+    o.plain_http = vec![registry_host.to_string()];
+    o.bridge = "arbdemo0".into();
+    o.subnet = "10.203.0.0/24".into();
+    o.namespace = "arbor-demo".into();
+    let node = FnNode::start(&o).context("starting the node")?;
+    print!(
+        "{}",
+        arbor_fn(&node, &["deploy", "hello", image, "--idle-timeout", "300"])?
+    );
+    drop_caches();
+    let (cold, start, answer) = invoke(&node, "cold")?;
+    if start != "cold" {
+        bail!("the first invocation was not a cold start ({start})");
+    }
+    println!("   {answer}");
+    let mut warm = Vec::new();
+    for _ in 0..WARM {
+        let (s, start, _) = invoke(&node, "warm")?;
+        if start != "warm" {
+            bail!("a later invocation was not warm ({start})");
+        }
+        warm.push(s);
+    }
+    warm.sort_by(f64::total_cmp);
+    print!("{}", arbor_fn(&node, &["ls", "hello"])?);
+    let phases = node.function("hello")?["instances"][0]["cold_start"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{} {:.2}", p[0].as_str().unwrap_or(""), p[1].as_f64().unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let fetched = match kind {
+        FnSnapshotter::Arbor => node
+            .arbord
+            .metric("arbor_fetch_bytes_total{source=\"registry\"}")
+            .ok(),
+        FnSnapshotter::Overlayfs => None,
+    };
+    arbor_fn(&node, &["rm", "hello"])?;
+    Ok((cold, warm[WARM / 2], phases, fetched))
 }
 
 fn drop_caches() {
@@ -122,42 +154,10 @@ fn main() -> Result<()> {
     println!("   {}", reg.url());
 
     println!(
-        "== building the sample function: busybox httpd + a CGI handler + {} MB model it does not read to answer",
+        "== building the sample function: POST /invoke on port 9000 (busybox nc + a shell handler) + a {} MB model it does not read to answer",
         MODEL_BYTES >> 20
     );
-    let mut spec = busybox_image(
-        vec![
-            Entry::dir("app"),
-            Entry::dir("app/www"),
-            Entry::dir("app/www/cgi-bin"),
-            Entry::executable(
-                "app/www/cgi-bin/fn",
-                "#!/bin/sh\n# The function: a greeting and a digest of its config.\n\
-                 printf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
-                 echo \"hello from a lazily started function\"\n\
-                 sha256sum /app/config/*.json | sha256sum\n",
-            ),
-            Entry::dir("app/config"),
-            Entry::file("app/config/settings.json", "{\"greeting\": \"hello\"}\n"),
-        ],
-        &[
-            "/bin/busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "127.0.0.1:8080",
-            "-h",
-            "/app/www",
-        ],
-    );
-    spec.layers.push(LayerSource::Tar(layer_tar(&[
-        Entry::dir("app"),
-        Entry::dir("app/model"),
-        Entry::file(
-            "app/model/weights.bin",
-            pseudo_random_bytes(42, MODEL_BYTES),
-        ),
-    ])));
+    let spec = echo_function_image(MODEL_BYTES);
     let work = tempfile::tempdir()?;
     let layout = work.path().join("layout");
     write_oci_layout(&layout, "v1", &spec)?;
@@ -166,97 +166,34 @@ fn main() -> Result<()> {
     skopeo_push(&layout, "v1", &src, None)?;
     println!("   pushed {src}");
 
-    println!("== arbor convert (the handler is the prefetch list)");
-    let list = work.path().join("prefetch.txt");
-    std::fs::write(
-        &list,
-        "bin/busybox\napp/www/cgi-bin/fn\napp/config/settings.json\n",
-    )?;
+    println!("== arbor convert (start-up files inferred from the entrypoint)");
     let t = Instant::now();
-    print!(
-        "{}",
-        arbor(&[
-            "convert",
-            "--plain-http",
-            "--prefetch-list",
-            list.to_str().unwrap_or(""),
-            &src,
-            &dst
-        ])?
-    );
+    print!("{}", arbor(&["convert", "--plain-http", &src, &dst])?);
     println!("   ({:.2} s)", t.elapsed().as_secs_f64());
     println!("== arbor check (same files, same metadata, every chunk verified)");
     print!("{}", arbor(&["check", "--plain-http", &src, &dst])?);
-    let port = || -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
 
-    println!("== cold start through stock containerd + overlayfs (pull everything, then run)");
-    let stock = {
-        let ctd = Containerd::start().context("starting containerd")?;
-        drop_caches();
-        let t0 = Instant::now();
-        ctd.pull(&src, &["--plain-http"])?;
-        let pulled = t0.elapsed().as_secs_f64();
-        let (created, ready, answer) =
-            start_function(&ctd, &src, "overlayfs", "fn-stock", port()?, t0)?;
-        stop_function(&ctd, "fn-stock");
-        print!("{answer}");
-        (pulled, created, ready)
-    };
-
-    println!("== cold start through arbord (containerd's arbor snapshotter, lazy layers)");
-    let arbord_bin = arbor_bin()?.with_file_name("arbord");
-    let arbord = Arbord::start(&ArbordOptions {
-        bin: arbord_bin,
-        extra_args: vec!["--plain-http-host".into(), ns.ns_addr().to_string()],
-        ..Default::default()
-    })
-    .context("starting arbord")?;
-    let ctd = Containerd::start_with_config(&arbord.containerd_config())
-        .context("starting containerd")?;
-    drop_caches();
-    let t0 = Instant::now();
-    arbor(&[
-        "pull",
-        "--plain-http",
-        "--address",
-        ctd.socket().to_str().unwrap_or(""),
-        "--namespace",
-        ctd.namespace(),
-        &dst,
-    ])?;
-    let pulled = t0.elapsed().as_secs_f64();
-    let (created, ready, answer) = start_function(&ctd, &dst, "arbor", "fn-arbor", port()?, t0)?;
-    let fetched = arbord.metric("arbor_fetch_bytes_total{source=\"registry\"}")?;
-    stop_function(&ctd, "fn-arbor");
-    print!("{answer}");
-    drop(ctd);
-    drop(arbord);
+    let host = ns.ns_addr().to_string();
+    println!("== the function on containerd + overlayfs (arbord's gateway, runc, the original image)");
+    let stock = run_node(FnSnapshotter::Overlayfs, &src, &host)?;
+    println!("== the function on arbor (arbord's gateway, lazy snapshotter, arbor runtime)");
+    let lazy = run_node(FnSnapshotter::Arbor, &dst, &host)?;
 
     let image_mb = (MODEL_BYTES as f64 + 1.2e6) / 1e6;
     println!();
     println!(
-        "cold start of a {image_mb:.0} MB function image over a 1 Gbit/s link (seconds from the start of the pull):"
+        "a {image_mb:.0} MB function, scaled to zero, registry behind a 1 Gbit/s link (arbor fn invoke, seconds):"
     );
+    println!("  {:<24} {:>12} {:>13}", "", "cold invoke", "warm (median)");
+    for (name, r) in [("containerd + overlayfs", &stock), ("arbor (lazy)", &lazy)] {
+        println!("  {:<24} {:>12.2} {:>13.3}", name, r.0, r.1);
+    }
+    println!("  cold-start phases, overlayfs: {}", stock.2);
+    println!("  cold-start phases, arbor:     {}", lazy.2);
     println!(
-        "  {:<22} {:>8} {:>9} {:>15}",
-        "", "pulled", "started", "first answer"
-    );
-    println!(
-        "  {:<22} {:>8.2} {:>9.2} {:>15.2}",
-        "containerd + overlayfs", stock.0, stock.1, stock.2
-    );
-    println!(
-        "  {:<22} {:>8.2} {:>9.2} {:>15.2}",
-        "arbor (lazy)", pulled, created, ready
-    );
-    println!(
-        "  arbor answered {:.1}x sooner and had fetched {:.1} MB from the registry by then (background prefetch continues)",
-        stock.2 / ready.max(1e-9),
-        fetched / 1e6
+        "  arbor's cold invoke was {:.1}x sooner; arbord fetched {:.1} MB from the registry in all",
+        stock.0 / lazy.0.max(1e-9),
+        lazy.3.unwrap_or(0.0) / 1e6
     );
     println!("== done; the registry, containerd, arbord, mounts and their state are removed");
     drop(reg);
