@@ -99,12 +99,16 @@ if r.status_code != 200 or b"arbor-invoke-ok" not in r.data:
     raise SystemExit("the function answered %r" % r.data)
 "#;
 
-const PHASES: &[&str] = &["network", "pull", "create", "task", "start", "port", "proxy"];
+const PHASES: &[&str] = &[
+    "network", "pull", "create", "task", "start", "port", "proxy",
+];
 
 #[derive(Parser)]
-#[command(about = "Functions through arbord's gateway: cold invoke on Arbor vs overlayfs, warm \
+#[command(
+    about = "Functions through arbord's gateway: cold invoke on Arbor vs overlayfs, warm \
                    latency vs calling the instance, throughput with 1-4 instances (see the top \
-                   of benches/invoke.rs)")]
+                   of benches/invoke.rs)"
+)]
 struct Args {
     /// Registry link, Mbit/s each way.
     #[arg(long, default_value_t = 1000)]
@@ -197,7 +201,14 @@ fn run() -> Result<bool> {
     let arbord = arbor.with_file_name("arbord");
     preflight(
         &arbor,
-        &["docker-registry", "skopeo", "containerd", "runc", "ip", "tc"],
+        &[
+            "docker-registry",
+            "skopeo",
+            "containerd",
+            "runc",
+            "ip",
+            "tc",
+        ],
         "containerd, network namespaces, CNI and FUSE mounts",
     )?;
     ensure!(arbord.is_file(), "arbord {} not found", arbord.display());
@@ -264,7 +275,13 @@ fn run() -> Result<bool> {
             let t0 = Instant::now();
             let r = node.invoke("bench", b"cold")?;
             let total = t0.elapsed().as_secs_f64();
-            ensure!(r.status == 200, "{}: cold invoke: {} {}", mode.name(), r.status, r.text());
+            ensure!(
+                r.status == 200,
+                "{}: cold invoke: {} {}",
+                mode.name(),
+                r.status,
+                r.text()
+            );
             ensure!(r.header("x-arbor-start") == "cold");
             check_answer(&r.body)?;
             let f = node.function("bench")?;
@@ -286,7 +303,11 @@ fn run() -> Result<bool> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            colds.push(Cold { mode, total, phases });
+            colds.push(Cold {
+                mode,
+                total,
+                phases,
+            });
             if mode == FnSnapshotter::Arbor {
                 let addr = f["instances"][0]["address"]
                     .as_str()
@@ -315,7 +336,13 @@ fn run() -> Result<bool> {
 
     // Summary.
     let med = |m: FnSnapshotter, f: &dyn Fn(&Cold) -> f64| {
-        Spread::of(&colds.iter().filter(|c| c.mode == m).map(f).collect::<Vec<_>>())
+        Spread::of(
+            &colds
+                .iter()
+                .filter(|c| c.mode == m)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
     };
     let phase_of = |c: &Cold, p: &str| {
         c.phases
@@ -359,15 +386,25 @@ fn run() -> Result<bool> {
         "warm invoke p50: gateway {:.2} ms, direct {:.2} ms: the gateway adds {added:.2} ms (target <= {TARGET_ADDED_P50_MS} ms: {}); p99 {:.2} / {:.2} ms",
         warm["gateway_p50_ms"].as_f64().unwrap_or(f64::NAN),
         warm["direct_p50_ms"].as_f64().unwrap_or(f64::NAN),
-        if added <= TARGET_ADDED_P50_MS { "met" } else { "NOT met" },
+        if added <= TARGET_ADDED_P50_MS {
+            "met"
+        } else {
+            "NOT met"
+        },
         warm["gateway_p99_ms"].as_f64().unwrap_or(f64::NAN),
         warm["direct_p99_ms"].as_f64().unwrap_or(f64::NAN),
     );
-    println!("throughput ({} clients, {} s each):", args.clients, args.seconds);
+    println!(
+        "throughput ({} clients, {} s each):",
+        args.clients, args.seconds
+    );
     for t in &throughput {
         println!(
             "  {} instance(s): {:.0} invocations/s ({} answered, {} errors)",
-            t["instances"], t["per_second"].as_f64().unwrap_or(0.0), t["answered"], t["errors"]
+            t["instances"],
+            t["per_second"].as_f64().unwrap_or(0.0),
+            t["answered"],
+            t["errors"]
         );
     }
     let ok = throughput.iter().all(|t| t["errors"] == 0);
@@ -398,7 +435,10 @@ fn run() -> Result<bool> {
                 let total = med(m, &|c| c.total).median;
                 chart::Bar {
                     label: m.name().into(),
-                    values: PHASES.iter().map(|p| med(m, &|c| phase_of(c, p)).median).collect(),
+                    values: PHASES
+                        .iter()
+                        .map(|p| med(m, &|c| phase_of(c, p)).median)
+                        .collect(),
                     note: if m == FnSnapshotter::Arbor {
                         format!("{total:.2} s  {speedup:.1}x faster")
                     } else {
@@ -454,12 +494,26 @@ fn measure_warm(node: &FnNode, direct: &str, n: usize) -> Result<Value> {
     let path = "/v1/functions/bench/invoke";
     for i in 0..n + 10 {
         let t = Instant::now();
-        let r = http_exchange(&node.api, "POST", path, &[], b"warm", Duration::from_secs(30))?;
+        let r = http_exchange(
+            &node.api,
+            "POST",
+            path,
+            &[],
+            b"warm",
+            Duration::from_secs(30),
+        )?;
         let g = t.elapsed().as_secs_f64() * 1e3;
         ensure!(r.status == 200, "warm invoke: {} {}", r.status, r.text());
         check_answer(&r.body)?;
         let t = Instant::now();
-        let r = http_exchange(direct, "POST", "/invoke", &[], b"warm", Duration::from_secs(30))?;
+        let r = http_exchange(
+            direct,
+            "POST",
+            "/invoke",
+            &[],
+            b"warm",
+            Duration::from_secs(30),
+        )?;
         let d = t.elapsed().as_secs_f64() * 1e3;
         ensure!(r.status == 200, "direct invoke: {} {}", r.status, r.text());
         check_answer(&r.body)?;
@@ -515,7 +569,14 @@ fn measure_throughput(node: &FnNode, image: &str, args: &Args) -> Result<Vec<Val
                 std::thread::spawn(move || {
                     let (mut ok, mut err) = (0u64, 0u64);
                     while Instant::now() < stop {
-                        match http_exchange(&api, "POST", "/v1/functions/bench/invoke", &[], b"t", Duration::from_secs(60)) {
+                        match http_exchange(
+                            &api,
+                            "POST",
+                            "/v1/functions/bench/invoke",
+                            &[],
+                            b"t",
+                            Duration::from_secs(60),
+                        ) {
                             Ok(r) if r.status == 200 && check_answer(&r.body).is_ok() => ok += 1,
                             _ => err += 1,
                         }
@@ -527,13 +588,17 @@ fn measure_throughput(node: &FnNode, image: &str, args: &Args) -> Result<Vec<Val
         let t0 = Instant::now();
         let (mut ok, mut err) = (0, 0);
         for t in threads {
-            let (a, b) = t.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+            let (a, b) = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
             ok += a;
             err += b;
         }
         let secs = t0.elapsed().as_secs_f64();
         let per_second = ok as f64 / secs;
-        println!("throughput with {k} instance(s): {per_second:.0}/s ({ok} answered, {err} errors)");
+        println!(
+            "throughput with {k} instance(s): {per_second:.0}/s ({ok} answered, {err} errors)"
+        );
         out.push(json!({"instances": k, "answered": ok, "errors": err, "seconds": secs, "per_second": per_second}));
     }
     Ok(out)

@@ -315,7 +315,15 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
     );
     assert_eq!(s.mounts_of(&id), 0, "mounts of {id} left");
 
-    // Cold again: served from the node (image in containerd, layers mounted by arbord).
+    // Cold again: served from the node (image in containerd, layers mounted by arbord, chunks
+    // in its cache): nothing more from the registry.
+    let fetched = || {
+        s.node
+            .arbord
+            .metric("arbor_fetch_bytes_total{source=\"registry\"}")
+            .unwrap_or(0.0)
+    };
+    let before = fetched();
     let again = s.invoke("hello", "again");
     assert_eq!(again.status, 200, "{}", again.body_text());
     assert_eq!(again.header("x-arbor-start"), "cold");
@@ -324,17 +332,39 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         .as_f64()
         .unwrap();
     assert!(pull < 0.5, "the second cold start pulled for {pull} s");
+    assert_eq!(fetched(), before, "the second cold start read the registry");
 
     // Reserved instances: kept warm without requests, replaced when killed from outside.
     let r = s.deploy(
         "warm",
-        json!({"image": s.image, "min_instances": 1, "idle_timeout_secs": 1}),
+        json!({"image": s.image, "min_instances": 1, "idle_timeout_secs": 1,
+               "memory_mib": 64, "cpus": 0.5}),
     );
     assert_eq!(r.status, 201, "{}", r.body_text());
     wait_for("the reserved instance", Duration::from_secs(60), || {
         s.ready_ids("warm").len() == 1
     });
     let first = s.ready_ids("warm")[0].clone();
+    // Its limits are applied (cgroup v1 or v2).
+    let cg = |v1: &str, v2: &str| {
+        let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let p = if unified {
+            format!("/sys/fs/cgroup/{NS}/{first}/{v2}")
+        } else {
+            let (controller, file) = v1.split_once('/').unwrap();
+            format!("/sys/fs/cgroup/{controller}/{NS}/{first}/{file}")
+        };
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(cg("memory/memory.limit_in_bytes", "memory.max"), "67108864");
+    let quota = cg("cpu/cpu.cfs_quota_us", "cpu.max");
+    assert!(
+        quota == "50000" || quota == "50000 100000",
+        "cpu quota {quota}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         s.ready_ids("warm"),

@@ -576,7 +576,10 @@ fn a_cri_pod_on_the_arbor_runtime_serves_its_function_and_leaves_nothing() {
     assert!(annotations.contains(&("arbor.io/function", "hello")));
     let container = &manifest["spec"]["containers"][0];
     assert_eq!(
-        container["image"].as_str().unwrap().replace("REGISTRY/", ""),
+        container["image"]
+            .as_str()
+            .unwrap()
+            .replace("REGISTRY/", ""),
         s.image.split_once('/').unwrap().1,
         "the manifest names the test's image"
     );

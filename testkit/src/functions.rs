@@ -260,7 +260,10 @@ pub fn http_exchange(
         raw.extend_from_slice(&buf[..n]);
         if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n")
             && let Ok(r) = parse_response(&raw)
-            && let Some(len) = r.headers.get("content-length").and_then(|l| l.parse::<usize>().ok())
+            && let Some(len) = r
+                .headers
+                .get("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
             && raw.len() >= end + 4 + len
         {
             raw.truncate(end + 4 + len);

@@ -120,7 +120,13 @@ fn run_node(
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| format!("{} {:.2}", p[0].as_str().unwrap_or(""), p[1].as_f64().unwrap_or(0.0)))
+        .map(|p| {
+            format!(
+                "{} {:.2}",
+                p[0].as_str().unwrap_or(""),
+                p[1].as_f64().unwrap_or(0.0)
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let fetched = match kind {
@@ -174,7 +180,9 @@ fn main() -> Result<()> {
     print!("{}", arbor(&["check", "--plain-http", &src, &dst])?);
 
     let host = ns.ns_addr().to_string();
-    println!("== the function on containerd + overlayfs (arbord's gateway, runc, the original image)");
+    println!(
+        "== the function on containerd + overlayfs (arbord's gateway, runc, the original image)"
+    );
     let stock = run_node(FnSnapshotter::Overlayfs, &src, &host)?;
     println!("== the function on arbor (arbord's gateway, lazy snapshotter, arbor runtime)");
     let lazy = run_node(FnSnapshotter::Arbor, &dst, &host)?;
