@@ -42,30 +42,11 @@ use serde_json::{Value, json};
 
 use common::{MB, Spread, machine_info, preflight, print_machine, target_dir};
 use harness::{Remote, Startup, check_interrupted, write_json};
-use pyimage::{AppFile, CacheArgs, LayerDef, PATH_ENV, PYTHON, Recipe, WheelLayer};
+use pyimage::{AppFile, CacheArgs, LayerDef, PATH_ENV, PYTHON, Recipe};
 
 const RECIPE_VERSION: u32 = 1;
 /// The gateway's added warm latency at p50 the issue asks for, ms.
 const TARGET_ADDED_P50_MS: f64 = 1.0;
-
-const WHEELS: WheelLayer = WheelLayer {
-    name: "pypi",
-    requirements: &[
-        "numpy==2.2.6",
-        "flask==3.1.3",
-        "blinker==1.9.0",
-        "click==8.5.1",
-        "itsdangerous==2.2.0",
-        "jinja2==3.1.6",
-        "markupsafe==3.0.4",
-        "werkzeug==3.1.9",
-    ],
-    platforms: &["manylinux2014_x86_64", "manylinux_2_17_x86_64"],
-    python_version: "3.11",
-    implementation: "cp",
-    abi: "cp311",
-    site_packages: "/usr/local/lib/python3.11/dist-packages",
-};
 
 const SERVER_PY: &str = r#""""Arbor invoke bench function: a Flask app that imports numpy at start and answers
 POST /invoke (port 9000) with a line fitted by numpy to the body's length."""
@@ -147,7 +128,7 @@ fn recipe() -> Recipe<'static> {
             .iter()
             .filter(|l: &&LayerDef| l.name == "base" || l.name == "python")
             .collect(),
-        wheels: Some(&WHEELS),
+        wheels: Some(&pyimage::NUMPY_FLASK_WHEELS),
         app: vec![AppFile {
             path: "/app/server.py",
             mode: 0o644,

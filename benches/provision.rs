@@ -78,7 +78,7 @@ use sha2::{Digest, Sha256};
 
 use common::{MB, Spread, machine_info, preflight, print_machine, target_dir};
 use harness::{check_interrupted, http_get_all, run_checked, write_json};
-use pyimage::{AppFile, CacheArgs, LayerDef, PATH_ENV, PYTHON, Recipe, WheelLayer, hex};
+use pyimage::{AppFile, CacheArgs, LayerDef, PATH_ENV, PYTHON, Recipe, hex};
 
 /// Bump when the way the image or its start-up set is built changes.
 const RECIPE_VERSION: u32 = 1;
@@ -90,27 +90,6 @@ const TARGET_REGISTRY: f64 = 1.05;
 const TARGET_SPEEDUP: f64 = 5.0;
 /// The largest N the full-pull mode runs at.
 const FULL_MAX_NODES: usize = 8;
-
-/// The wheel layer: numpy and Flask with their dependencies (a subset of bench-cold-start's
-/// pinned set, whose wheels it shares in `<cache>/wheels`).
-const WHEELS: WheelLayer = WheelLayer {
-    name: "pypi",
-    requirements: &[
-        "numpy==2.2.6",
-        "flask==3.1.3",
-        "blinker==1.9.0",
-        "click==8.5.1",
-        "itsdangerous==2.2.0",
-        "jinja2==3.1.6",
-        "markupsafe==3.0.4",
-        "werkzeug==3.1.9",
-    ],
-    platforms: &["manylinux2014_x86_64", "manylinux_2_17_x86_64"],
-    python_version: "3.11",
-    implementation: "cp",
-    abi: "cp311",
-    site_packages: "/usr/local/lib/python3.11/dist-packages",
-};
 
 const SERVER_PY: &str = r#""""Arbor provision bench function: a Flask app that imports numpy at start and answers
 GET / with a line fitted by numpy."""
@@ -506,7 +485,7 @@ fn recipe() -> Recipe<'static> {
             .iter()
             .filter(|l: &&LayerDef| l.name == "base" || l.name == "python")
             .collect(),
-        wheels: Some(&WHEELS),
+        wheels: Some(&pyimage::NUMPY_FLASK_WHEELS),
         app: vec![AppFile {
             path: "/app/server.py",
             mode: 0o644,

@@ -1098,3 +1098,25 @@ pub fn sha256_file(p: &Path) -> Result<String> {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A wheel layer of numpy and Flask with their dependencies (a subset of bench-cold-start's
+/// pinned set, whose wheels it shares in `<cache>/wheels`): bench-provision's and
+/// bench-invoke's functions.
+pub const NUMPY_FLASK_WHEELS: WheelLayer = WheelLayer {
+    name: "pypi",
+    requirements: &[
+        "numpy==2.2.6",
+        "flask==3.1.3",
+        "blinker==1.9.0",
+        "click==8.5.1",
+        "itsdangerous==2.2.0",
+        "jinja2==3.1.6",
+        "markupsafe==3.0.4",
+        "werkzeug==3.1.9",
+    ],
+    platforms: &["manylinux2014_x86_64", "manylinux_2_17_x86_64"],
+    python_version: "3.11",
+    implementation: "cp",
+    abi: "cp311",
+    site_packages: "/usr/local/lib/python3.11/dist-packages",
+};

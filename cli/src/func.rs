@@ -316,14 +316,14 @@ pub async fn run(a: FnArgs) -> Result<ExitCode> {
                 println!(
                     "{:<20} {:>4} {:<40} {:>5} {:>9} {:>7}",
                     f["name"].as_str().unwrap_or(""),
-                    f["version"],
+                    f["version"].to_string(),
                     f["spec"]["image"].as_str().unwrap_or(""),
                     inst,
                     format!(
                         "{}/{}",
                         f["spec"]["min_instances"], f["spec"]["max_instances"]
                     ),
-                    f["waiting"]
+                    f["waiting"].to_string()
                 );
             }
             if name.is_some() {

@@ -586,7 +586,7 @@ impl Inner {
             .header("x-arbor-request-id", request_id)
             .header("x-arbor-function", f.name.as_str());
         let instance = lease.inst.id.clone();
-        let resp = rb.send().await.map_err(|e| {
+        let failed = |e: reqwest::Error| {
             if e.is_timeout() {
                 Error::Timeout {
                     instance: instance.clone(),
@@ -598,7 +598,8 @@ impl Inner {
                     why: error_chain(&e),
                 }
             }
-        })?;
+        };
+        let resp = rb.send().await.map_err(failed)?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -606,21 +607,16 @@ impl Inner {
             .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
             .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
             .collect();
-        let body = read_limited(resp, self.opts.max_response)
-            .await
-            .map_err(|why| {
-                if why.contains("timed out") {
-                    Error::Timeout {
-                        instance: instance.clone(),
-                        secs: timeout,
-                    }
-                } else {
-                    Error::InstanceFailed {
-                        instance: instance.clone(),
-                        why,
-                    }
-                }
-            })?;
+        let body = match read_limited(resp, self.opts.max_response).await {
+            Ok(b) => b,
+            Err(Ok(e)) => return Err(failed(e)),
+            Err(Err(why)) => {
+                return Err(Error::InstanceFailed {
+                    instance: instance.clone(),
+                    why,
+                });
+            }
+        };
         drop(lease);
         Ok(Invoked {
             status,
@@ -1088,14 +1084,17 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The body, at most `limit` bytes: `Err(Ok(_))` reading failed, `Err(Err(why))` too large.
 async fn read_limited(
     mut resp: reqwest::Response,
     limit: usize,
-) -> std::result::Result<bytes::Bytes, String> {
+) -> std::result::Result<bytes::Bytes, std::result::Result<reqwest::Error, String>> {
     let mut buf = bytes::BytesMut::new();
-    while let Some(c) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+    while let Some(c) = resp.chunk().await.map_err(Ok)? {
         if buf.len() + c.len() > limit {
-            return Err(format!("its response is over the limit of {limit} bytes"));
+            return Err(Err(format!(
+                "its response is over the limit of {limit} bytes"
+            )));
         }
         buf.extend_from_slice(&c);
     }

@@ -809,8 +809,8 @@ async fn run_task(
                 let w = w.map_err(|e| Error::Other { what: "waiting for the task".into(), cause: Box::new(e) })?;
                 break w.rpc(format!("waiting for task {id}"))?.into_inner().exit_status;
             }
-            _ = sigint.recv() => kill(&mut tc, t, id, libc::SIGINT).await,
-            _ = sigterm.recv() => kill(&mut tc, t, id, libc::SIGTERM).await,
+            _ = sigint.recv() => kill(&mut tc, t, id, libc::SIGINT, false).await,
+            _ = sigterm.recv() => kill(&mut tc, t, id, libc::SIGTERM, false).await,
             _ = sigwinch.recv(), if tty => resize(&mut tc).await,
             r = &mut probe, if !probe_done => {
                 probe_done = true;
@@ -926,8 +926,10 @@ async fn wait_ready(
     Ok(ready)
 }
 
-async fn kill(tc: &mut TasksClient<Channel>, t: &Target, id: &str, sig: i32) {
-    tracing::debug!(sig, "forwarding a signal to the task");
+/// Sends `sig` to the task of container `id` (every process of it with `all`); a task
+/// already gone is not worth a warning.
+async fn kill(tc: &mut TasksClient<Channel>, t: &Target, id: &str, sig: i32, all: bool) {
+    tracing::debug!(sig, all, "signalling the task");
     let Ok(r) = req(
         t,
         None,
@@ -935,13 +937,15 @@ async fn kill(tc: &mut TasksClient<Channel>, t: &Target, id: &str, sig: i32) {
             container_id: id.into(),
             exec_id: String::new(),
             signal: sig as u32,
-            all: false,
+            all,
         },
     ) else {
         return;
     };
-    if let Err(e) = tc.kill(r).await {
-        tracing::warn!(error = %e, "forwarding signal {sig} to the task");
+    if let Err(e) = tc.kill(r).await
+        && e.code() != Code::NotFound
+    {
+        tracing::warn!(error = %e, "sending signal {sig} to the task");
     }
 }
 

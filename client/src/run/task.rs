@@ -8,10 +8,9 @@ use std::time::Duration;
 use arbor_proto::containerd::services::containers::v1::ListContainersRequest;
 use arbor_proto::containerd::services::containers::v1::containers_client::ContainersClient;
 use arbor_proto::containerd::services::tasks::v1::tasks_client::TasksClient;
-use arbor_proto::containerd::services::tasks::v1::{KillRequest, WaitRequest};
-use tonic::Code;
+use arbor_proto::containerd::services::tasks::v1::WaitRequest;
 
-use super::{remove_container_id, req};
+use super::{kill, remove_container_id, req};
 use crate::error::{Result, Rpc as _};
 use crate::pull::{self, Target};
 
@@ -34,27 +33,6 @@ pub async fn wait_exit(t: &Target, id: &str) -> Result<u32> {
     Ok(r.into_inner().exit_status)
 }
 
-/// Signals every process of container `id`'s task; a task already gone is not an error.
-async fn signal(tc: &mut TasksClient<tonic::transport::Channel>, t: &Target, id: &str, sig: i32) {
-    let Ok(r) = req(
-        t,
-        None,
-        KillRequest {
-            container_id: id.into(),
-            exec_id: String::new(),
-            signal: sig as u32,
-            all: true,
-        },
-    ) else {
-        return;
-    };
-    if let Err(e) = tc.kill(r).await
-        && e.code() != Code::NotFound
-    {
-        tracing::debug!(id, sig, error = %e, "signalling the task");
-    }
-}
-
 /// Stops container `id` (SIGTERM, then SIGKILL after `grace`) and deletes its task, its
 /// record and its snapshot. Whatever is already gone is skipped; nothing here fails the
 /// caller except containerd being unreachable.
@@ -65,10 +43,10 @@ pub async fn stop_and_remove(t: &Target, id: &str, grace: Duration) -> Result<()
         let (t, id) = (t.clone(), id.to_string());
         tokio::spawn(async move { wait_exit(&t, &id).await })
     };
-    signal(&mut tc, t, id, libc::SIGTERM).await;
+    kill(&mut tc, t, id, libc::SIGTERM, true).await;
     let mut exited = exited;
     if tokio::time::timeout(grace, &mut exited).await.is_err() {
-        signal(&mut tc, t, id, libc::SIGKILL).await;
+        kill(&mut tc, t, id, libc::SIGKILL, true).await;
         if tokio::time::timeout(Duration::from_secs(10), &mut exited)
             .await
             .is_err()
