@@ -343,7 +343,15 @@ impl Gateway {
         let deadline = Instant::now() + drain;
         loop {
             let left = lock(&f.st).instances.len();
-            if left == 0 || Instant::now() >= deadline {
+            if left == 0 {
+                // Gone at once (the reconciler would also drop it on its next pass).
+                let mut fns = lock(&self.inner.functions);
+                if fns.get(name).is_some_and(|g| Arc::ptr_eq(g, &f)) {
+                    fns.remove(name);
+                }
+                return Ok(0);
+            }
+            if Instant::now() >= deadline {
                 return Ok(left);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

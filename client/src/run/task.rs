@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use arbor_proto::containerd::services::containers::v1::ListContainersRequest;
 use arbor_proto::containerd::services::containers::v1::containers_client::ContainersClient;
-use arbor_proto::containerd::services::tasks::v1::tasks_client::TasksClient;
 use arbor_proto::containerd::services::tasks::v1::WaitRequest;
+use arbor_proto::containerd::services::tasks::v1::tasks_client::TasksClient;
 
 use super::{kill, remove_container_id, req};
 use crate::error::{Result, Rpc as _};
