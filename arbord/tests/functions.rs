@@ -262,6 +262,14 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
     );
     assert_eq!(cold.header("x-arbor-start"), "cold");
     assert_eq!(cold.header("x-arbor-request-id"), "req-1");
+    // The instance that answered is the one named (its hostname is its id).
+    assert!(
+        cold.body_text()
+            .contains(&format!("from {} ", cold.header("x-arbor-instance"))),
+        "{} vs {}",
+        cold.body_text(),
+        cold.header("x-arbor-instance")
+    );
     let t1 = Instant::now();
     let warm = s.invoke("hello", "def");
     let warm_secs = t1.elapsed().as_secs_f64();

@@ -729,6 +729,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 tty,
                 net_host,
                 netns: None,
+                hostname: None,
                 annotations: annotations.into_iter().collect(),
                 cgroup_parent,
             };

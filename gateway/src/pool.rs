@@ -837,6 +837,7 @@ impl Inner {
             memory_limit: spec.memory_mib.map(|m| (m << 20) as i64),
             cpus: spec.cpus,
             netns: Some(netns),
+            hostname: Some(inst.id.clone()),
             cgroup_parent: self.opts.cgroup_parent.clone(),
             ..Default::default()
         };

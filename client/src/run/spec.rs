@@ -128,6 +128,9 @@ pub struct SpecOptions {
     /// Join this network namespace (a bind-mounted namespace file, as CNI prepares)
     /// instead of getting an empty one of its own. Ignored with `net_host`.
     pub netns: Option<std::path::PathBuf>,
+    /// The container's hostname (its own UTS namespace; ignored with `net_host`). None:
+    /// unset, as containerd leaves it (the node's name shows through).
+    pub hostname: Option<String>,
     /// The spec's annotations (read by the runtime shim).
     pub annotations: BTreeMap<String, String>,
     /// cgroup parent: the container's cgroup is `PARENT/ID` (default `/NAMESPACE/ID`).
@@ -750,7 +753,7 @@ pub fn build_spec(cfg: &ImageConfig, o: &SpecOptions, cx: &SpecContext) -> Resul
         .build()
         .ctx("the spec")?;
     // oci-spec's default hostname ("youki"); containerd leaves it unset.
-    spec.set_hostname(None);
+    spec.set_hostname(o.hostname.clone().filter(|_| !o.net_host));
     if !o.annotations.is_empty() {
         spec.set_annotations(Some(
             o.annotations
@@ -1097,6 +1100,18 @@ mod tests {
         // Not a regular file: refused, not read (a FIFO would block).
         std::fs::create_dir(r.path().join("etc/dir")).unwrap();
         assert!(read_in_root(r.path(), "etc/dir").is_err());
+    }
+
+    #[test]
+    fn a_hostname_is_set_unless_the_host_network_is_shared() {
+        let img = image(json!({"Cmd": ["x"]}));
+        let mut o = SpecOptions {
+            hostname: Some("fn-hello-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(json_of(&img, &o, &cx())["hostname"], "fn-hello-1");
+        o.net_host = true;
+        assert!(json_of(&img, &o, &cx()).get("hostname").is_none());
     }
 
     #[test]
