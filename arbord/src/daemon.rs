@@ -231,10 +231,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = int.recv() => info!("SIGINT: stopping"),
         }
         if let Some(g) = gw {
-            // Instances read their layers through this arbord and their snapshots are
-            // removed through it: stop them while it still serves.
+            // Without hand-over, instances lose their layers with this arbord, and their
+            // snapshots are removed through it: they are stopped while it still serves.
+            // With it, they are left running for the next arbord to adopt.
             g.shutdown().await;
-            info!("function instances stopped");
         }
     };
     info!(
@@ -325,6 +325,9 @@ async fn start_gateway(
         max_response: f.max_response.0 as usize,
         stop_grace: Duration::from_secs(f.stop_grace_secs),
         cgroup_parent: (!f.cgroup_parent.is_empty()).then(|| f.cgroup_parent.clone()),
+        // Instances read their layers through FUSE: with hand-over those stay mounted across
+        // a restart, and so can the instances.
+        adopt: cfg.fuse.handover,
     };
     let token = if f.token_file.is_empty() {
         None

@@ -55,6 +55,20 @@ pub struct GatewayOptions {
     pub stop_grace: Duration,
     /// cgroup parent of instances (default: containerd's `/NAMESPACE/ID`).
     pub cgroup_parent: Option<String>,
+    /// Leave instances running when the gateway stops, and adopt them when it starts again
+    /// (arbord's `fuse.handover`: their layers stay mounted across the restart).
+    pub adopt: bool,
+}
+
+/// What the gateway keeps of a ready instance, so that a successor can adopt it
+/// (`<dir>/instances/ID.json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct InstanceRecord {
+    id: String,
+    function: String,
+    version: u64,
+    addr: SocketAddr,
+    phases: Vec<(String, f64)>,
 }
 
 /// The function gateway of one node (cheap to clone).
@@ -92,6 +106,8 @@ struct FnState {
     failures: u64,
     last_failure: Option<String>,
     removing: bool,
+    /// Instances out of the pool whose container and network are still being removed.
+    stopping: usize,
 }
 
 /// One container serving a function.
@@ -239,14 +255,25 @@ impl Gateway {
                     [..6],
             ),
         });
-        // Taken now, before any instance of ours exists; removed in the background, since
+        let adopted = if inner.opts.adopt {
+            inner.adopt_instances().await
+        } else {
+            Vec::new()
+        };
+        // Taken now, before any new instance of ours exists; removed in the background, since
         // removing a container's snapshot may need the arbord that is starting this.
-        let old_netns = inner.opts.net.leftovers();
+        let old_netns: Vec<String> = inner
+            .opts
+            .net
+            .leftovers()
+            .into_iter()
+            .filter(|id| !adopted.contains(id))
+            .collect();
         let weak = Arc::downgrade(&inner);
         let cleaner = Arc::clone(&inner);
         tokio::spawn(
             async move {
-                cleaner.clean_leftovers(old_netns).await;
+                cleaner.clean_leftovers(old_netns, &adopted).await;
                 drop(cleaner);
                 let mut tick = tokio::time::interval(TICK);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,6 +287,7 @@ impl Gateway {
         );
         let n = lock(&inner.functions).len();
         info!(functions = n, "function gateway ready");
+        let _ = std::fs::create_dir_all(inner.records_dir());
         Ok(Gateway { inner })
     }
 
@@ -327,7 +355,8 @@ impl Gateway {
     }
 
     /// Removes `name`: its record at once; its instances once their requests are answered.
-    /// Waits up to `drain` for them to be gone; the instances still stopping.
+    /// Waits up to `drain` for them to be gone (containers and networks removed); returns the
+    /// instances still serving or stopping.
     pub async fn remove(&self, name: &str, drain: Duration) -> Result<usize> {
         let f = self.inner.function(name)?;
         {
@@ -342,7 +371,10 @@ impl Gateway {
         self.inner.reconcile();
         let deadline = Instant::now() + drain;
         loop {
-            let left = lock(&f.st).instances.len();
+            let left = {
+                let st = lock(&f.st);
+                st.instances.len() + st.stopping
+            };
             if left == 0 {
                 // Gone at once (the reconciler would also drop it on its next pass).
                 let mut fns = lock(&self.inner.functions);
@@ -429,25 +461,44 @@ impl Gateway {
         self.inner.metrics.render(&states, out);
     }
 
-    /// Stops every instance (arbord shutting down), waiting for them.
+    /// arbord is shutting down: with `adopt`, leaves the instances running for the next
+    /// arbord (their records are on disk); otherwise stops every instance, waiting for them.
     pub async fn shutdown(&self) {
+        if self.inner.opts.adopt {
+            let n: usize = lock(&self.inner.functions)
+                .values()
+                .map(|f| lock(&f.st).instances.len())
+                .sum();
+            info!(
+                instances = n,
+                "function instances left running for the next arbord"
+            );
+            return;
+        }
         let fns: Vec<_> = lock(&self.inner.functions).values().cloned().collect();
         let mut all = Vec::new();
-        for f in fns {
+        for f in &fns {
             let mut st = lock(&f.st);
             st.removing = true;
-            all.append(&mut st.instances);
+            st.stopping += st.instances.len();
+            all.extend(st.instances.drain(..).map(|i| (Arc::clone(f), i)));
             drop(st);
             f.changed.notify_waiters();
         }
-        let stops = all.into_iter().map(|i| {
+        let stops = all.into_iter().map(|(f, i)| {
             lock(&i.st).phase = InstPhase::Stopping;
             let inner = Arc::clone(&self.inner);
-            tokio::spawn(async move { inner.teardown(&i).await })
+            tokio::spawn(async move { inner.teardown_of(&f, &i).await })
         });
         for s in stops.collect::<Vec<_>>() {
             let _ = s.await;
         }
+        // And those the reconciler was already stopping.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && fns.iter().any(|f| lock(&f.st).stopping > 0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!("function instances stopped");
     }
 }
 
@@ -462,6 +513,7 @@ impl Function {
                 failures: 0,
                 last_failure: None,
                 removing: false,
+                stopping: 0,
             }),
             changed: Notify::new(),
         }
@@ -762,19 +814,15 @@ impl Inner {
                 }
                 self.metrics.started(&f.name, "ok", &phases);
                 info!(seconds = total, %addr, "instance ready");
+                self.save_record(&InstanceRecord {
+                    id: inst.id.clone(),
+                    function: f.name.clone(),
+                    version: inst.version,
+                    addr,
+                    phases,
+                });
                 f.changed.notify_waiters();
-                let inner = Arc::clone(&self);
-                tokio::spawn(
-                    async move {
-                        let why = match exited.await {
-                            Ok(Ok(code)) => format!("exited with status {code}"),
-                            Ok(Err(e)) => format!("lost: {e}"),
-                            Err(_) => "lost".into(),
-                        };
-                        inner.instance_ended(&f, &inst, &why).await;
-                    }
-                    .in_current_span(),
-                );
+                self.watch_exit(f, inst, exited);
             }
             Err(e) => {
                 let why = e.to_string();
@@ -785,10 +833,11 @@ impl Inner {
                     st.instances.retain(|i| !Arc::ptr_eq(i, &inst));
                     st.failures += 1;
                     st.last_failure = Some(why);
+                    st.stopping += 1;
                 }
                 lock(&inst.st).phase = InstPhase::Stopping;
                 f.changed.notify_waiters();
-                self.teardown(&inst).await;
+                self.teardown_of(&f, &inst).await;
             }
         }
     }
@@ -872,11 +921,7 @@ impl Inner {
             marks.push((name, base + p.seconds));
         }
 
-        let (tx, mut exited) = oneshot::channel();
-        let (t, id) = (self.opts.target.clone(), inst.id.clone());
-        tokio::spawn(async move {
-            let _ = tx.send(arbor_client::run::task::wait_exit(&t, &id).await);
-        });
+        let mut exited = self.exit_of(&inst.id);
         let addr = SocketAddr::from((ip, spec.port));
         let deadline = t0 + start_timeout;
         loop {
@@ -925,6 +970,124 @@ impl Inner {
         Ok((addr, phases, exited))
     }
 
+    /// Calls [`Inner::instance_ended`] when `exited` says the process ended.
+    fn watch_exit(
+        self: &Arc<Self>,
+        f: Arc<Function>,
+        inst: Arc<Instance>,
+        exited: oneshot::Receiver<arbor_client::Result<u32>>,
+    ) {
+        let inner = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                let why = match exited.await {
+                    Ok(Ok(code)) => format!("exited with status {code}"),
+                    Ok(Err(e)) => format!("lost: {e}"),
+                    Err(_) => "lost".into(),
+                };
+                inner.instance_ended(&f, &inst, &why).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// A receiver of the exit of container `id`'s task.
+    fn exit_of(&self, id: &str) -> oneshot::Receiver<arbor_client::Result<u32>> {
+        let (tx, rx) = oneshot::channel();
+        let (t, id) = (self.opts.target.clone(), id.to_string());
+        tokio::spawn(async move {
+            let _ = tx.send(arbor_client::run::task::wait_exit(&t, &id).await);
+        });
+        rx
+    }
+
+    fn records_dir(&self) -> PathBuf {
+        self.opts.dir.join("instances")
+    }
+
+    fn save_record(&self, r: &InstanceRecord) {
+        if !self.opts.adopt {
+            return;
+        }
+        let dir = self.records_dir();
+        let p = dir.join(format!("{}.json", r.id));
+        let tmp = dir.join(format!(".{}.json.tmp", r.id));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|_| serde_json::to_vec(r).map_err(std::io::Error::other))
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|_| std::fs::rename(&tmp, &p));
+        if let Err(e) = written {
+            warn!(instance = %r.id, error = %e, "recording the instance (it will not be adopted)");
+        }
+    }
+
+    /// Adopts the instances an earlier arbord left running: each recorded instance whose
+    /// function still exists, whose task runs and whose port answers joins its function's
+    /// pool as ready (an old version is drained by the reconciler as usual). Returns their
+    /// ids; the rest are removed by [`Inner::clean_leftovers`].
+    async fn adopt_instances(self: &Arc<Self>) -> Vec<String> {
+        let mut adopted = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.records_dir()) else {
+            return adopted;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let rec: Option<InstanceRecord> = std::fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let _ = std::fs::remove_file(&p);
+            let Some(rec) = rec else { continue };
+            let Ok(f) = self.function(&rec.function) else {
+                continue;
+            };
+            let running = tokio::time::timeout(
+                Duration::from_secs(5),
+                arbor_client::run::task::running_pid(&self.opts.target, &rec.id),
+            )
+            .await;
+            if !matches!(running, Ok(Ok(Some(_)))) {
+                continue;
+            }
+            let answers = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(rec.addr),
+            )
+            .await;
+            if !matches!(answers, Ok(Ok(_))) {
+                continue;
+            }
+            let inst = Arc::new(Instance {
+                id: rec.id.clone(),
+                version: rec.version,
+                created_at: Instant::now(),
+                log: self
+                    .opts
+                    .dir
+                    .join("logs")
+                    .join(&rec.function)
+                    .join(format!("{}.log", rec.id)),
+                st: Mutex::new(InstState {
+                    phase: InstPhase::Ready,
+                    addr: Some(rec.addr),
+                    inflight: 0,
+                    last_used: Instant::now(),
+                    served: 0,
+                    phases: rec.phases.clone(),
+                }),
+            });
+            lock(&f.st).instances.push(Arc::clone(&inst));
+            self.save_record(&rec);
+            let exited = self.exit_of(&rec.id);
+            self.watch_exit(f, inst, exited);
+            info!(instance = %rec.id, function = %rec.function, addr = %rec.addr, "instance adopted");
+            adopted.push(rec.id);
+        }
+        adopted
+    }
+
     fn store(&self, image: &str) -> Result<Store> {
         let r = Reference::parse(image).map_err(|e| Error::Invalid(e.to_string()))?;
         let host = r
@@ -954,9 +1117,20 @@ impl Inner {
         }
         warn!(function = %f.name, instance = %inst.id, why, "instance ended");
         self.metrics.ended(&f.name);
-        lock(&f.st).instances.retain(|i| !Arc::ptr_eq(i, inst));
+        {
+            let mut st = lock(&f.st);
+            st.instances.retain(|i| !Arc::ptr_eq(i, inst));
+            st.stopping += 1;
+        }
         f.changed.notify_waiters();
+        self.teardown_of(f, inst).await;
+    }
+
+    /// [`Inner::teardown`] of an instance counted in its function's `stopping`.
+    async fn teardown_of(&self, f: &Function, inst: &Instance) {
         self.teardown(inst).await;
+        let mut st = lock(&f.st);
+        st.stopping = st.stopping.saturating_sub(1);
     }
 
     /// Stops and removes the container, then its network.
@@ -972,17 +1146,19 @@ impl Inner {
         }
         let (net, id) = (self.opts.net.clone(), inst.id.clone());
         let _ = tokio::task::spawn_blocking(move || net.teardown(&id)).await;
+        let _ = std::fs::remove_file(self.records_dir().join(format!("{}.json", inst.id)));
         info!(instance = %inst.id, "instance removed");
     }
 
-    /// Removes what an earlier arbord left: its instance containers and the network
-    /// namespaces `netns`.
-    async fn clean_leftovers(self: &Arc<Self>, netns: Vec<String>) {
+    /// Removes what an earlier arbord left and no one adopted: its instance containers and
+    /// the network namespaces `netns`.
+    async fn clean_leftovers(self: &Arc<Self>, netns: Vec<String>, adopted: &[String]) {
         let t = &self.opts.target;
         match arbor_client::run::task::list_labelled(t, LABEL_GATEWAY).await {
             Ok(cs) => {
                 for (id, labels) in cs {
-                    if labels.get(LABEL_GATEWAY) == Some(&self.generation) {
+                    if labels.get(LABEL_GATEWAY) == Some(&self.generation) || adopted.contains(&id)
+                    {
                         continue;
                     }
                     info!(instance = %id, "removing an instance left by an earlier arbord");
@@ -1047,6 +1223,7 @@ impl Inner {
             }
             st.instances
                 .retain(|i| !stop.iter().any(|s| Arc::ptr_eq(s, i)));
+            st.stopping += stop.len();
             let all_live = st.instances.iter().filter(|i| i.live()).count();
             keep = keep.min(spec.max_instances as usize);
             let mut n = alive;
@@ -1056,12 +1233,12 @@ impl Inner {
                 n += 1;
                 total += 1;
             }
-            let gone = st.removing && st.instances.is_empty();
+            let gone = st.removing && st.instances.is_empty() && st.stopping == 0;
             drop(st);
             for i in stop {
                 info!(function = %f.name, instance = %i.id, "stopping an idle or drained instance");
-                let inner = Arc::clone(self);
-                tokio::spawn(async move { inner.teardown(&i).await });
+                let (inner, f) = (Arc::clone(self), Arc::clone(&f));
+                tokio::spawn(async move { inner.teardown_of(&f, &i).await });
             }
             if gone {
                 let mut fns = lock(&self.functions);

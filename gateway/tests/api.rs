@@ -70,6 +70,7 @@ async fn start(dir: &std::path::Path, token: Option<&str>) -> Api {
         max_response: 1 << 20,
         stop_grace: Duration::from_secs(1),
         cgroup_parent: None,
+        adopt: true,
     })
     .await
     .unwrap();

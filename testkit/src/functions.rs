@@ -193,7 +193,36 @@ impl FnNode {
 
 impl Drop for FnNode {
     fn drop(&mut self) {
+        // Remove every function, so the gateway stops its instances (arbord would leave
+        // them running for a successor), then stop arbord.
+        if self.arbord.is_running()
+            && let Ok(r) = self.call("GET", "/v1/functions", b"", Duration::from_secs(10))
+        {
+            for f in r.json().as_array().into_iter().flatten() {
+                if let Some(name) = f["name"].as_str() {
+                    let _ = self.call(
+                        "DELETE",
+                        &format!("/v1/functions/{name}?wait_secs=20"),
+                        b"",
+                        Duration::from_secs(30),
+                    );
+                }
+            }
+        }
         let _ = self.arbord.stop();
+        // Whatever instance is left (a failed run): its processes, then its cgroups.
+        let ns = &self.opts.namespace;
+        let left = crate::util::pids_in_cgroup(ns);
+        for &pid in &left {
+            crate::util::signal(pid, libc::SIGKILL);
+        }
+        let _ = crate::util::wait_until(Duration::from_secs(5), || {
+            Ok(left.iter().all(|&p| !crate::util::pid_alive(p)))
+        });
+        let _ = crate::util::wait_until(Duration::from_secs(5), || {
+            crate::util::remove_cgroups(ns);
+            Ok(crate::util::cgroup_dirs(ns).is_empty())
+        });
         // The bridge the CNI plugin made (plugins never delete one).
         let _ = Command::new("ip")
             .args(["link", "del", &self.opts.bridge])

@@ -543,11 +543,24 @@ async fn create_container(
             }
         };
         let result = async {
+            // A mount and reads through it (perhaps through a lazy layer served by the
+            // same process): off the async runtime.
             let spec = {
-                let _span = info_span!("build_spec").entered();
-                let rootfs = rootfs::TempMount::mount(&mounts)?;
-                let cx = spec::SpecContext::host(&t.namespace, &opts.id, Some(rootfs.path()));
-                spec::build_spec(&image.config, &opts.spec, &cx)?
+                let (mounts, config, spec_opts) =
+                    (mounts.clone(), image.config.clone(), opts.spec.clone());
+                let (ns, id) = (t.namespace.clone(), opts.id.clone());
+                let span = info_span!("build_spec");
+                tokio::task::spawn_blocking(move || {
+                    let _span = span.entered();
+                    let rootfs = rootfs::TempMount::mount(&mounts)?;
+                    let cx = spec::SpecContext::host(&ns, &id, Some(rootfs.path()));
+                    spec::build_spec(&config, &spec_opts, &cx)
+                })
+                .await
+                .map_err(|e| Error::Other {
+                    what: "building the runtime spec".into(),
+                    cause: Box::new(e),
+                })??
             };
             let spec_json = serde_json::to_vec(&spec).ctx("serialising the runtime spec")?;
             let mut cc = ContainersClient::new(ch.clone());

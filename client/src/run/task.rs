@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use arbor_proto::containerd::services::containers::v1::ListContainersRequest;
 use arbor_proto::containerd::services::containers::v1::containers_client::ContainersClient;
-use arbor_proto::containerd::services::tasks::v1::WaitRequest;
 use arbor_proto::containerd::services::tasks::v1::tasks_client::TasksClient;
+use arbor_proto::containerd::services::tasks::v1::{GetRequest, WaitRequest};
 
 use super::{kill, remove_container_id, req};
 use crate::error::{Result, Rpc as _};
@@ -31,6 +31,32 @@ pub async fn wait_exit(t: &Target, id: &str) -> Result<u32> {
         .await
         .rpc(format!("waiting for task {id}"))?;
     Ok(r.into_inner().exit_status)
+}
+
+/// The pid of container `id`'s task if it is running; `None` if it has none or it is not
+/// running (created, stopped, paused).
+pub async fn running_pid(t: &Target, id: &str) -> Result<Option<u32>> {
+    let ch = pull::connect(t).await?;
+    let mut tc = TasksClient::new(ch);
+    let r = tc
+        .get(req(
+            t,
+            None,
+            GetRequest {
+                container_id: id.into(),
+                exec_id: String::new(),
+            },
+        )?)
+        .await;
+    match r {
+        Ok(r) => Ok(r
+            .into_inner()
+            .process
+            .filter(|p| p.status == arbor_proto::containerd::v1::types::Status::Running as i32)
+            .map(|p| p.pid)),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s).rpc(format!("asking for task {id}")),
+    }
 }
 
 /// Stops container `id` (SIGTERM, then SIGKILL after `grace`) and deletes its task, its
