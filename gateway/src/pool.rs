@@ -579,6 +579,25 @@ impl Instance {
     }
 }
 
+/// What a request's pass through the queue reads of its function's spec.
+struct Limits {
+    concurrency: u32,
+    queue_limit: u32,
+    max_instances: u32,
+    queue_timeout_secs: u64,
+}
+
+impl Limits {
+    fn of(s: &FunctionSpec) -> Limits {
+        Limits {
+            concurrency: s.concurrency,
+            queue_limit: s.queue_limit,
+            max_instances: s.max_instances,
+            queue_timeout_secs: s.queue_timeout_secs,
+        }
+    }
+}
+
 /// A request slot on an instance; freed on drop.
 struct Lease {
     f: Arc<Function>,
@@ -655,7 +674,7 @@ impl Inner {
             } else {
                 Error::InstanceFailed {
                     instance: instance.clone(),
-                    why: error_chain(&e),
+                    why: arbor_oci::error::chain(&e),
                 }
             }
         };
@@ -706,7 +725,8 @@ impl Inner {
                     return Err(Error::Removing(f.name.clone()));
                 }
                 let seen = *seen_failures.get_or_insert(st.failures);
-                let spec = st.record.spec.clone();
+                // The numbers this pass needs, not the whole spec (this is the invoke path).
+                let spec = Limits::of(&st.record.spec);
                 let version = st.record.version;
                 let deadline = *first_deadline
                     .get_or_insert(t0 + Duration::from_secs(spec.queue_timeout_secs));
@@ -909,7 +929,7 @@ impl Inner {
                 "the container did not start within {start_timeout:?}"
             ))
         })?
-        .map_err(|e| Error::Internal(format!("{}: {}", spec.image, error_chain(&e))))?;
+        .map_err(|e| Error::Internal(format!("{}: {}", spec.image, arbor_oci::error::chain(&e))))?;
         for p in &outcome.phases {
             let name = match p.phase {
                 arbor_client::Phase::Pulled => "pull",
@@ -1253,21 +1273,6 @@ impl Inner {
 fn sha2_digest(b: &[u8]) -> Vec<u8> {
     use sha2::Digest as _;
     sha2::Sha256::digest(b).to_vec()
-}
-
-/// An error and its causes, one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        let m = x.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        c = x.source();
-    }
-    s
 }
 
 /// The body, at most `limit` bytes: `Err(Ok(_))` reading failed, `Err(Err(why))` too large.
