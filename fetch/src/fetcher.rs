@@ -353,6 +353,19 @@ impl Drop for UrgentGuard<'_> {
     }
 }
 
+/// Appends (without copying) the part of chunk `c` (its decoded `data`) inside the file range `[offset, end)`.
+fn push_part(
+    out: &mut Vec<Bytes>,
+    data: &Bytes,
+    c: &arbor_format::index::Chunk,
+    offset: u64,
+    end: u64,
+) {
+    let from = offset.max(c.file_offset) - c.file_offset;
+    let to = end.min(c.file_offset + c.size) - c.file_offset;
+    out.push(data.slice(from as usize..to as usize));
+}
+
 fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, FetchError>> {
@@ -396,14 +409,81 @@ impl Fetcher {
         &self.opts
     }
 
-    /// Bytes `[offset, offset + len)` of file entry `entry` (clamped to the file's end).
+    /// Bytes `[offset, offset + len)` of file entry `entry` (clamped to the file's end), as
+    /// the parts of the chunks they lie in (no copy; `concat()` joins them).
     pub async fn read_file(
         self: &Arc<Self>,
         layer: &Arc<LayerHandle>,
         entry: usize,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u8>, FetchError> {
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let (e, first, end) = match self.read_range(layer, entry, offset, len)? {
+            Some(r) => r,
+            None => return Ok(Vec::new()),
+        };
+        self.record(layer, entry, e, first, end);
+        let mut out = Vec::new();
+        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
+            if c.file_offset >= end {
+                break;
+            }
+            let r = ChunkRef {
+                entry: entry as u32,
+                chunk: ci as u32,
+            };
+            let data = self.chunk(layer, r).await?;
+            push_part(&mut out, &data, c, offset, end);
+        }
+        Ok(out)
+    }
+
+    /// [`Fetcher::read_file`] answered on the calling thread when every chunk it needs is held
+    /// already (in memory, or in the disk cache when `disk`); `None` when one must be
+    /// fetched. For a FUSE worker: a read of held data then costs no hop to the runtime. It
+    /// may block (disk reads, hashing): never call it on a runtime thread. Needs a runtime
+    /// context (`Handle::enter`) when `disk`: a chunk read from disk may push others out to
+    /// the write-back queue.
+    pub fn read_file_held(
+        self: &Arc<Self>,
+        layer: &Arc<LayerHandle>,
+        entry: usize,
+        offset: u64,
+        len: u64,
+        disk: bool,
+    ) -> Option<Result<Vec<Bytes>, FetchError>> {
+        let (e, first, end) = match self.read_range(layer, entry, offset, len) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Some(Ok(Vec::new())),
+            Err(err) => return Some(Err(err)),
+        };
+        let mut out = Vec::new();
+        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
+            if c.file_offset >= end {
+                break;
+            }
+            let r = ChunkRef {
+                entry: entry as u32,
+                chunk: ci as u32,
+            };
+            match self.held_chunk(layer, r, disk) {
+                Ok(Some(data)) => push_part(&mut out, &data, c, offset, end),
+                Ok(None) => return None,
+                Err(err) => return Some(Err(err)),
+            }
+        }
+        self.record(layer, entry, e, first, end);
+        Some(Ok(out))
+    }
+
+    /// The entry, its first chunk at `offset` and the end of the range; `None` when empty.
+    fn read_range<'a>(
+        &self,
+        layer: &'a LayerHandle,
+        entry: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(&'a arbor_format::index::IndexEntry, usize, u64)>, FetchError> {
         self.last_read_ms.store(self.now_ms(), Ordering::Relaxed);
         let e = layer
             .index
@@ -412,34 +492,89 @@ impl Fetcher {
             .ok_or(FetchError::NoEntry(entry))?;
         let end = offset.saturating_add(len).min(e.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let first = e
             .chunks
             .partition_point(|c| c.file_offset + c.size <= offset);
+        Ok(Some((e, first, end)))
+    }
+
+    /// Notes the chunks a read touches for the layer's start-up recorder, if it has one.
+    fn record(
+        &self,
+        layer: &LayerHandle,
+        entry: usize,
+        e: &arbor_format::index::IndexEntry,
+        first: usize,
+        end: u64,
+    ) {
         if let Some(rec) = layer.recorder() {
             let last = e.chunks.partition_point(|c| c.file_offset < end);
             rec.note(entry as u32, first as u32..last as u32);
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
-            if c.file_offset >= end {
-                break;
-            }
-            let data = self
-                .chunk(
-                    layer,
-                    ChunkRef {
-                        entry: entry as u32,
-                        chunk: ci as u32,
-                    },
-                )
-                .await?;
-            let from = offset.max(c.file_offset) - c.file_offset;
-            let to = end.min(c.file_offset + c.size) - c.file_offset;
-            out.extend_from_slice(&data[from as usize..to as usize]);
+    }
+
+    /// A chunk this node holds, verified: a zero chunk, or one in the memory cache, or (with
+    /// `blocking`: it reads and hashes, so not on a runtime thread) one in the disk cache or
+    /// a zero chunk with a digest to check. `None`: it must be fetched (or looked up with
+    /// `blocking`).
+    fn held_chunk(
+        &self,
+        layer: &LayerHandle,
+        r: ChunkRef,
+        blocking: bool,
+    ) -> Result<Option<Bytes>, FetchError> {
+        if layer.is_poisoned() {
+            return Err(FetchError::Poisoned(layer.digest.clone()));
         }
-        Ok(out)
+        let (name, c) = layer
+            .chunk(r)
+            .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;
+        let Some(digest) = c.digest.as_ref() else {
+            // A zero chunk written without a digest: its content is known.
+            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(Bytes::from(vec![0u8; c.size as usize])));
+        };
+        let key = *digest.as_bytes();
+        // Chunks are keyed by digest alone, and another image's TOC may name the same digest
+        // with another size: only a chunk of the size this TOC says is a hit (anything else
+        // would be truncated, or panic when sliced); this layer's chunk then fails to verify.
+        if let Some(b) = self.mem.get(&key).filter(|b| b.len() as u64 == c.size) {
+            self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(b));
+        }
+        if !blocking {
+            return Ok(None);
+        }
+        if c.zeros {
+            // Zeros need no fetch; verify against the digest all the same.
+            let data = vec![0u8; c.size as usize];
+            arbor_format::index::verify_chunk(name, c, &data).map_err(|e| {
+                FetchError::Verification {
+                    name: name.to_string(),
+                    offset: c.blob_offset,
+                    reason: e.to_string(),
+                }
+            })?;
+            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
+            let b = Bytes::from(data);
+            self.remember(key, b.clone(), Dirty::Clean);
+            return Ok(Some(b));
+        }
+        match self.cache.get(digest, c.size) {
+            Lookup::Hit(data) => {
+                self.metrics.chunk_disk_hits.fetch_add(1, Ordering::Relaxed);
+                let b = Bytes::from(data);
+                self.remember(key, b.clone(), Dirty::Clean);
+                Ok(Some(b))
+            }
+            Lookup::Corrupt => {
+                self.metrics.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Lookup::Miss => Ok(None),
+        }
     }
 
     /// One verified chunk.
@@ -448,55 +583,17 @@ impl Fetcher {
         layer: &Arc<LayerHandle>,
         r: ChunkRef,
     ) -> Result<Bytes, FetchError> {
-        if layer.is_poisoned() {
-            return Err(FetchError::Poisoned(layer.digest.clone()));
+        if let Some(b) = self.held_chunk(layer, r, false)? {
+            return Ok(b);
         }
         let (name, c) = layer
             .chunk(r)
             .ok_or_else(|| FetchError::Internal(format!("no chunk {r:?}")))?;
-        let Some(digest) = c.digest.clone() else {
-            // A zero chunk written without a digest: its content is known.
-            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
-            return Ok(Bytes::from(vec![0u8; c.size as usize]));
-        };
-        let key = *digest.as_bytes();
-        // Chunks are keyed by digest alone, and another image's TOC may name the same digest
-        // with another size: only a chunk of the size this TOC says is a hit (anything else
-        // would be truncated, or panic when sliced); this layer's chunk then fails to verify.
-        if let Some(b) = self.mem.get(&key).filter(|b| b.len() as u64 == c.size) {
-            self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(b);
-        }
-        if c.zeros {
-            // Zeros need no fetch; verify against the digest all the same.
-            let data = vec![0u8; c.size as usize];
-            let (n, cc) = (name.to_string(), c.clone());
-            let data =
-                blocking(move || arbor_format::index::verify_chunk(&n, &cc, &data).map(|_| data))
-                    .await?
-                    .map_err(|e| FetchError::Verification {
-                        name: name.to_string(),
-                        offset: c.blob_offset,
-                        reason: e.to_string(),
-                    })?;
-            self.metrics.chunk_zero.fetch_add(1, Ordering::Relaxed);
-            let b = Bytes::from(data);
-            self.remember(key, b.clone(), Dirty::Clean);
-            return Ok(b);
-        }
-        if self.cache.contains(&digest) {
-            let (cache, d, size) = (Arc::clone(&self.cache), digest.clone(), c.size);
-            match blocking(move || cache.get(&d, size)).await? {
-                Lookup::Hit(data) => {
-                    self.metrics.chunk_disk_hits.fetch_add(1, Ordering::Relaxed);
-                    let b = Bytes::from(data);
-                    self.remember(key, b.clone(), Dirty::Clean);
-                    return Ok(b);
-                }
-                Lookup::Corrupt => {
-                    self.metrics.cache_corrupt.fetch_add(1, Ordering::Relaxed);
-                }
-                Lookup::Miss => {}
+        let on_disk = c.zeros || c.digest.as_ref().is_some_and(|d| self.cache.contains(d));
+        if on_disk {
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            if let Some(b) = blocking(move || f.held_chunk(&l, r, true)).await?? {
+                return Ok(b);
             }
         }
         let w = layer

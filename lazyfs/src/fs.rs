@@ -59,6 +59,27 @@ fn xattr_reply(reply: Reply, data: &[u8], size: u32) {
     }
 }
 
+fn answer_read(
+    fetcher: &Fetcher,
+    layer: &LayerHandle,
+    entry: usize,
+    offset: u64,
+    r: Result<Vec<bytes::Bytes>, arbor_fetch::fetcher::FetchError>,
+    reply: Reply,
+) {
+    match r {
+        Ok(parts) => reply.data_parts(&parts),
+        Err(e) => {
+            fetcher
+                .metrics()
+                .read_errors
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(layer = %layer.digest, entry, offset, error = %e, "read failed: EIO");
+            reply.error(libc::EIO)
+        }
+    }
+}
+
 impl Handler for LayerFs {
     fn handle(&self, req: &Request<'_>, reply: Reply) {
         // Answered without looking at the layer.
@@ -153,19 +174,20 @@ impl LayerFs {
         if offset >= node.size {
             return reply.data(&[]);
         }
+        // Held data is answered here, on the FUSE worker: no hop to the runtime and back.
+        // Only what must be fetched goes to the runtime.
+        let held = {
+            let _rt = self.rt.enter();
+            self.fetcher
+                .read_file_held(&self.layer, entry, offset, size as u64, true)
+        };
+        if let Some(r) = held {
+            return answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
+        }
         let (fetcher, layer) = (Arc::clone(&self.fetcher), Arc::clone(&self.layer));
         self.rt.spawn(async move {
-            match fetcher.read_file(&layer, entry, offset, size as u64).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    fetcher
-                        .metrics()
-                        .read_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(layer = %layer.digest, entry, offset, error = %e, "read failed: EIO");
-                    reply.error(libc::EIO)
-                }
-            }
+            let r = fetcher.read_file(&layer, entry, offset, size as u64).await;
+            answer_read(&fetcher, &layer, entry, offset, r, reply)
         });
     }
 

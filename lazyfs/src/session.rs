@@ -48,6 +48,8 @@ const MAX_BACKGROUND: u16 = 64;
 /// A worker's read buffer: requests of a read-only filesystem are small (the kernel asks
 /// for at least 8 KiB, and `max_write` plus headers).
 const BUF: usize = 64 << 10;
+/// At most this many parts in one reply's `writev` (IOV_MAX is 1024).
+const MAX_PARTS: usize = 256;
 
 /// What serves one session's requests.
 pub trait Handler: Send + Sync + 'static {
@@ -153,21 +155,23 @@ impl Session {
 
     /// Writes one message (a reply or, with `unique` 0, a notification) to the kernel.
     fn send(&self, unique: u64, error: i32, body: &[u8]) -> io::Result<()> {
-        let len = abi::OUT_HEADER + body.len();
+        self.send_parts(unique, error, &[body])
+    }
+
+    /// [`Session::send`] with a body in parts, written with one `writev` (no copy).
+    fn send_parts(&self, unique: u64, error: i32, parts: &[&[u8]]) -> io::Result<()> {
+        let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut head = Out::with_capacity(abi::OUT_HEADER);
         head.u32(len as u32).u32(error as u32).u64(unique);
-        let iov = [
-            libc::iovec {
-                iov_base: head.0.as_ptr() as *mut libc::c_void,
-                iov_len: head.0.len(),
-            },
-            libc::iovec {
-                iov_base: body.as_ptr() as *mut libc::c_void,
-                iov_len: body.len(),
-            },
-        ];
-        // SAFETY: both iovecs point at live buffers of the given lengths for the call.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        let iov: Vec<libc::iovec> = std::iter::once(head.0.as_slice())
+            .chain(parts.iter().copied())
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points at a live buffer of its length for the call.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -210,9 +214,9 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn finish(&mut self, error: i32, body: &[u8]) {
+    fn finish(&mut self, error: i32, parts: &[&[u8]]) {
         self.done = true;
-        match self.session.send(self.unique, error, body) {
+        match self.session.send_parts(self.unique, error, parts) {
             Ok(()) => {}
             // The request was interrupted or the connection aborted: nobody waits for it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -221,7 +225,18 @@ impl Reply {
     }
 
     pub fn data(mut self, body: &[u8]) {
-        self.finish(0, body);
+        self.finish(0, &[body]);
+    }
+
+    /// Answers data given in parts (sent in order, without joining them first).
+    pub fn data_parts<B: AsRef<[u8]>>(mut self, parts: &[B]) {
+        // Far more parts than a read of small chunks has: join them, under IOV_MAX.
+        if parts.len() > MAX_PARTS {
+            let joined: Vec<u8> = parts.iter().flat_map(|p| p.as_ref()).copied().collect();
+            return self.data(&joined);
+        }
+        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
+        self.finish(0, &parts);
     }
 
     pub fn out(self, body: Out) {

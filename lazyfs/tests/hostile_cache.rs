@@ -119,7 +119,8 @@ fn write_back_queue_is_bounded() {
             )
             .await
             .expect("reads must not wait for a frozen disk")
-            .unwrap();
+            .unwrap()
+            .concat();
             assert!(got == *want, "{name}");
             most = most.max(f.pending_writebacks());
         }
@@ -174,7 +175,10 @@ fn lying_toc_chunk_size_is_an_error_not_a_panic() {
         .unwrap();
     let len = data.len() as u64;
     // The honest image reads the chunk: it is in memory, then on disk.
-    let got = rt.block_on(f.read_file(&honest, e, 0, len)).unwrap();
+    let got = rt
+        .block_on(f.read_file(&honest, e, 0, len))
+        .unwrap()
+        .concat();
     assert!(got == data);
     rt.block_on(f.flush());
     // Another image's TOC names the same chunk digest with a larger, then a smaller size.
@@ -196,13 +200,43 @@ fn lying_toc_chunk_size_is_an_error_not_a_panic() {
             r.is_err(),
             "delta {delta}: a chunk of the wrong size was served"
         );
+        // Nor is it served as held data (memory or disk) on a FUSE worker.
+        let _rt = rt.enter();
+        assert!(
+            f.read_file_held(&lying, e, 0, size, true).is_none(),
+            "delta {delta}: a held chunk of the wrong size was served"
+        );
     }
     // The honest image's chunk is still served, from memory and from disk.
     let hits = metrics.chunk_mem_hits.load(Ordering::Relaxed);
-    assert!(rt.block_on(f.read_file(&honest, e, 0, len)).unwrap() == data);
+    assert!(
+        rt.block_on(f.read_file(&honest, e, 0, len))
+            .unwrap()
+            .concat()
+            == data
+    );
     assert!(metrics.chunk_mem_hits.load(Ordering::Relaxed) > hits);
     let (f2, m2) = fetcher(cache.path(), 1 << 30, FetcherOptions::default());
-    assert!(rt.block_on(f2.read_file(&honest, e, 0, len)).unwrap() == data);
+    // Held data, on the calling thread: not in the new fetcher's memory, but on disk.
+    assert!(f2.read_file_held(&honest, e, 0, len, false).is_none());
+    {
+        let _rt = rt.enter();
+        let held = f2.read_file_held(&honest, e, 0, len, true);
+        assert!(held.expect("on disk").unwrap().concat() == data);
+        assert!(
+            f2.read_file_held(&honest, e, 1, len, false)
+                .expect("in memory now")
+                .unwrap()
+                .concat()
+                == data[1..]
+        );
+    }
+    assert!(
+        rt.block_on(f2.read_file(&honest, e, 0, len))
+            .unwrap()
+            .concat()
+            == data
+    );
     assert!(m2.chunk_disk_hits.load(Ordering::Relaxed) > 0);
     assert_eq!(m2.cache_corrupt.load(Ordering::Relaxed), 0);
 }

@@ -34,7 +34,7 @@ use crate::meta::{RemoteLayer, Usage};
 /// How remote layers are fetched and served.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
-    /// FUSE worker threads per mounted layer.
+    /// FUSE worker threads of the process, shared by every mounted layer.
     pub fuse_threads: usize,
     /// Prefetch a layer's prefetch section in the background once it is mounted.
     pub prefetch: bool,
