@@ -17,7 +17,11 @@
 //!   chunk cache); and on a fresh mount over the chunk cache the cold read filled (served
 //!   from the disk chunk cache);
 //! * `lstat` of every entry: plain directory cold and warm, arbor on a fresh mount and again;
-//! * the reads with several threads (`--threads`, default 4; 1 skips these).
+//! * the reads with several threads (`--threads`, default 4; 1 skips these);
+//! * the anchor, when installed (`benches/install-nydus.sh`): the same tree converted by
+//!   `nydus-image create` (its defaults), the blob pushed to the same registry, served by
+//!   `nydusd` with nydus-snapshotter's default configuration: cold on demand, cold with its
+//!   whole-blob `fs_prefetch`, warm, and after `drop_caches` (its blob cache).
 //!
 //! Every read's checksum (and every stat's metadata digest) must equal the plain directory's,
 //! or the bench fails. Missed targets never change the exit status; failing tools do.
@@ -36,11 +40,14 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
+use arbor_oci::auth::CredentialStore;
+use arbor_oci::registry::{ClientOptions, RegistryClient};
 use arbor_testkit::{
     ImageSpec, LayerSource, Registry, http_get, skopeo_push, tar_dir, write_oci_layout,
 };
 use clap::Parser;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 
 use arbor_benches::common;
 use common::{
@@ -76,7 +83,7 @@ const TESTSUITE: &str = "libpython3.11-testsuite";
 /// Bump when the layout of the cached dataset changes.
 const DATASET_VERSION: u32 = 1;
 /// The issue's targets: warm reads within this multiple of the plain directory's ...
-const TARGET_WARM: f64 = 1.2;
+const TARGET_WARM: f64 = 1.1;
 /// ... and a cold read of everything within this multiple of the plain directory's cold read.
 const TARGET_COLD: f64 = 2.0;
 /// Longest wait for `arbor mount` to come up, to exit after `umount`, and for prefetch to end.
@@ -105,10 +112,10 @@ Examples:
     about = "Benchmark reads through `arbor mount` against a plain local directory",
     long_about = "Benchmarks reading /usr/lib/python3.11 (Debian's libpython3.11-stdlib and \
                   libpython3.11-minimal) through `arbor mount` against the same tree in a plain \
-                  local directory: cold reads (fresh chunk cache, with and without prefetch), \
+                  local directory and against nydusd (when installed): cold reads (fresh chunk cache, with and without prefetch), \
                   warm reads, re-reads from arbor's caches, and lstat of every entry. Prints a \
                   table of medians with MB/s, files/s and the ratio to the plain directory, \
-                  whether the targets (warm <= 1.2x, cold <= 2x) are met, the registry traffic \
+                  whether the targets (warm <= 1.1x, cold <= 2x, no slower than nydusd) are met, the registry traffic \
                   of each cold run, and writes the same as JSON.",
     after_help = AFTER_HELP
 )]
@@ -148,6 +155,16 @@ struct Args {
     /// Time limit of one measurement (and of `arbor convert`), in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// nydusd, measured side by side as the anchor [default: <target dir>/tools/nydus/bin/
+    /// nydusd (benches/install-nydus.sh installs it), else from PATH; absent: skipped].
+    #[arg(long, value_name = "PATH")]
+    nydusd: Option<PathBuf>,
+    /// nydus-image, which converts the tree for nydusd [default: beside nydusd, else PATH].
+    #[arg(long, value_name = "PATH")]
+    nydus_image: Option<PathBuf>,
+    /// Leave nydusd out even if it is installed.
+    #[arg(long)]
+    no_nydus: bool,
 }
 
 /// Set by SIGINT/SIGTERM: the bench stops at the next check and cleans up.
@@ -242,6 +259,47 @@ fn main() -> Result<()> {
     );
 
     let scratch = Scratch::create(args.tmp_dir.as_deref())?;
+    let nydusd = find_tool(args.nydusd.as_deref(), "nydusd");
+    let nydus_image = args
+        .nydus_image
+        .clone()
+        .or_else(|| {
+            let beside = nydusd.as_ref()?.with_file_name("nydus-image");
+            beside.is_file().then_some(beside)
+        })
+        .or_else(|| find_tool(None, "nydus-image"));
+    let nydus = match (args.no_nydus, nydusd, nydus_image) {
+        (true, _, _) => {
+            println!("nydusd: left out (--no-nydus)\n");
+            None
+        }
+        (false, Some(d), Some(i)) => {
+            let n = prepare_nydus(
+                &d,
+                &i,
+                &data.root,
+                &scratch.path.join("nydus"),
+                &registry,
+                timeout,
+            )
+            .context("preparing the nydusd side")?;
+            println!(
+                "nydusd: {} ({}); nydus-image converted the tree in {:.1} s: blob {:.2} MB\n",
+                n.nydusd.display(),
+                n.version,
+                n.convert_seconds,
+                n.blob_bytes as f64 / MB
+            );
+            Some(n)
+        }
+        _ => {
+            println!(
+                "nydusd: skipped, nydusd or nydus-image not installed \
+                 (benches/install-nydus.sh builds them; or pass --nydusd and --nydus-image)\n"
+            );
+            None
+        }
+    };
     let mut bench = Bench {
         arbor: arbor.clone(),
         arbor_args: args.arbor_args.clone(),
@@ -251,6 +309,7 @@ fn main() -> Result<()> {
         timeout,
         clk_tck: clock_ticks(),
         threads: args.threads as usize,
+        nydus,
         reference_read: None,
         reference_stat: None,
         samples: Vec::new(),
@@ -292,6 +351,7 @@ fn main() -> Result<()> {
         "reps": args.reps,
         "threads": args.threads,
         "arbor_mount_args": args.arbor_args,
+        "nydus": bench.nydus.as_ref().map(Nydus::to_json),
         "scenarios": scenarios.iter().map(ScenarioSummary::to_json).collect::<Vec<_>>(),
         "targets": targets,
         "cold_runs": bench.cold_runs,
@@ -316,6 +376,8 @@ struct Dataset {
     debs: Vec<String>,
     /// The plain directory: the extracted tree on local disk.
     plain: PathBuf,
+    /// The directory the layer was packed from (`plain` is `tree()` below it).
+    root: PathBuf,
     layout: PathBuf,
     manifest_digest: String,
     tar_bytes: u64,
@@ -460,6 +522,7 @@ fn load_dataset(dir: &Path, stamp_path: &Path, key: &Value, set_name: &str) -> O
             .filter_map(|d| d.as_str().map(String::from))
             .collect(),
         plain,
+        root: dir.join("root"),
         layout,
         manifest_digest,
         tar_bytes,
@@ -879,13 +942,16 @@ impl Drop for Scratch {
 /// Prometheus samples: `name{labels}` → value.
 type MetricMap = BTreeMap<String, f64>;
 
-/// A running `arbor mount`. [`ArborMount::stop`] unmounts and checks the exit status; dropping
-/// it without that (on an error) unmounts lazily and terminates the process.
-struct ArborMount {
+/// A running `arbor mount` or `nydusd`. [`FuseDaemon::stop`] unmounts and checks the exit
+/// status; dropping it without that (on an error) unmounts lazily and terminates the process.
+struct FuseDaemon {
+    /// "arbor mount" or "nydusd", for messages.
+    name: &'static str,
     child: Option<Child>,
     dir: PathBuf,
     mountpoint: PathBuf,
     log: PathBuf,
+    /// Empty for nydusd (no Prometheus endpoint).
     metrics_addr: String,
     /// Spawn to mounted, seconds.
     ready_seconds: f64,
@@ -897,7 +963,7 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-impl ArborMount {
+impl FuseDaemon {
     /// `arbor mount` of `reference` at `dir/mnt`, with state in `dir/state`, chunk cache
     /// `cache`; waits until it is mounted and serving metrics.
     fn start(
@@ -908,13 +974,10 @@ impl ArborMount {
         cache: &Path,
         prefetch: bool,
         clk_tck: f64,
-    ) -> Result<ArborMount> {
+    ) -> Result<FuseDaemon> {
         let mountpoint = dir.join("mnt");
         let state = dir.join("state");
-        fs::create_dir_all(&mountpoint)?;
         fs::create_dir_all(&state)?;
-        fs::create_dir_all(cache)?;
-        let log = dir.join("arbor-mount.log");
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
         let mut cmd = Command::new(arbor);
         cmd.args(["mount", "--plain-http"])
@@ -933,42 +996,97 @@ impl ArborMount {
             cmd.env("RUST_LOG", "warn,arbor_fetch::prefetch=info");
         }
         cmd.env("NO_COLOR", "1");
-        let logf = File::create(&log)?;
+        let m = FuseDaemon {
+            name: "arbor mount",
+            child: None,
+            dir: dir.to_path_buf(),
+            mountpoint,
+            log: dir.join("arbor-mount.log"),
+            metrics_addr,
+            ready_seconds: 0.0,
+            clk_tck,
+        };
+        m.spawn(cmd, cache, |log| log.contains("mounted "))
+    }
+
+    /// `nydusd` serving `nydus.bootstrap` at `dir/mnt` from the registry, its blob cache in
+    /// `cache`, with nydus-snapshotter's default configuration (`prefetch`: its
+    /// `fs_prefetch` of the whole blob; without: on demand only).
+    fn start_nydusd(
+        nydus: &Nydus,
+        dir: &Path,
+        cache: &Path,
+        prefetch: bool,
+        clk_tck: f64,
+    ) -> Result<FuseDaemon> {
+        let config = dir.join("nydusd.json");
+        fs::create_dir_all(dir)?;
+        fs::write(
+            &config,
+            serde_json::to_vec_pretty(&nydus.config(cache, prefetch))?,
+        )?;
+        let m = FuseDaemon {
+            name: "nydusd",
+            child: None,
+            dir: dir.to_path_buf(),
+            mountpoint: dir.join("mnt"),
+            log: dir.join("nydusd.log"),
+            metrics_addr: String::new(),
+            ready_seconds: 0.0,
+            clk_tck,
+        };
+        let mut cmd = Command::new(&nydus.nydusd);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--bootstrap")
+            .arg(&nydus.bootstrap)
+            .arg("--mountpoint")
+            .arg(&m.mountpoint)
+            .args(["--log-level", "warn"]);
+        m.spawn(cmd, cache, |_| true)
+    }
+
+    /// Starts `cmd` (its output to the log) and waits until the mount point is mounted and
+    /// `ready` says so of the log.
+    fn spawn(
+        mut self,
+        mut cmd: Command,
+        cache: &Path,
+        ready: impl Fn(&str) -> bool,
+    ) -> Result<FuseDaemon> {
+        fs::create_dir_all(&self.mountpoint)?;
+        fs::create_dir_all(cache)?;
+        let logf = File::create(&self.log)?;
         cmd.stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
         let desc = describe(&cmd);
         let t = Instant::now();
-        let child = cmd.spawn().with_context(|| format!("spawning {desc}"))?;
-        let mut m = ArborMount {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            mountpoint,
-            log,
-            metrics_addr,
-            ready_seconds: 0.0,
-            clk_tck,
-        };
+        self.child = Some(cmd.spawn().with_context(|| format!("spawning {desc}"))?);
         loop {
             check_interrupted()?;
-            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                m.child = None;
-                bail!("`{desc}` exited early ({st}):\n{}", m.log_tail(30));
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!("`{desc}` exited early ({st}):\n{}", self.log_tail(30));
             }
-            let log = fs::read_to_string(&m.log).unwrap_or_default();
-            if log.contains("mounted ") && arbor_testkit::is_mounted(&m.mountpoint) {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            if ready(&log) && arbor_testkit::is_mounted(&self.mountpoint) {
                 break;
             }
             if t.elapsed() > MOUNT_TIMEOUT {
                 bail!(
                     "`{desc}` not mounted after {MOUNT_TIMEOUT:?}:\n{}",
-                    m.log_tail(30)
+                    self.log_tail(30)
                 );
             }
             thread::sleep(Duration::from_millis(2));
         }
-        m.ready_seconds = t.elapsed().as_secs_f64();
-        Ok(m)
+        self.ready_seconds = t.elapsed().as_secs_f64();
+        Ok(self)
     }
 
     fn log_tail(&self, lines: usize) -> String {
@@ -1053,7 +1171,18 @@ impl ArborMount {
         if let Some(e) = unmount(&self.mountpoint) {
             warnings.push(e);
         }
-        let mut child = self.child.take().context("arbor mount already stopped")?;
+        let name = self.name;
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{name} already stopped"))?;
+        // nydusd keeps running after its mount is gone: it is asked to stop (arbor mount is
+        // not: it must exit by itself, cleanly, once unmounted).
+        let strict = name != "nydusd";
+        if !strict {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
         let t = Instant::now();
         let status = loop {
             if let Some(st) = child.try_wait()? {
@@ -1062,7 +1191,7 @@ impl ArborMount {
             if t.elapsed() > EXIT_TIMEOUT {
                 self.child = Some(child);
                 bail!(
-                    "arbor mount did not exit within {EXIT_TIMEOUT:?} of `umount {}`:\n{}",
+                    "{name} did not exit within {EXIT_TIMEOUT:?} of `umount {}`:\n{}",
                     self.mountpoint.display(),
                     self.log_tail(20)
                 );
@@ -1079,19 +1208,19 @@ impl ArborMount {
             eprintln!("warning: {w}");
         }
         ensure!(
-            status.success(),
-            "arbor mount exited with {status} after umount:\n{}",
+            status.success() || !strict,
+            "{name} exited with {status} after umount:\n{}",
             self.log_tail(30)
         );
         ensure!(
             left.is_empty(),
-            "arbor mount exited but left mounts behind: {left:?}"
+            "{name} exited but left mounts behind: {left:?}"
         );
         Ok(())
     }
 }
 
-impl Drop for ArborMount {
+impl Drop for FuseDaemon {
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -1125,6 +1254,169 @@ impl Drop for ArborMount {
                 .output();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nydusd, the anchor
+
+/// Repository the nydus blob is pushed to.
+const NYDUS_REPO: &str = "bench/nydus";
+
+/// nydusd and the tree converted for it: `nydus-image create` of the same directory (its
+/// defaults), the blob pushed to the same registry, the bootstrap kept locally (as
+/// nydus-snapshotter does after pulling it).
+struct Nydus {
+    nydusd: PathBuf,
+    version: String,
+    bootstrap: PathBuf,
+    registry: String,
+    blob_id: String,
+    blob_bytes: u64,
+    convert_seconds: f64,
+}
+
+impl Nydus {
+    /// nydus-snapshotter's default nydusd configuration (`misc/snapshotter/
+    /// nydusd-config.fusedev.json`), over plain HTTP; `fs_prefetch` on or off.
+    fn config(&self, cache: &Path, prefetch: bool) -> Value {
+        json!({
+            "device": {
+                "backend": {"type": "registry", "config": {
+                    "scheme": "http", "host": self.registry, "repo": NYDUS_REPO,
+                    "timeout": 5, "connect_timeout": 5, "retry_limit": 2,
+                }},
+                "cache": {"type": "blobcache", "config": {"work_dir": cache}},
+            },
+            "mode": "direct",
+            "digest_validate": false,
+            "iostats_files": false,
+            "enable_xattr": true,
+            "fs_prefetch": {"enable": prefetch, "threads_count": 2, "prefetch_all": true},
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "nydusd": self.nydusd,
+            "version": self.version,
+            "blob": format!("sha256:{}", self.blob_id),
+            "blob_bytes": self.blob_bytes,
+            "convert_seconds": self.convert_seconds,
+            "config_prefetch": self.config(Path::new("CACHE"), true),
+        })
+    }
+}
+
+/// `name` from `given`, else `<target>/tools/nydus/bin` (benches/install-nydus.sh), else PATH.
+fn find_tool(given: Option<&Path>, name: &str) -> Option<PathBuf> {
+    if let Some(p) = given {
+        return Some(p.to_path_buf());
+    }
+    let local = target_dir().join("tools/nydus/bin").join(name);
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Converts `root` with `nydus-image create` into `work` and pushes the blob to `registry`.
+fn prepare_nydus(
+    nydusd: &Path,
+    nydus_image: &Path,
+    root: &Path,
+    work: &Path,
+    registry: &Registry,
+    timeout: Duration,
+) -> Result<Nydus> {
+    let version = Command::new(nydusd)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", nydusd.display()))?;
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find(|l| l.to_lowercase().contains("version"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let blobs = work.join("blobs");
+    fs::create_dir_all(&blobs)?;
+    let bootstrap = work.join("bootstrap");
+    let mut create = Command::new(nydus_image);
+    create
+        .arg("create")
+        .arg("--blob-dir")
+        .arg(&blobs)
+        .arg("--bootstrap")
+        .arg(&bootstrap)
+        .args(["--log-level", "warn"])
+        .arg(root);
+    let desc = describe(&create);
+    let t = Instant::now();
+    let (status, _, stderr) = run_timed(&mut create, timeout).context(desc.clone())?;
+    ensure!(
+        status.success(),
+        "`{desc}` failed ({status}):\n{}",
+        tail(&stderr, 30)
+    );
+    let convert_seconds = t.elapsed().as_secs_f64();
+    let mut found = Vec::new();
+    for e in fs::read_dir(&blobs)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            found.push(e.path());
+        }
+    }
+    ensure!(
+        found.len() == 1,
+        "nydus-image wrote {} blobs to {}, expected 1",
+        found.len(),
+        blobs.display()
+    );
+    let blob = found.remove(0);
+    let blob_id = blob
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let data = fs::read(&blob)?;
+    let digest = hex::encode(sha2::Sha256::digest(&data));
+    ensure!(
+        digest == blob_id,
+        "the nydus blob {} is not named by its sha256 ({digest})",
+        blob.display()
+    );
+    let reference =
+        arbor_oci::Reference::parse(&registry.reference(&format!("{NYDUS_REPO}:blob")))?;
+    let client = RegistryClient::new(
+        ClientOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        CredentialStore::default(),
+    )?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(client.push_blob_file(
+            &reference,
+            &format!("sha256:{blob_id}"),
+            data.len() as u64,
+            &blob,
+        ))
+        .context("pushing the nydus blob")?;
+    Ok(Nydus {
+        nydusd: nydusd.to_path_buf(),
+        version,
+        bootstrap,
+        registry: registry.addr(),
+        blob_id,
+        blob_bytes: data.len() as u64,
+        convert_seconds,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1190,6 +1482,12 @@ fn scenario_defs(threads: usize) -> Vec<(String, String, Kind, Option<String>)> 
         Some("plain_warm"),
     );
     add(
+        "arbor_warm_prefetching",
+        "arbor warm, background fetch running",
+        Kind::Read,
+        Some("plain_warm"),
+    );
+    add(
         "arbor_memcache",
         "arbor after drop_caches, same mount",
         Kind::Read,
@@ -1198,6 +1496,30 @@ fn scenario_defs(threads: usize) -> Vec<(String, String, Kind, Option<String>)> 
     add(
         "arbor_diskcache",
         "arbor after drop_caches, new mount",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "nydus_cold_noprefetch",
+        "nydusd cold, no fs_prefetch",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "nydus_cold_prefetch",
+        "nydusd cold, fs_prefetch (default)",
+        Kind::Read,
+        Some("plain_cold"),
+    );
+    add(
+        "nydus_warm",
+        "nydusd warm (page cache)",
+        Kind::Read,
+        Some("plain_warm"),
+    );
+    add(
+        "nydus_blobcache",
+        "nydusd after drop_caches, same mount",
         Kind::Read,
         Some("plain_cold"),
     );
@@ -1262,6 +1584,8 @@ struct Bench {
     timeout: Duration,
     clk_tck: f64,
     threads: usize,
+    /// The anchor, when installed.
+    nydus: Option<Nydus>,
     /// The plain directory's read and stat passes: every other pass must match them.
     reference_read: Option<Pass>,
     reference_stat: Option<Pass>,
@@ -1271,10 +1595,10 @@ struct Bench {
 }
 
 impl Bench {
-    fn mount(&mut self, cache: &Path, prefetch: bool) -> Result<ArborMount> {
+    fn mount(&mut self, cache: &Path, prefetch: bool) -> Result<FuseDaemon> {
         self.mounts += 1;
         let dir = self.scratch.join(format!("mount-{}", self.mounts));
-        ArborMount::start(
+        FuseDaemon::start(
             &self.arbor,
             &self.arbor_args,
             &self.reference,
@@ -1302,7 +1626,7 @@ impl Bench {
         rep: u32,
         kind: Kind,
         threads: usize,
-        mount: Option<&ArborMount>,
+        mount: Option<&FuseDaemon>,
         cold: bool,
     ) -> Result<()> {
         check_interrupted()?;
@@ -1313,7 +1637,7 @@ impl Bench {
         if cold {
             drop_caches()?;
         }
-        let arbor_cpu0 = mount.map(ArborMount::cpu_seconds);
+        let arbor_cpu0 = mount.map(FuseDaemon::cpu_seconds);
         let r = root.clone();
         let (seconds, cpu, pass) = run_limited(self.timeout, move || {
             let cpu0 = self_cpu_seconds();
@@ -1367,8 +1691,9 @@ impl Bench {
         };
         println!(
             "  {key:<28} {seconds:>8.3} s {rate}  cpu {cpu:.2} s{}",
-            arbor_cpu
-                .map(|c| format!(" + arbor {c:.2} s"))
+            mount
+                .zip(arbor_cpu)
+                .map(|(m, c)| format!(" + {} {c:.2} s", m.name))
                 .unwrap_or_default()
         );
         self.samples.push(Sample {
@@ -1389,7 +1714,7 @@ impl Bench {
         key: &str,
         rep: u32,
         variant: &str,
-        m: &ArborMount,
+        m: &FuseDaemon,
         at_end: &MetricMap,
         after_prefetch: Option<(&MetricMap, Option<f64>)>,
     ) {
@@ -1501,7 +1826,38 @@ impl Bench {
             m.stop()?;
             fs::remove_dir_all(&cache)?;
         }
-        Ok(())
+        self.nydus_repetition(rep)
+    }
+
+    /// nydusd: cold on demand, then warm and after drop_caches on that mount; cold with its
+    /// default whole-blob prefetch on a fresh mount and blob cache.
+    fn nydus_repetition(&mut self, rep: u32) -> Result<()> {
+        let Some(nydus) = self.nydus.take() else {
+            return Ok(());
+        };
+        let r = (|| {
+            let cache = self.fresh_cache("nydus-cache-a")?;
+            let m = self.nydus_mount(&nydus, &cache, false)?;
+            self.measure("nydus_cold_noprefetch", rep, Kind::Read, 1, Some(&m), true)?;
+            self.measure("nydus_warm", rep, Kind::Read, 1, Some(&m), false)?;
+            self.measure("nydus_blobcache", rep, Kind::Read, 1, Some(&m), true)?;
+            m.stop()?;
+            fs::remove_dir_all(&cache)?;
+            let cache = self.fresh_cache("nydus-cache-b")?;
+            let m = self.nydus_mount(&nydus, &cache, true)?;
+            self.measure("nydus_cold_prefetch", rep, Kind::Read, 1, Some(&m), true)?;
+            m.stop()?;
+            fs::remove_dir_all(&cache)?;
+            anyhow::Ok(())
+        })();
+        self.nydus = Some(nydus);
+        r
+    }
+
+    fn nydus_mount(&mut self, nydus: &Nydus, cache: &Path, prefetch: bool) -> Result<FuseDaemon> {
+        self.mounts += 1;
+        let dir = self.scratch.join(format!("mount-{}", self.mounts));
+        FuseDaemon::start_nydusd(nydus, &dir, cache, prefetch, self.clk_tck)
     }
 
     fn cold_prefetch(&mut self, rep: u32, key: &str, threads: usize) -> Result<()> {
@@ -1509,6 +1865,21 @@ impl Bench {
         let m = self.mount(&cache, true)?;
         self.measure(key, rep, Kind::Read, threads, Some(&m), true)?;
         let at_end = m.metrics()?;
+        if threads == 1 {
+            // Re-read from the page cache while the rest of the layer is still fetched.
+            let running = !m.log_tail(1000).contains("prefetch done");
+            self.measure(
+                "arbor_warm_prefetching",
+                rep,
+                Kind::Read,
+                1,
+                Some(&m),
+                false,
+            )?;
+            if !running {
+                println!("  (the background fetch had already finished)");
+            }
+        }
         let secs = m.wait_prefetch(1)?;
         let after = m.metrics()?;
         let variant = if threads > 1 {
@@ -1737,6 +2108,48 @@ fn targets(scenarios: &[ScenarioSummary]) -> Vec<Value> {
                 met(r <= TARGET_COLD),
                 np.map(|v| format!("{v:.2}x ({})", met(v <= TARGET_COLD)))
                     .unwrap_or_else(|| "-".into())
+            ),
+        }));
+    }
+    let median = |k: &str| {
+        scenarios
+            .iter()
+            .find(|s| s.key == k)
+            .map(|s| s.seconds.median)
+    };
+    for (mode, arbor, nydus) in [
+        ("prefetch", "arbor_cold_prefetch", "nydus_cold_prefetch"),
+        (
+            "on demand",
+            "arbor_cold_noprefetch",
+            "nydus_cold_noprefetch",
+        ),
+    ] {
+        if let (Some(a), Some(n)) = (median(arbor), median(nydus)) {
+            let r = a / n;
+            out.push(json!({
+                "name": format!("cold_vs_nydusd_{}", mode.replace(' ', "_")),
+                "target": format!("<= nydusd's cold read-all ({mode})"),
+                "value": r,
+                "met": r <= 1.0,
+                "line": format!(
+                    "cold read-all ({mode}) no slower than nydusd's: arbor {a:.2} s vs nydusd \
+                     {n:.2} s = {r:.2}x ({})",
+                    met(r <= 1.0)
+                ),
+            }));
+        }
+    }
+    if let Some(r) = ratio("arbor_warm_prefetching") {
+        out.push(json!({
+            "name": "warm_read_while_prefetching",
+            "target": format!("<= {TARGET_WARM}x plain dir warm read, background fetch running"),
+            "value": r,
+            "met": r <= TARGET_WARM,
+            "line": format!(
+                "warm read within {TARGET_WARM}x of the plain directory while the rest is \
+                 fetched in the background: {r:.2}x ({})",
+                met(r <= TARGET_WARM)
             ),
         }));
     }

@@ -544,23 +544,19 @@ async fn create_container(
         };
         let result = async {
             // A mount and reads through it (perhaps through a lazy layer served by the
-            // same process): off the async runtime.
+            // same process): off the async runtime, in a mount namespace of its own.
             let spec = {
                 let (mounts, config, spec_opts) =
                     (mounts.clone(), image.config.clone(), opts.spec.clone());
                 let (ns, id) = (t.namespace.clone(), opts.id.clone());
                 let span = info_span!("build_spec");
-                tokio::task::spawn_blocking(move || {
+                rootfs::in_private_mounts(move || {
                     let _span = span.entered();
                     let rootfs = rootfs::TempMount::mount(&mounts)?;
                     let cx = spec::SpecContext::host(&ns, &id, Some(rootfs.path()));
                     spec::build_spec(&config, &spec_opts, &cx)
                 })
-                .await
-                .map_err(|e| Error::Other {
-                    what: "building the runtime spec".into(),
-                    cause: Box::new(e),
-                })??
+                .await??
             };
             let spec_json = serde_json::to_vec(&spec).ctx("serialising the runtime spec")?;
             let mut cc = ContainersClient::new(ch.clone());

@@ -63,6 +63,52 @@ impl Drop for TempMount {
     }
 }
 
+/// Runs `f` on a thread of its own in a private mount namespace (unshared from the
+/// process's, every mount in it private) and returns what `f` returns. What `f` mounts
+/// there is invisible outside and goes with the thread, even if the process is killed
+/// before it unmounts (a daemon dying mid cold start leaves no `arbor-rootfs-*` mount on
+/// the node). Without the right to make a namespace (not root), `f` runs in the process's.
+pub async fn in_private_mounts<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("arbor-rootfs".into())
+        .spawn(move || {
+            if let Err(e) = private_mount_namespace() {
+                tracing::debug!(error = %e, "no private mount namespace; mounting in the process's");
+            }
+            let _ = tx.send(f());
+        })
+        .ctx("starting a thread to mount the rootfs")?;
+    rx.await.map_err(|e| Error::Other {
+        what: "mounting the rootfs".into(),
+        cause: Box::new(e),
+    })
+}
+
+/// Moves the calling thread into a new mount namespace whose mounts are all private.
+fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare and mount with valid (NUL-terminated or null) arguments; they affect
+    // only the calling thread, which is ours alone.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Flags of mount(2) options, as containerd's `parseMountOptions`: (set, clear).
 fn flag(o: &str) -> Option<(libc::c_ulong, libc::c_ulong)> {
     Some(match o {
@@ -196,5 +242,54 @@ mod tests {
         assert_ne!(flags & libc::MS_BIND, 0);
         assert_ne!(flags & libc::MS_REC, 0);
         assert_ne!(flags & libc::MS_RDONLY, 0, "rw must not lift read-only");
+    }
+
+    /// A bind mount of the snapshot made through `in_private_mounts` is seen by the work
+    /// done there and never by the rest of the process (nor the node).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn temp_mounts_stay_in_their_own_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mount namespaces and mounts need root");
+            return;
+        }
+        let snap = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(snap.path().join("etc")).unwrap();
+        std::fs::write(
+            snap.path().join("etc/passwd"),
+            "app:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        let mounts = vec![Mount {
+            r#type: "bind".into(),
+            source: snap.path().display().to_string(),
+            target: String::new(),
+            options: vec!["rbind".into(), "rw".into()],
+        }];
+        // The mount stays while the rest of the process looks for it.
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let work = tokio::spawn(in_private_mounts(move || {
+            let tm = TempMount::mount(&mounts).unwrap();
+            let at = tm.path().to_path_buf();
+            let passwd = std::fs::read_to_string(at.join("etc/passwd")).unwrap();
+            let inside = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+            seen_tx.send((at.clone(), passwd, inside)).unwrap();
+            let _ = done_rx.recv();
+            drop(tm);
+            at
+        }));
+        let (at, passwd, inside) = seen_rx.recv().unwrap();
+        assert!(passwd.starts_with("app:"));
+        let name = at.display().to_string();
+        assert!(inside.contains(&name), "mounted inside: {name}");
+        let outside = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !outside.contains(&name),
+            "{name} leaked into the process's mounts"
+        );
+        done_tx.send(()).unwrap();
+        assert_eq!(work.await.unwrap().unwrap(), at);
+        assert!(!at.exists(), "the temporary directory is removed");
     }
 }
