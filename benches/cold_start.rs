@@ -11,7 +11,7 @@
 //! * **pypi**: the way a Python function image is usually built: the same Debian `base` and
 //!   `python` layers (CPython 3.11), one `pypi` layer with numpy, scipy, scikit-learn, pandas
 //!   and Flask and their dependencies installed by pip from pinned manylinux wheels
-//!   ([`PYPI_LAYER`]; OpenBLAS, gfortran and libgomp come bundled in the wheels' `*.libs`),
+//!   ([`pyimage::SCIENTIFIC_WHEELS`]; OpenBLAS, gfortran and libgomp come bundled in the wheels' `*.libs`),
 //!   byte-compiled by the image's interpreter, and `app`: `/app/server.py`, a Flask app served
 //!   by werkzeug that imports numpy, pandas, scipy and sklearn at start.
 //!
@@ -81,9 +81,7 @@ use harness::{
     check_interrupted, drop_caches, fetch_image_manifest, http_get_all, layer_sizes, loadavg,
     run_checked, unmount_below, write_json,
 };
-use pyimage::{
-    AppFile, CacheArgs, Image, LayerDef, PATH_ENV, PYTHON, Recipe, WheelLayer, prepare_image,
-};
+use pyimage::{AppFile, CacheArgs, Image, LayerDef, PATH_ENV, PYTHON, Recipe, prepare_image};
 
 /// Bump when the way an image or its start-up set is built changes.
 const RECIPE_VERSION: u32 = 1;
@@ -115,38 +113,6 @@ const SKLEARN_LAYER: LayerDef = LayerDef {
         "python3-threadpoolctl",
         "libgomp1",
     ],
-};
-
-/// The PyPI image's third-party layer: numpy, scipy, scikit-learn, pandas and flask, and what
-/// they depend on, pinned to what `pip download` resolved on 2026-11-29 (the wheels are cached
-/// in `<cache>/wheels`).
-const PYPI_LAYER: WheelLayer = WheelLayer {
-    name: "pypi",
-    requirements: &[
-        "numpy==2.2.6",
-        "scipy==1.16.3",
-        "scikit-learn==1.7.2",
-        "pandas==2.3.2",
-        "flask==3.1.3",
-        // Their dependencies.
-        "blinker==1.9.0",
-        "click==8.5.1",
-        "cloudpickle==3.1.3",
-        "itsdangerous==2.2.0",
-        "jinja2==3.1.6",
-        "joblib==1.6.0",
-        "markupsafe==3.0.4",
-        "python-dateutil==4.0.0",
-        "pytz==2026.6",
-        "threadpoolctl==3.8.0",
-        "tzdata==2026.6",
-        "werkzeug==3.1.9",
-    ],
-    platforms: &["manylinux2014_x86_64", "manylinux_2_17_x86_64"],
-    python_version: "3.11",
-    implementation: "cp",
-    abi: "cp311",
-    site_packages: "/usr/local/lib/python3.11/dist-packages",
 };
 
 /// The function of the PyPI image: `/app/server.py`, with Flask.
@@ -475,7 +441,7 @@ impl ImageKind {
                     .iter()
                     .filter(|l| l.name == "base" || l.name == "python")
                     .collect(),
-                Some(&PYPI_LAYER),
+                Some(&pyimage::SCIENTIFIC_WHEELS),
             ),
         };
         Recipe {

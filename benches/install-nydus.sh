@@ -12,8 +12,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VERSION="${NYDUS_VERSION:-2.2.0}"
 DEST="${NYDUS_ROOT:-${CARGO_TARGET_DIR:-$ROOT/target}/tools/nydus}"
 
+# A crates.io build prints "Version: unknown" (no git tags): the stamp says what it is.
 if [[ -x "$DEST/bin/nydusd" && -x "$DEST/bin/nydus-image" ]] &&
-  "$DEST/bin/nydusd" --version 2>/dev/null | grep -q "$VERSION"; then
+  [[ "$(cat "$DEST/VERSION" 2>/dev/null)" == "nydus-rs $VERSION" ]]; then
   echo "[nydus] nydusd $VERSION already in $DEST/bin"
   exit 0
 fi
@@ -25,10 +26,14 @@ for pkg in cmake libssl-dev pkg-config; do
 done
 if ((${#missing[@]} > 0)); then
   echo "[nydus] installing: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" </dev/null >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null || {
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+  }
 fi
 
 echo "[nydus] building nydus-rs $VERSION into $DEST (slow: about 15 minutes on 2 cores)"
 cargo install nydus-rs --version "$VERSION" --locked --root "$DEST" --bins
-"$DEST/bin/nydusd" --version | head -3
+echo "nydus-rs $VERSION" >"$DEST/VERSION"
+echo "[nydus] installed nydusd and nydus-image (nydus-rs $VERSION) in $DEST/bin"

@@ -1099,6 +1099,39 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A PyPI-built scientific Python layer (bench-cold-start's PyPI image, bench-fuse-read's
+/// `--pypi` tree): numpy, scipy, scikit-learn, pandas and flask, and what
+/// they depend on, pinned to what `pip download` resolved on 2026-11-29 (the wheels are cached
+/// in `<cache>/wheels`).
+pub const SCIENTIFIC_WHEELS: WheelLayer = WheelLayer {
+    name: "pypi",
+    requirements: &[
+        "numpy==2.2.6",
+        "scipy==1.16.3",
+        "scikit-learn==1.7.2",
+        "pandas==2.3.2",
+        "flask==3.1.3",
+        // Their dependencies.
+        "blinker==1.9.0",
+        "click==8.5.1",
+        "cloudpickle==3.1.3",
+        "itsdangerous==2.2.0",
+        "jinja2==3.1.6",
+        "joblib==1.6.0",
+        "markupsafe==3.0.4",
+        "python-dateutil==4.0.0",
+        "pytz==2026.6",
+        "threadpoolctl==3.8.0",
+        "tzdata==2026.6",
+        "werkzeug==3.1.9",
+    ],
+    platforms: &["manylinux2014_x86_64", "manylinux_2_17_x86_64"],
+    python_version: "3.11",
+    implementation: "cp",
+    abi: "cp311",
+    site_packages: "/usr/local/lib/python3.11/dist-packages",
+};
+
 /// A wheel layer of numpy and Flask with their dependencies (a subset of bench-cold-start's
 /// pinned set, whose wheels it shares in `<cache>/wheels`): bench-provision's and
 /// bench-invoke's functions.

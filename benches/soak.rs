@@ -367,10 +367,8 @@ fn run() -> Result<bool> {
     std::thread::sleep(Duration::from_secs(2));
     let end = usage(arbord.pid().context("arbord pid")?).context("arbord usage")?;
     let holders = arbord.fd_holders();
-    let holder_fds = holders
-        .first()
-        .and_then(|&p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
-        .map_or(0, |d| d.count());
+    let holder_fd_kinds = holders.first().map(|&p| fd_kinds(p)).unwrap_or_default();
+    let holder_fds: usize = holder_fd_kinds.values().sum();
     let mounts = mounts_below(&root).len();
     let overlays = mounts_below(ctd.base_dir()).len();
     let snapshots = ctd
@@ -404,9 +402,14 @@ fn run() -> Result<bool> {
             .join(" ")
     );
     println!(
-        "fd holders {}, holding {} fds; layer mounts {mounts} (after the pulls {layer_mounts}); mounts under containerd {overlays}; arbor snapshots {snapshots}",
+        "fd holders {}, holding {} fds ({}); layer mounts {mounts} (after the pulls {layer_mounts}); mounts under containerd {overlays}; arbor snapshots {snapshots}",
         holders.len(),
-        holder_fds
+        holder_fds,
+        holder_fd_kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut check = |ok: bool, what: String| {
         if !ok {
@@ -462,4 +465,27 @@ fn run() -> Result<bool> {
         problems.len()
     );
     Ok(true)
+}
+
+/// What a process's fds are, counted by kind: `/dev/fuse` (kept connections), sockets, files
+/// (their paths) and the rest by `readlink` target type.
+fn fd_kinds(pid: u32) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let target = std::fs::read_link(e.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let kind = if target.starts_with("socket:") {
+            "socket".to_string()
+        } else if let Some((k, _)) = target.split_once(":[") {
+            k.to_string()
+        } else {
+            target
+        };
+        *out.entry(kind).or_insert(0) += 1;
+    }
+    out
 }

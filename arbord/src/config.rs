@@ -268,6 +268,8 @@ pub struct Prefetch {
     pub rest_while_active: bool,
     /// Seconds after a layer is mounted before its rest is fetched.
     pub rest_delay_secs: u64,
+    /// Fetch the rest at once, `concurrency` windows at a time, as urgently as reads.
+    pub rest_eager: bool,
     /// Windows fetched at the same time per layer.
     pub concurrency: usize,
 }
@@ -387,6 +389,7 @@ impl Default for Prefetch {
             rest_rate: Size(0),
             rest_while_active: false,
             rest_delay_secs: 3,
+            rest_eager: false,
             concurrency: 4,
         }
     }

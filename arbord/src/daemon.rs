@@ -133,6 +133,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 rest_rate: cfg.prefetch.rest_rate.0,
                 concurrency: cfg.prefetch.concurrency,
                 rest_delay: Duration::from_secs(cfg.prefetch.rest_delay_secs),
+                rest_eager: cfg.prefetch.rest_eager,
             },
             plain_http_hosts: cfg.registry.plain_http.clone(),
             registry_concurrency: cfg.fetch.registry_concurrency,
@@ -273,7 +274,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         t.abort();
     }
     let _ = std::fs::remove_file(&cfg.address);
-    fetcher.flush().await;
+    fetcher.flush_all().await;
     let r = Arc::clone(&remote);
     if cfg.fuse.handover {
         let timeout = Duration::from_millis(cfg.fuse.release_timeout_ms);

@@ -202,6 +202,11 @@ enum Command {
         /// CPU from a starting program; a workload that reads most of the image may prefer this.
         #[arg(long)]
         prefetch_rest_while_active: bool,
+        /// Fetch the rest of the layers right after mounting, several windows at a time, as
+        /// urgently as reads (as nydusd's whole-image prefetch does): fastest for reading
+        /// everything, but it competes with a starting program for CPU and link.
+        #[arg(long, conflicts_with_all = ["no_prefetch", "no_prefetch_rest"])]
+        prefetch_rest_eager: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
@@ -605,6 +610,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_prefetch_rest,
             prefetch_rate,
             prefetch_rest_while_active,
+            prefetch_rest_eager,
             metrics_addr,
             state_dir,
             fuse_threads,
@@ -624,6 +630,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 prefetch_rest: !no_prefetch_rest,
                 prefetch_rate,
                 prefetch_rest_while_active,
+                prefetch_rest_eager,
                 metrics_addr,
                 state_dir,
                 fuse_threads,

@@ -25,6 +25,7 @@ pub struct MountArgs {
     pub prefetch_rest: bool,
     pub prefetch_rate: u64,
     pub prefetch_rest_while_active: bool,
+    pub prefetch_rest_eager: bool,
     pub metrics_addr: Option<String>,
     pub state_dir: PathBuf,
     pub fuse_threads: usize,
@@ -149,6 +150,7 @@ pub async fn run(
             let opts = PrefetchOptions {
                 rest: a.prefetch_rest,
                 rest_rate: a.prefetch_rate,
+                rest_eager: a.prefetch_rest_eager,
                 ..Default::default()
             };
             prefetches.push(tokio::spawn(prefetch_layer(
@@ -219,7 +221,7 @@ pub async fn run(
         cleanup_layers(mounts, &state);
     })
     .await?;
-    fetcher.flush().await;
+    fetcher.flush_all().await;
     eprintln!(
         "{reason}: unmounted {}; fetched {} bytes from the registry in {} requests",
         dir.display(),

@@ -1082,10 +1082,24 @@ impl Fetcher {
 
     /// Writes chunks still only in memory to the disk cache (as many as the write-back
     /// bounds allow; the rest stay dirty for the next flush) and waits until cache writes
-    /// have finished, at most [`FLUSH_WAIT`]. Mounts call it periodically and when they stop.
+    /// have finished, at most [`FLUSH_WAIT`]. Mounts call it periodically.
     pub async fn flush(&self) {
+        self.flush_once(Instant::now() + FLUSH_WAIT).await;
+    }
+
+    /// Writes every chunk still only in memory to the disk cache, batch after batch within
+    /// the write-back bounds, for at most [`FLUSH_WAIT`] in all. Mounts call it when they
+    /// stop: what stays dirty then is lost with the process.
+    pub async fn flush_all(&self) {
+        let deadline = Instant::now() + FLUSH_WAIT;
+        while self.flush_once(deadline).await && Instant::now() < deadline {}
+    }
+
+    /// One write-back round; whether it found dirty chunks (there may be more).
+    async fn flush_once(&self, deadline: Instant) -> bool {
         let room = MAX_WRITEBACK_BYTES.saturating_sub(self.pending_bytes.load(Ordering::SeqCst));
         let dirty = self.mem.take_dirty(room);
+        let found = !dirty.is_empty();
         if let Some(back) = self.store(dirty) {
             // No batch slot free: keep them dirty in memory for the next flush.
             for (k, b, d) in back {
@@ -1095,7 +1109,6 @@ impl Fetcher {
                     .fetch_add(lost, Ordering::Relaxed);
             }
         }
-        let deadline = Instant::now() + FLUSH_WAIT;
         while self.pending_writes.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {
                 warn!(
@@ -1103,10 +1116,11 @@ impl Fetcher {
                     "chunk cache writes still pending after {} s (slow or full disk?)",
                     FLUSH_WAIT.as_secs()
                 );
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        found
     }
 
     /// Write-back batches in flight (for tests and diagnostics).
@@ -1195,5 +1209,32 @@ mod tests {
         assert_eq!(l.group_windows(2), &[2]);
         assert_eq!(l.group_windows(4), &[4, 5]);
         assert!(l.group_windows(99).is_empty());
+    }
+
+    /// More dirty chunks than one write-back round takes: `flush` writes a round's worth,
+    /// `flush_all` (at unmount) writes every one, so a new mount finds them on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flush_all_writes_every_dirty_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let f = Fetcher::new(
+            Arc::clone(&cache),
+            Arc::new(Metrics::default()),
+            FetcherOptions {
+                memory_budget: 1 << 30,
+                ..FetcherOptions::default()
+            },
+        );
+        let n = (MAX_WRITEBACK_BYTES >> 20) as usize + 16;
+        for i in 0..n {
+            let data = vec![i as u8; 1 << 20];
+            let d = arbor_format::Digest::of(&data);
+            f.remember(*d.as_bytes(), Bytes::from(data), Dirty::Urgent);
+        }
+        f.flush().await;
+        let after_one = cache.usage().0;
+        assert!(after_one < n, "one round wrote {after_one} of {n}");
+        f.flush_all().await;
+        assert_eq!(cache.usage().0, n, "every dirty chunk is on disk");
     }
 }

@@ -24,6 +24,10 @@ pub struct PrefetchOptions {
     /// usually created and starts reading a moment after its layers are mounted, and that
     /// gap is not idle time.
     pub rest_delay: Duration,
+    /// Fetch the rest at once, `concurrency` windows at a time, as urgently as reads (no
+    /// delay, no waiting for reads to pause): for workloads that read most of the image,
+    /// as nydusd's whole-blob prefetch does. It takes CPU and link from a starting program.
+    pub rest_eager: bool,
 }
 
 impl Default for PrefetchOptions {
@@ -33,6 +37,7 @@ impl Default for PrefetchOptions {
             rest_rate: 0,
             concurrency: 4,
             rest_delay: Duration::from_secs(3),
+            rest_eager: false,
         }
     }
 }
@@ -85,7 +90,7 @@ pub async fn prefetch_layer_learned(
                 break;
             }
             let since = started.elapsed();
-            if since < opts.rest_delay {
+            if !opts.rest_eager && since < opts.rest_delay {
                 tokio::time::sleep(opts.rest_delay - since).await;
             }
         }
@@ -99,7 +104,7 @@ pub async fn prefetch_layer_learned(
                     continue;
                 }
                 let (f, l) = (Arc::clone(&fetcher), Arc::clone(&layer));
-                let background = phase == "rest";
+                let background = phase == "rest" && !opts.rest_eager;
                 set.spawn(async move {
                     // The prefetch section is what the workload reads first: as urgent as
                     // its own reads. The rest yields to both.

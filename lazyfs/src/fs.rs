@@ -174,13 +174,12 @@ impl LayerFs {
         if offset >= node.size {
             return reply.data(&[]);
         }
-        // Held data is answered here, on the FUSE worker: no hop to the runtime and back.
-        // Only what must be fetched goes to the runtime.
-        let held = {
-            let _rt = self.rt.enter();
-            self.fetcher
-                .read_file_held(&self.layer, entry, offset, size as u64, true)
-        };
+        // Data held in memory is answered here, on the FUSE worker: no hop to the runtime
+        // and back. What must be read from the disk cache (and re-verified) or fetched goes
+        // to the runtime, whose blocking pool reads many chunks at once.
+        let held = self
+            .fetcher
+            .read_file_held(&self.layer, entry, offset, size as u64, false);
         if let Some(r) = held {
             return answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
         }
