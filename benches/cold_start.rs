@@ -75,7 +75,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
 use common::{MB, Spread, describe, machine_info, preflight, print_machine};
-use common::{tail, target_dir};
+use common::{first_line, tail, target_dir};
 use harness::{
     LinkArgs, Remote, Startup, TAG_ARBOR, TAG_INFERRED, TAG_PREFETCH, TAG_SOURCE, WorkDir,
     check_interrupted, drop_caches, fetch_image_manifest, http_get_all, layer_sizes, loadavg,
@@ -852,20 +852,6 @@ fn copy_logs(work: &Path, logs: &Path) -> Result<()> {
     }
     println!("logs: {}", logs.display());
     Ok(())
-}
-
-fn first_line(cmd: &mut Command) -> String {
-    cmd.output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn free_port() -> Result<u16> {

@@ -286,3 +286,29 @@ pub fn print_machine(machine: &Value) {
         machine["registry_version"].as_str().unwrap_or("?"),
     );
 }
+
+/// The first line `cmd` prints (a version banner), trimmed; "unknown" if it cannot run.
+pub fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A registry client speaking plain HTTP (the benches' loopback registries), no credentials.
+pub fn plain_http_client() -> Result<arbor_oci::registry::RegistryClient> {
+    Ok(arbor_oci::registry::RegistryClient::new(
+        arbor_oci::registry::ClientOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        arbor_oci::auth::CredentialStore::default(),
+    )?)
+}

@@ -42,8 +42,6 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use arbor_oci::auth::CredentialStore;
-use arbor_oci::registry::{ClientOptions, RegistryClient};
 use arbor_testkit::{
     ImageSpec, LayerSource, Registry, http_get, skopeo_push, tar_dir, write_oci_layout,
 };
@@ -53,8 +51,8 @@ use sha2::Digest as _;
 
 use arbor_benches::{common, pyimage};
 use common::{
-    MB, Spread, clock_ticks, describe, inspect_raw, machine_info, preflight, print_machine,
-    resolve_debs, run_quiet, run_timed, tail, target_dir,
+    MB, Spread, clock_ticks, describe, first_line, inspect_raw, machine_info, preflight,
+    print_machine, resolve_debs, run_quiet, run_timed, tail, target_dir,
 };
 
 /// Tag of the image in the cached OCI layout.
@@ -1416,20 +1414,7 @@ fn prepare_nydus(
         .parent()
         .and_then(|bin| fs::read_to_string(bin.with_file_name("VERSION")).ok())
         .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| {
-            Command::new(nydusd)
-                .arg("--version")
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_string()
-                })
-                .unwrap_or_default()
-        });
+        .unwrap_or_else(|| first_line(Command::new(nydusd).arg("--version")));
     let blobs = work.join("blobs");
     fs::create_dir_all(&blobs)?;
     let bootstrap = work.join("bootstrap");
@@ -1479,13 +1464,7 @@ fn prepare_nydus(
     );
     let reference =
         arbor_oci::Reference::parse(&registry.reference(&format!("{NYDUS_REPO}:blob")))?;
-    let client = RegistryClient::new(
-        ClientOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        CredentialStore::default(),
-    )?;
+    let client = common::plain_http_client()?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

@@ -26,8 +26,6 @@ use arbor_fetch::fetcher::FetcherOptions;
 use arbor_fetch::source::{Limits, StoreSource};
 use arbor_fetch::{BlobSource, ChunkCache, Fetcher, LayerHandle, Metrics};
 use arbor_lazyfs::{MountOptions, mount_layer};
-use arbor_oci::auth::CredentialStore;
-use arbor_oci::registry::{ClientOptions, RegistryClient};
 use arbor_oci::{ImageLocation, Store};
 use arbor_testkit::{
     Entry, ImageSpec, LayerSource, Registry, layer_tar, pseudo_random_bytes, skopeo_push,
@@ -112,13 +110,7 @@ fn run() -> Result<bool> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let client = RegistryClient::new(
-        ClientOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        CredentialStore::default(),
-    )?;
+    let client = common::plain_http_client()?;
     let store = Store::open(&ImageLocation::parse(&dst)?, &client, false)?;
     let (desc, index) = rt.block_on(async {
         let r = arbor_convert::image::resolve(&store, &[]).await?;

@@ -292,6 +292,9 @@ fn locality_groups(
 type WindowResult = Arc<Result<Vec<(ChunkRef, Bytes)>, FetchError>>;
 type WindowKey = (String, usize);
 
+/// Windows after the current one [`Fetcher::disk_read_ahead`] loads from the disk cache.
+const DISK_READ_AHEAD: usize = 2;
+
 /// Serves chunks of layers; shared by every mount of a process.
 pub struct Fetcher {
     cache: Arc<ChunkCache>,
@@ -299,6 +302,8 @@ pub struct Fetcher {
     metrics: Arc<Metrics>,
     opts: FetcherOptions,
     inflight: Mutex<HashMap<WindowKey, Arc<OnceCell<WindowResult>>>>,
+    /// Windows being loaded from the disk cache ahead of reads ([`Fetcher::disk_read_ahead`]).
+    disk_ahead: Mutex<std::collections::HashSet<WindowKey>>,
     /// Write-back batches in flight and their bytes: bounded by [`MAX_WRITEBACK_BATCHES`]
     /// and [`MAX_WRITEBACK_BYTES`].
     pending_writes: Arc<AtomicUsize>,
@@ -353,6 +358,28 @@ impl Drop for UrgentGuard<'_> {
     }
 }
 
+/// The chunks of file entry number `entry` (`e`) from its chunk `first` on that start before
+/// the file offset `end`.
+fn chunks_in(
+    e: &arbor_format::index::IndexEntry,
+    entry: usize,
+    first: usize,
+    end: u64,
+) -> impl Iterator<Item = (ChunkRef, &arbor_format::index::Chunk)> {
+    e.chunks
+        .iter()
+        .enumerate()
+        .skip(first)
+        .take_while(move |(_, c)| c.file_offset < end)
+        .map(move |(ci, c)| {
+            let r = ChunkRef {
+                entry: entry as u32,
+                chunk: ci as u32,
+            };
+            (r, c)
+        })
+}
+
 /// Appends (without copying) the part of chunk `c` (its decoded `data`) inside the file range `[offset, end)`.
 fn push_part(
     out: &mut Vec<Bytes>,
@@ -386,6 +413,7 @@ impl Fetcher {
             metrics,
             opts,
             inflight: Mutex::new(HashMap::new()),
+            disk_ahead: Mutex::new(std::collections::HashSet::new()),
             pending_writes: Arc::new(AtomicUsize::new(0)),
             pending_bytes: Arc::new(AtomicU64::new(0)),
             urgent: AtomicUsize::new(0),
@@ -424,14 +452,7 @@ impl Fetcher {
         };
         self.record(layer, entry, e, first, end);
         let mut out = Vec::new();
-        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
-            if c.file_offset >= end {
-                break;
-            }
-            let r = ChunkRef {
-                entry: entry as u32,
-                chunk: ci as u32,
-            };
+        for (r, c) in chunks_in(e, entry, first, end) {
             let data = self.chunk(layer, r).await?;
             push_part(&mut out, &data, c, offset, end);
         }
@@ -439,11 +460,11 @@ impl Fetcher {
     }
 
     /// [`Fetcher::read_file`] answered on the calling thread when every chunk it needs is held
-    /// already (in memory, or in the disk cache when `disk`); `None` when one must be
-    /// fetched. For a FUSE worker: a read of held data then costs no hop to the runtime. It
-    /// may block (disk reads, hashing): never call it on a runtime thread. Needs a runtime
-    /// context (`Handle::enter`) when `disk`: a chunk read from disk may push others out to
-    /// the write-back queue.
+    /// already (in memory, or also in the disk cache when `disk`); `None` when one must be
+    /// read or fetched. For a FUSE worker: a read of data in memory then costs no hop to the
+    /// runtime. With `disk` it may block (disk reads, hashing; never on a runtime thread)
+    /// and needs a runtime context (`Handle::enter`): a chunk read from disk may push others
+    /// out to the write-back queue.
     pub fn read_file_held(
         self: &Arc<Self>,
         layer: &Arc<LayerHandle>,
@@ -458,14 +479,7 @@ impl Fetcher {
             Err(err) => return Some(Err(err)),
         };
         let mut out = Vec::new();
-        for (ci, c) in e.chunks.iter().enumerate().skip(first) {
-            if c.file_offset >= end {
-                break;
-            }
-            let r = ChunkRef {
-                entry: entry as u32,
-                chunk: ci as u32,
-            };
+        for (r, c) in chunks_in(e, entry, first, end) {
             match self.held_chunk(layer, r, disk) {
                 Ok(Some(data)) => push_part(&mut out, &data, c, offset, end),
                 Ok(None) => return None,
@@ -577,6 +591,53 @@ impl Fetcher {
         }
     }
 
+    /// After a chunk came from the disk cache: loads the other chunks of its window and of
+    /// the next [`DISK_READ_AHEAD`] windows that are on disk but not in memory, in the
+    /// background on the blocking pool (one task per window, once at a time), so a reader
+    /// going through files does not wait for each cache file read and hash in turn.
+    fn disk_read_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, r: ChunkRef) {
+        let Some(w) = layer.window_of(r) else {
+            return;
+        };
+        for next in (w..layer.windows.len()).take(DISK_READ_AHEAD + 1) {
+            let refs: Vec<ChunkRef> = layer.windows[next]
+                .chunks
+                .iter()
+                .copied()
+                .filter(|&cr| cr != r)
+                .filter(|&cr| {
+                    layer
+                        .chunk(cr)
+                        .and_then(|(_, c)| c.digest.as_ref())
+                        .is_some_and(|d| !self.mem.contains(d.as_bytes()) && self.cache.contains(d))
+                })
+                .collect();
+            if refs.is_empty() {
+                continue;
+            }
+            let key = (layer.digest.clone(), next);
+            if !self
+                .disk_ahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone())
+            {
+                continue;
+            }
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            tokio::task::spawn_blocking(move || {
+                for cr in refs {
+                    // A chunk that fails here is read (or fetched) again on demand.
+                    let _ = f.held_chunk(&l, cr, true);
+                }
+                f.disk_ahead
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+            });
+        }
+    }
+
     /// One verified chunk.
     pub async fn chunk(
         self: &Arc<Self>,
@@ -593,6 +654,7 @@ impl Fetcher {
         if on_disk {
             let (f, l) = (Arc::clone(self), Arc::clone(layer));
             if let Some(b) = blocking(move || f.held_chunk(&l, r, true)).await?? {
+                self.disk_read_ahead(layer, r);
                 return Ok(b);
             }
         }
@@ -1161,7 +1223,13 @@ mod tests {
     use arbor_format::index::IndexEntry;
     use arbor_format::tarstream::EntryKind;
 
-    /// A layer of regular files of one chunk each, `size` compressed bytes apiece, in order.
+    /// The content of test file `name` of `size` bytes: its name over and over.
+    fn content(name: &str, size: u64) -> Vec<u8> {
+        name.bytes().cycle().take(size as usize).collect()
+    }
+
+    /// A layer of regular files of one chunk each, `size` compressed bytes apiece, in order;
+    /// file contents as [`content`] makes them.
     fn layer(files: &[(&str, u64)], unit: u64) -> LayerHandle {
         let mut off = 0;
         let entries = files
@@ -1174,7 +1242,7 @@ mod tests {
                     size: *size,
                     blob_offset: off,
                     blob_end: off + size,
-                    digest: Some(arbor_format::Digest::of(name.as_bytes())),
+                    digest: Some(arbor_format::Digest::of(&content(name, *size))),
                     zeros: false,
                 }];
                 off += size;
@@ -1236,5 +1304,45 @@ mod tests {
         assert!(after_one < n, "one round wrote {after_one} of {n}");
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every dirty chunk is on disk");
+    }
+
+    /// A chunk read from the disk cache brings the next windows' chunks into memory (and
+    /// only those within reach), so the reads that follow need no disk read of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_hit_reads_the_next_windows_ahead() {
+        let names = ["d/a", "d/b", "d/c", "d/d", "d/e"];
+        let files: Vec<(&str, u64)> = names.iter().map(|n| (*n, 5000)).collect();
+        let l = Arc::new(layer(&files, 4096));
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 20).unwrap());
+        for n in names {
+            let data = content(n, 5000);
+            cache.put(&arbor_format::Digest::of(&data), &data).unwrap();
+        }
+        let f = Fetcher::new(
+            cache,
+            Arc::new(Metrics::default()),
+            FetcherOptions::default(),
+        );
+        assert_eq!(l.windows().len(), names.len(), "one window per file");
+        let first = f.chunk(&l, ChunkRef { entry: 0, chunk: 0 }).await.unwrap();
+        assert_eq!(&first[..], &content("d/a", 5000)[..]);
+        let in_memory = |n: &str| {
+            f.mem
+                .contains(arbor_format::Digest::of(&content(n, 5000)).as_bytes())
+        };
+        let t = Instant::now();
+        while !(in_memory("d/b") && in_memory("d/c")) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the next windows were not read ahead"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !in_memory("d/d") && !in_memory("d/e"),
+            "read ahead past its reach"
+        );
     }
 }
