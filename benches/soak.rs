@@ -434,10 +434,16 @@ fn run() -> Result<bool> {
         end.1 <= base.1 + 8,
         format!("fds grew: {} -> {}", base.1, end.1),
     );
-    // The holder keeps one fd per layer mount, plus its socket, listener, pid and std fds.
+    // The holder keeps one fd per layer mount, plus its three stdio fds, its listener and
+    // arbord's connection: nothing inherited, nothing of a connection that ended.
+    let fuse_fds = holder_fd_kinds.get("/dev/fuse").copied().unwrap_or(0);
     check(
-        holder_fds <= layer_mounts + 8,
-        format!("fd holder keeps {holder_fds} fds"),
+        fuse_fds == layer_mounts,
+        format!("fd holder keeps {fuse_fds} FUSE connections for {layer_mounts} layer mounts"),
+    );
+    check(
+        holder_fds - fuse_fds <= 5,
+        format!("fd holder keeps {holder_fds} fds: {holder_fd_kinds:?}"),
     );
     check(
         peak < 512.0 * MB,

@@ -297,6 +297,23 @@ fn containers_keep_reading_through_restart_upgrade_and_crash() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(arbord.fd_holders().len(), 1, "one fd holder throughout");
+    // It holds the layers' connections, its stdio, listener and arbord's connection: no fd
+    // inherited from arbord (or from this test, which started arbord).
+    let holder = arbord.fd_holders()[0];
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{holder}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let others: Vec<&String> = fds.iter().filter(|t| *t != "/dev/fuse").collect();
+    assert!(
+        others.len() <= 5,
+        "the fd holder keeps more than its own: {others:?}"
+    );
 
     let lines = lines.lock().unwrap();
     let host_reads = host_reads.lock().unwrap();

@@ -27,6 +27,8 @@ use tracing::{info, warn};
 
 /// The protocol version `ping` answers.
 pub const VERSION: u32 = 1;
+/// `close_range(2)`'s flag: mark the fds close-on-exec instead of closing them now.
+const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
 const MAX_MSG: usize = 64 << 10;
 
 /// Sends `data` with `fds` attached (`SCM_RIGHTS`).
@@ -211,12 +213,17 @@ impl HolderClient {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log);
-        // SAFETY: setsid is async-signal-safe.
+        // SAFETY: setsid and close_range are async-signal-safe syscalls.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // The holder outlives us: it must not keep what we inherited without
+                // close-on-exec (a supervisor's pipe, a test harness's files). Every fd past
+                // stdio is closed at exec (CLOSE_RANGE_CLOEXEC, Linux 5.11+; on older
+                // kernels they stay, as before).
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
                 Ok(())
             });
         }
