@@ -173,6 +173,27 @@ impl Scene {
             .unwrap_or_default()
     }
 
+    /// After arbord came back from `what`: its API answers, the reserved instance of "warm"
+    /// is still `id` (adopted, not restarted), and it serves warm.
+    fn assert_adopted(&self, id: &str, what: &str) {
+        wait_for(
+            &format!("the API after the {what}"),
+            Duration::from_secs(30),
+            || TcpStream::connect(&self.api).is_ok(),
+        );
+        assert_eq!(
+            self.ready_ids("warm"),
+            [id],
+            "the reserved instance was not adopted after the {what}"
+        );
+        let r = self.invoke("warm", &format!("after the {what}"));
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        assert_eq!(
+            (r.header("x-arbor-start"), r.header("x-arbor-instance")),
+            ("warm", id)
+        );
+    }
+
     fn ready_ids(&self, name: &str) -> Vec<String> {
         self.instances(name)
             .iter()
@@ -416,9 +437,7 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
     let reserved = s.ready_ids("warm");
     assert_eq!(reserved.len(), 1);
     s.node.arbord.restart().unwrap();
-    wait_for("the API after the restart", Duration::from_secs(30), || {
-        TcpStream::connect(&s.api).is_ok()
-    });
+    s.assert_adopted(&reserved[0], "restart");
     let all = s.call("GET", "/v1/functions", Value::Null).json();
     let names: BTreeSet<&str> = all
         .as_array()
@@ -428,34 +447,12 @@ fn deploy_invoke_scale_to_zero_replace_and_restart() {
         .collect();
     assert_eq!(names, BTreeSet::from(["hello", "warm"]));
     assert_eq!(s.function("hello")["version"], 2);
-    assert_eq!(
-        s.ready_ids("warm"),
-        reserved,
-        "the reserved instance was not adopted"
-    );
-    let r = s.invoke("warm", "adopted");
-    assert_eq!(r.status, 200, "{}", r.body_text());
-    assert_eq!(r.header("x-arbor-start"), "warm");
-    assert_eq!(r.header("x-arbor-instance"), reserved[0]);
     assert!(s.node.arbord.log_tail(200).contains("instance adopted"));
     assert_eq!(s.invoke("hello", "after").status, 200);
     // A crash (SIGKILL) too: the fd holder kept the layers, the records are on disk.
     s.node.arbord.kill().unwrap();
     s.node.arbord.restart().unwrap();
-    wait_for("the API after the crash", Duration::from_secs(30), || {
-        TcpStream::connect(&s.api).is_ok()
-    });
-    assert_eq!(
-        s.ready_ids("warm"),
-        reserved,
-        "the reserved instance was not adopted after a crash"
-    );
-    let r = s.invoke("warm", "after the crash");
-    assert_eq!(r.status, 200, "{}", r.body_text());
-    assert_eq!(
-        (r.header("x-arbor-start"), r.header("x-arbor-instance")),
-        ("warm", reserved[0].as_str())
-    );
+    s.assert_adopted(&reserved[0], "crash");
     // An adopted instance is still watched: killed from outside, it is replaced.
     s.node
         .ctd

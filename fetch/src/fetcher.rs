@@ -459,19 +459,15 @@ impl Fetcher {
         Ok(out)
     }
 
-    /// [`Fetcher::read_file`] answered on the calling thread when every chunk it needs is held
-    /// already (in memory, or also in the disk cache when `disk`); `None` when one must be
-    /// read or fetched. For a FUSE worker: a read of data in memory then costs no hop to the
-    /// runtime. With `disk` it may block (disk reads, hashing; never on a runtime thread)
-    /// and needs a runtime context (`Handle::enter`): a chunk read from disk may push others
-    /// out to the write-back queue.
+    /// [`Fetcher::read_file`] answered on the calling thread when every chunk it needs is in
+    /// the memory cache; `None` when one must be read from disk or fetched. For a FUSE
+    /// worker: such a read then costs no hop to the runtime, and never blocks.
     pub fn read_file_held(
         self: &Arc<Self>,
         layer: &Arc<LayerHandle>,
         entry: usize,
         offset: u64,
         len: u64,
-        disk: bool,
     ) -> Option<Result<Vec<Bytes>, FetchError>> {
         let (e, first, end) = match self.read_range(layer, entry, offset, len) {
             Ok(Some(r)) => r,
@@ -480,7 +476,7 @@ impl Fetcher {
         };
         let mut out = Vec::new();
         for (r, c) in chunks_in(e, entry, first, end) {
-            match self.held_chunk(layer, r, disk) {
+            match self.held_chunk(layer, r, false) {
                 Ok(Some(data)) => push_part(&mut out, &data, c, offset, end),
                 Ok(None) => return None,
                 Err(err) => return Some(Err(err)),
@@ -600,6 +596,15 @@ impl Fetcher {
             return;
         };
         for next in (w..layer.windows.len()).take(DISK_READ_AHEAD + 1) {
+            let key = (layer.digest.clone(), next);
+            if self
+                .disk_ahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&key)
+            {
+                continue;
+            }
             let refs: Vec<ChunkRef> = layer.windows[next]
                 .chunks
                 .iter()
@@ -615,7 +620,6 @@ impl Fetcher {
             if refs.is_empty() {
                 continue;
             }
-            let key = (layer.digest.clone(), next);
             if !self
                 .disk_ahead
                 .lock()

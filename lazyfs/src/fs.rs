@@ -179,7 +179,7 @@ impl LayerFs {
         // to the runtime, whose blocking pool reads many chunks at once.
         let held = self
             .fetcher
-            .read_file_held(&self.layer, entry, offset, size as u64, false);
+            .read_file_held(&self.layer, entry, offset, size as u64);
         if let Some(r) = held {
             return answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
         }

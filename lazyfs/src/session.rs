@@ -50,6 +50,8 @@ const MAX_BACKGROUND: u16 = 64;
 const BUF: usize = 64 << 10;
 /// At most this many parts in one reply's `writev` (IOV_MAX is 1024).
 const MAX_PARTS: usize = 256;
+/// Replies of up to this many parts (a read spans a few chunks) need no allocation.
+const STACK_PARTS: usize = 15;
 
 /// What serves one session's requests.
 pub trait Handler: Send + Sync + 'static {
@@ -158,18 +160,33 @@ impl Session {
         self.send_parts(unique, error, &[body])
     }
 
-    /// [`Session::send`] with a body in parts, written with one `writev` (no copy).
-    fn send_parts(&self, unique: u64, error: i32, parts: &[&[u8]]) -> io::Result<()> {
-        let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut head = Out::with_capacity(abi::OUT_HEADER);
-        head.u32(len as u32).u32(error as u32).u64(unique);
-        let iov: Vec<libc::iovec> = std::iter::once(head.0.as_slice())
-            .chain(parts.iter().copied())
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
+    /// [`Session::send`] with a body in parts, written with one `writev` (no copy; the
+    /// iovecs of a reply of up to [`STACK_PARTS`] parts live on the stack).
+    fn send_parts<B: AsRef<[u8]>>(&self, unique: u64, error: i32, parts: &[B]) -> io::Result<()> {
+        let len = abi::OUT_HEADER + parts.iter().map(|p| p.as_ref().len()).sum::<usize>();
+        let mut head = [0u8; abi::OUT_HEADER];
+        head[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        head[4..8].copy_from_slice(&error.to_ne_bytes());
+        head[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut stack = [empty; STACK_PARTS + 1];
+        let mut heap = Vec::new();
+        let iov: &mut [libc::iovec] = if parts.len() <= STACK_PARTS {
+            &mut stack[..parts.len() + 1]
+        } else {
+            heap.resize(parts.len() + 1, empty);
+            &mut heap
+        };
+        let bufs = std::iter::once(&head[..]).chain(parts.iter().map(|p| p.as_ref()));
+        for (v, b) in iov.iter_mut().zip(bufs) {
+            *v = libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            };
+        }
         // SAFETY: every iovec points at a live buffer of its length for the call.
         let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
@@ -214,7 +231,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn finish(&mut self, error: i32, parts: &[&[u8]]) {
+    fn finish<B: AsRef<[u8]>>(&mut self, error: i32, parts: &[B]) {
         self.done = true;
         match self.session.send_parts(self.unique, error, parts) {
             Ok(()) => {}
@@ -235,8 +252,7 @@ impl Reply {
             let joined: Vec<u8> = parts.iter().flat_map(|p| p.as_ref()).copied().collect();
             return self.data(&joined);
         }
-        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
-        self.finish(0, &parts);
+        self.finish(0, parts);
     }
 
     pub fn out(self, body: Out) {
@@ -245,7 +261,7 @@ impl Reply {
 
     /// Answers `errno` (positive, as in `libc::ENOENT`).
     pub fn error(mut self, errno: i32) {
-        self.finish(-errno, &[]);
+        self.finish::<&[u8]>(-errno, &[]);
     }
 
     /// Drops the request without an answer (FORGET, INTERRUPT: the kernel expects none).
@@ -257,7 +273,7 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(-libc::EIO, &[]);
+            self.finish::<&[u8]>(-libc::EIO, &[]);
         }
         self.session.busy.fetch_sub(1, Ordering::SeqCst);
     }
