@@ -15,7 +15,7 @@ ARBOR_SKIP_BUILD=1 bash scripts/setup.sh
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 
-mkdir -p target
+mkdir -p target "${CARGO_TARGET_DIR:-target}"
 # A full debug build, the fuzz builds and the tests' registries and caches need room; a full disk
 # fails deep inside a C compiler, so say it here.
 need_gb=12
