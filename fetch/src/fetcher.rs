@@ -71,6 +71,11 @@ pub struct FetcherOptions {
     /// Windows of group read-ahead in flight at once, across all groups and layers (at least
     /// 1). Speculative bytes in flight queue ahead of the next demand miss on the link.
     pub group_concurrency: usize,
+    /// Bytes of chunks waiting to be written to the disk cache at most. Beyond it, chunks
+    /// evicted from memory are not written (counted in `arbor_cache_writeback_dropped_total`;
+    /// they are refetched if read again), and the background prefetch of a layer's rest
+    /// waits for the writers instead of fetching more ([`Fetcher::writeback_room`]).
+    pub writeback_bytes: u64,
 }
 
 impl Default for FetcherOptions {
@@ -83,6 +88,7 @@ impl Default for FetcherOptions {
             read_ahead: 0,
             group_read_ahead: DEFAULT_GROUP_READ_AHEAD,
             group_concurrency: DEFAULT_GROUP_CONCURRENCY,
+            writeback_bytes: DEFAULT_WRITEBACK_BYTES,
         }
     }
 }
@@ -304,10 +310,8 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<WindowKey, Arc<OnceCell<WindowResult>>>>,
     /// Windows being loaded from the disk cache ahead of reads ([`Fetcher::disk_read_ahead`]).
     disk_ahead: Mutex<std::collections::HashSet<WindowKey>>,
-    /// Write-back batches in flight and their bytes: bounded by [`MAX_WRITEBACK_BATCHES`]
-    /// and [`MAX_WRITEBACK_BYTES`].
-    pending_writes: Arc<AtomicUsize>,
-    pending_bytes: Arc<AtomicU64>,
+    /// Chunks waiting to be written to the disk cache, and its writers.
+    writeback: Arc<WriteBack>,
     /// Urgent (demand or prefetch-section) window fetches in flight; background fetches wait
     /// while there are any, and for [`QUIET_BEFORE_BACKGROUND`] after the last one.
     urgent: AtomicUsize,
@@ -333,15 +337,12 @@ pub const BACKGROUND_PACE_WHILE_ACTIVE: Duration = Duration::from_millis(25);
 /// workload's next read (after a short burst of CPU work) does not queue behind it.
 pub const QUIET_BEFORE_BACKGROUND: Duration = Duration::from_millis(100);
 
-/// Write-back batches (blocking-pool tasks, usually one evicted chunk each) in flight at
-/// most. On a slow or full disk, writes would otherwise pile up as blocked threads and queued
-/// chunks without bound; on a healthy one a write takes about a millisecond, and 32 leaves
-/// room for the low-priority writers to lag behind a cold start without dropping anything.
-pub const MAX_WRITEBACK_BATCHES: usize = 32;
-/// Bytes of chunks waiting to be written to the disk cache at most. Beyond it, chunks evicted
-/// from memory are not written (counted in `arbor_cache_writeback_dropped_total`; they are
-/// refetched if read again) and flushes leave chunks dirty in memory for the next flush.
-pub const MAX_WRITEBACK_BYTES: u64 = 64 << 20;
+/// Writer threads (blocking-pool tasks) that drain the write-back queue at most. Each takes
+/// chunk after chunk until the queue is empty, so a hung or full disk holds at most this many
+/// threads, and a burst of evictions costs no thread per chunk.
+pub const MAX_WRITEBACK_WRITERS: usize = 2;
+/// Default of [`FetcherOptions::writeback_bytes`].
+pub const DEFAULT_WRITEBACK_BYTES: u64 = 64 << 20;
 /// Longest [`Fetcher::flush`] waits for writes in flight (a hung disk must not hang a
 /// shutdown or the write-back loop forever).
 pub const FLUSH_WAIT: Duration = Duration::from_secs(30);
@@ -414,8 +415,7 @@ impl Fetcher {
             opts,
             inflight: Mutex::new(HashMap::new()),
             disk_ahead: Mutex::new(std::collections::HashSet::new()),
-            pending_writes: Arc::new(AtomicUsize::new(0)),
-            pending_bytes: Arc::new(AtomicU64::new(0)),
+            writeback: Arc::new(WriteBack::default()),
             urgent: AtomicUsize::new(0),
             last_urgent_ms: AtomicU64::new(0),
             last_read_ms: AtomicU64::new(0),
@@ -1088,9 +1088,9 @@ impl Fetcher {
         }
     }
 
-    /// Writes verified chunks to the disk cache in the background, unless that would exceed
-    /// [`MAX_WRITEBACK_BATCHES`] or [`MAX_WRITEBACK_BYTES`]: then nothing is queued and the
-    /// chunks are handed back.
+    /// Queues verified chunks for the disk cache's writers, unless their bytes would exceed
+    /// [`FetcherOptions::writeback_bytes`]: then nothing is queued and the chunks are handed
+    /// back.
     #[allow(clippy::type_complexity)]
     fn store(
         &self,
@@ -1100,50 +1100,48 @@ impl Fetcher {
             return None;
         }
         let bytes: u64 = chunks.iter().map(|(_, b, _)| b.len() as u64).sum();
-        // Reserve a batch slot and the bytes, or give up.
+        let limit = self.opts.writeback_bytes;
         if self
-            .pending_writes
+            .writeback
+            .bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_WRITEBACK_BATCHES).then_some(n + 1)
+                (n + bytes <= limit).then_some(n + bytes)
             })
             .is_err()
         {
             return Some(chunks);
         }
-        if self
-            .pending_bytes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n + bytes <= MAX_WRITEBACK_BYTES).then_some(n + bytes)
-            })
-            .is_err()
-        {
-            self.pending_writes.fetch_sub(1, Ordering::SeqCst);
-            return Some(chunks);
-        }
-        let cache = Arc::clone(&self.cache);
-        let metrics = Arc::clone(&self.metrics);
-        let pending = Arc::clone(&self.pending_writes);
-        let pending_bytes = Arc::clone(&self.pending_bytes);
-        tokio::task::spawn_blocking(move || {
-            // Caching is background work: let reads that someone waits for go first.
-            let _nice = Niceness::lower();
-            for (k, b, dirty) in chunks {
-                let d = arbor_format::Digest::from_bytes(k);
-                let r = match dirty {
-                    Dirty::Background => cache.put_if_room(&d, &b).map(|_| ()),
-                    _ => cache.put(&d, &b),
-                };
-                if let Err(e) = r {
-                    warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
-                }
+        let spawn = {
+            let mut st = self.writeback.lock();
+            st.queue.extend(chunks);
+            let spawn = st.writers < MAX_WRITEBACK_WRITERS;
+            if spawn {
+                st.writers += 1;
             }
-            let (n, bytes_held) = cache.usage();
-            metrics.cache_chunks.store(n as u64, Ordering::Relaxed);
-            metrics.cache_bytes.store(bytes_held, Ordering::Relaxed);
-            pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
-            pending.fetch_sub(1, Ordering::SeqCst);
-        });
+            spawn
+        };
+        if spawn {
+            let (wb, cache, metrics) = (
+                Arc::clone(&self.writeback),
+                Arc::clone(&self.cache),
+                Arc::clone(&self.metrics),
+            );
+            tokio::task::spawn_blocking(move || wb.drain(&cache, &metrics));
+        }
         None
+    }
+
+    /// Waits (for the background prefetch) until the write-back queue is at most half full,
+    /// so fetching the rest of a layer runs at the disk's pace instead of having chunks
+    /// evicted from memory faster than they can be written, and dropped. Gives up after
+    /// [`FLUSH_WAIT`]: a hung disk then costs refetches, not a stuck prefetch.
+    pub async fn writeback_room(&self) {
+        let deadline = Instant::now() + FLUSH_WAIT;
+        while self.writeback.bytes.load(Ordering::SeqCst) > self.opts.writeback_bytes / 2
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Writes chunks still only in memory to the disk cache (as many as the write-back
@@ -1163,11 +1161,14 @@ impl Fetcher {
 
     /// One write-back round; whether it found dirty chunks (there may be more).
     async fn flush_once(&self, deadline: Instant) -> bool {
-        let room = MAX_WRITEBACK_BYTES.saturating_sub(self.pending_bytes.load(Ordering::SeqCst));
+        let room = self
+            .opts
+            .writeback_bytes
+            .saturating_sub(self.writeback.bytes.load(Ordering::SeqCst));
         let dirty = self.mem.take_dirty(room);
         let found = !dirty.is_empty();
         if let Some(back) = self.store(dirty) {
-            // No batch slot free: keep them dirty in memory for the next flush.
+            // No room in the queue: keep them dirty in memory for the next flush.
             for (k, b, d) in back {
                 let lost = self.mem.put(k, b, d).len() as u64;
                 self.metrics
@@ -1175,10 +1176,10 @@ impl Fetcher {
                     .fetch_add(lost, Ordering::Relaxed);
             }
         }
-        while self.pending_writes.load(Ordering::SeqCst) > 0 {
+        while self.writeback.bytes.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {
                 warn!(
-                    batches = self.pending_writes.load(Ordering::SeqCst),
+                    bytes = self.writeback.bytes.load(Ordering::SeqCst),
                     "chunk cache writes still pending after {} s (slow or full disk?)",
                     FLUSH_WAIT.as_secs()
                 );
@@ -1189,9 +1190,73 @@ impl Fetcher {
         found
     }
 
-    /// Write-back batches in flight (for tests and diagnostics).
-    pub fn pending_writebacks(&self) -> usize {
-        self.pending_writes.load(Ordering::SeqCst)
+    /// Write-back writers running (for tests and diagnostics).
+    pub fn writeback_writers(&self) -> usize {
+        self.writeback.lock().writers
+    }
+
+    /// Bytes queued for the disk cache or being written (for tests and diagnostics).
+    pub fn writeback_pending_bytes(&self) -> u64 {
+        self.writeback.bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// The write-back queue: chunks evicted from memory (or flushed) wait here for at most
+/// [`MAX_WRITEBACK_WRITERS`] blocking-pool writers.
+#[derive(Default)]
+struct WriteBack {
+    state: Mutex<WriteBackState>,
+    /// Bytes queued or being written.
+    bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct WriteBackState {
+    queue: std::collections::VecDeque<([u8; 32], Bytes, Dirty)>,
+    writers: usize,
+}
+
+impl WriteBack {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriteBackState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One writer: writes queued chunks until the queue is empty (checked under the lock
+    /// that producers push under, so no chunk is left without a writer).
+    fn drain(&self, cache: &ChunkCache, metrics: &Metrics) {
+        // Caching is background work: let reads that someone waits for go first.
+        let _nice = Niceness::lower();
+        let publish = || {
+            let (n, bytes_held) = cache.usage();
+            metrics.cache_chunks.store(n as u64, Ordering::Relaxed);
+            metrics.cache_bytes.store(bytes_held, Ordering::Relaxed);
+        };
+        for written in 1u64.. {
+            let next = {
+                let mut st = self.lock();
+                let next = st.queue.pop_front();
+                if next.is_none() {
+                    st.writers -= 1;
+                }
+                next
+            };
+            let Some((k, b, dirty)) = next else {
+                break;
+            };
+            let d = arbor_format::Digest::from_bytes(k);
+            let r = match dirty {
+                Dirty::Background => cache.put_if_room(&d, &b).map(|_| ()),
+                _ => cache.put(&d, &b),
+            };
+            if let Err(e) = r {
+                warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
+            }
+            self.bytes.fetch_sub(b.len() as u64, Ordering::SeqCst);
+            if written % 64 == 0 {
+                publish();
+            }
+        }
+        publish();
     }
 }
 
@@ -1297,7 +1362,7 @@ mod tests {
                 ..FetcherOptions::default()
             },
         );
-        let n = (MAX_WRITEBACK_BYTES >> 20) as usize + 16;
+        let n = (DEFAULT_WRITEBACK_BYTES >> 20) as usize + 16;
         for i in 0..n {
             let data = vec![i as u8; 1 << 20];
             let d = arbor_format::Digest::of(&data);
@@ -1308,6 +1373,40 @@ mod tests {
         assert!(after_one < n, "one round wrote {after_one} of {n}");
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every dirty chunk is on disk");
+    }
+
+    /// Far more chunks than memory holds pass through a small write-back queue: a producer
+    /// that waits for room (as the rest-prefetch does) loses none of them, two writers drain
+    /// the queue, and every chunk ends up on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_back_applies_backpressure_instead_of_dropping() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let f = Fetcher::new(
+            Arc::clone(&cache),
+            Arc::clone(&metrics),
+            FetcherOptions {
+                memory_budget: 1 << 20,
+                writeback_bytes: 2 << 20,
+                ..FetcherOptions::default()
+            },
+        );
+        let n = 200usize;
+        let mut most = 0;
+        for i in 0..n {
+            f.writeback_room().await;
+            let data = vec![i as u8; 256 << 10];
+            let d = arbor_format::Digest::of(&data);
+            f.remember(*d.as_bytes(), Bytes::from(data), Dirty::Background);
+            most = most.max(f.writeback_writers());
+            assert!(f.writeback_pending_bytes() <= 2 << 20);
+        }
+        assert!(most >= 1 && most <= MAX_WRITEBACK_WRITERS, "{most} writers");
+        assert_eq!(metrics.writeback_dropped.load(Ordering::Relaxed), 0);
+        f.flush_all().await;
+        assert_eq!(cache.usage().0, n, "every chunk is on disk");
+        assert_eq!(f.writeback_pending_bytes(), 0);
     }
 
     /// A chunk read from the disk cache brings the next windows' chunks into memory (and

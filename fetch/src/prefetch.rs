@@ -97,6 +97,11 @@ pub async fn prefetch_layer_learned(
         let phase_start = Instant::now();
         let mut phase_bytes = 0u64;
         for batch in list.chunks(opts.concurrency.max(1)) {
+            if phase == "rest" {
+                // The rest outgrows the memory cache: fetch it at the pace the disk cache
+                // takes it, or evicted chunks would be dropped and fetched again.
+                fetcher.writeback_room().await;
+            }
             let mut set = tokio::task::JoinSet::new();
             for &w in batch {
                 // A demand read may have fetched this window since the list was made.

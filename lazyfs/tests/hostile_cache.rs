@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arbor_fetch::LayerHandle;
-use arbor_fetch::fetcher::{FetcherOptions, MAX_WRITEBACK_BATCHES};
+use arbor_fetch::fetcher::{FetcherOptions, MAX_WRITEBACK_WRITERS};
 use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar, pseudo_random_bytes};
 use common::*;
 
@@ -98,13 +98,15 @@ fn write_back_queue_is_bounded() {
         1 << 30,
         FetcherOptions {
             memory_budget: 256 << 10,
+            // Less than the files' 48 MiB: the queue fills while the disk is frozen.
+            writeback_bytes: 8 << 20,
             ..Default::default()
         },
     );
     let h = handle(&s, &ls[0].0, &ls[0].1, 256 << 10);
     // The disk stops answering writes (a hung or full disk).
     disk.freeze(true);
-    let mut most = 0;
+    let (mut most, mut queued) = (0, 0);
     rt.block_on(async {
         for (name, want) in &files {
             let e = h
@@ -122,13 +124,15 @@ fn write_back_queue_is_bounded() {
             .unwrap()
             .concat();
             assert!(got == *want, "{name}");
-            most = most.max(f.pending_writebacks());
+            most = most.max(f.writeback_writers());
+            queued = queued.max(f.writeback_pending_bytes());
         }
     });
     assert!(
-        most <= MAX_WRITEBACK_BATCHES,
-        "{most} write-back batches in flight"
+        most <= MAX_WRITEBACK_WRITERS,
+        "{most} write-back writers (threads) at once"
     );
+    assert!(queued <= 8 << 20, "{queued} bytes queued for a frozen disk");
     let dropped = metrics.writeback_dropped.load(Ordering::Relaxed);
     assert!(
         dropped > 0,
@@ -142,7 +146,16 @@ fn write_back_queue_is_bounded() {
     // The disk comes back: what was queued is written, and caching works again.
     disk.freeze(false);
     rt.block_on(f.flush());
-    assert_eq!(f.pending_writebacks(), 0);
+    assert_eq!(f.writeback_pending_bytes(), 0);
+    // The writers leave once they find the queue empty.
+    let t = std::time::Instant::now();
+    while f.writeback_writers() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "write-back writers stay"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(f.cache().usage().0 > 0);
 }
 
