@@ -617,6 +617,38 @@ fn validate_arbor(a: &ArborExtension, data_end: u64) -> Result<()> {
     Ok(())
 }
 
+/// The window size the first zstd frame of `frame` declares (RFC 8878 §3.1.1.1), if its
+/// header is there to read: `Window_Descriptor`, or the content size of a single-segment frame.
+fn frame_window_size(frame: &[u8]) -> Option<u64> {
+    const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    if frame.get(..4)? != MAGIC {
+        return None;
+    }
+    let descriptor = *frame.get(4)?;
+    let single_segment = descriptor & 0x20 != 0;
+    if !single_segment {
+        let w = *frame.get(5)?;
+        let log = 10 + u64::from(w >> 3);
+        let base = 1u64 << log;
+        return Some(base + (base / 8) * u64::from(w & 7));
+    }
+    // Single segment: the window is the content size, which follows the dictionary ID.
+    let dict_len = [0usize, 1, 2, 4][usize::from(descriptor & 3)];
+    let fcs_len = [1usize, 2, 4, 8][usize::from(descriptor >> 6)];
+    let at = 5 + dict_len;
+    let bytes = frame.get(at..at + fcs_len)?;
+    let mut le = [0u8; 8];
+    le[..fcs_len].copy_from_slice(bytes);
+    let size = u64::from_le_bytes(le);
+    Some(if fcs_len == 2 { size + 256 } else { size })
+}
+
+thread_local! {
+    /// [`decode_chunk`]'s zstd context, one per thread (they run on blocking pools).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decompresses one chunk from its frame bytes (`blob[chunk.blob_offset..chunk.blob_end]`) and
 /// returns its content only if it has the expected length and digest.
 pub fn decode_chunk(name: &str, chunk: &Chunk, frame: &[u8]) -> Result<Vec<u8>> {
@@ -632,16 +664,34 @@ pub fn decode_chunk(name: &str, chunk: &Chunk, frame: &[u8]) -> Result<Vec<u8>> 
             chunk.blob_end - chunk.blob_offset
         )));
     }
-    let mut out = Vec::with_capacity(chunk.size as usize);
-    let mut decoder =
-        zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
-    decoder
-        .window_log_max(window_log_max(chunk.size))
-        .map_err(|e| err(e.to_string()))?;
-    // At most one byte more than the chunk's size is decompressed.
-    decoder
-        .take(chunk.size + 1)
-        .read_to_end(&mut out)
+    // Decoding below needs no window buffer, but a frame asking for a window larger than its
+    // chunk could need is not one an encoder of this chunk wrote: refuse it, as a streaming
+    // decoder would.
+    let max_window = 1u64 << window_log_max(chunk.size);
+    if let Some(window) = frame_window_size(frame).filter(|&w| w > max_window) {
+        return Err(err(format!(
+            "its frame asks for a {window}-byte window, more than a {}-byte chunk needs",
+            chunk.size
+        )));
+    }
+    let mut out = Vec::new();
+    out.try_reserve_exact(chunk.size as usize)
+        .map_err(|e| err(format!("cannot hold {} bytes: {e}", chunk.size)))?;
+    // One pass straight into `out`, which is never grown: a frame that would decompress to
+    // more than the chunk's size fails with "destination buffer too small", so a hostile
+    // frame costs at most the chunk's size (which the TOC caps), and no window buffer is
+    // allocated. The decompression context is reused per thread: creating one per chunk
+    // cost more than decoding a small file's chunk.
+    DECOMPRESSOR
+        .with(|d| -> std::io::Result<usize> {
+            let mut slot = d.borrow_mut();
+            let dec = match slot.as_mut() {
+                Some(dec) => dec,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            dec.window_log_max(window_log_max(chunk.size))?;
+            dec.decompress_to_buffer(frame, &mut out)
+        })
         .map_err(|e| err(format!("does not decompress: {e}")))?;
     if out.len() as u64 != chunk.size {
         return Err(err(format!(
@@ -668,5 +718,71 @@ pub fn verify_chunk(name: &str, chunk: &Chunk, data: &[u8]) -> Result<()> {
             offset: chunk.blob_offset,
             reason: "zero chunk holds non-zero bytes".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk_of(data: &[u8], frame: &[u8]) -> Chunk {
+        Chunk {
+            file_offset: 0,
+            size: data.len() as u64,
+            blob_offset: 0,
+            blob_end: frame.len() as u64,
+            digest: Some(Digest::of(data)),
+            zeros: false,
+        }
+    }
+
+    #[test]
+    fn frame_window_sizes_are_read_from_the_header() {
+        // A one-shot frame of 4 KiB is a single segment: its window is its content size.
+        let data = vec![3u8; 4096];
+        let one_shot = zstd::bulk::compress(&data, 3).unwrap();
+        assert_eq!(frame_window_size(&one_shot), Some(4096));
+        // A streamed frame without a content size declares its window.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::zstd_safe::CParameter::WindowLog(21))
+            .unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        assert_eq!(frame_window_size(&enc.finish().unwrap()), Some(1 << 21));
+        assert_eq!(frame_window_size(b"not zstd"), None);
+        assert_eq!(frame_window_size(&one_shot[..4]), None);
+    }
+
+    #[test]
+    fn decoding_reuses_the_context_and_refuses_wrong_sizes() {
+        let a = vec![1u8; 5000];
+        let b: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let (fa, fb) = (
+            zstd::bulk::compress(&a, 3).unwrap(),
+            zstd::bulk::compress(&b, 3).unwrap(),
+        );
+        // The same thread's context serves one chunk after another.
+        for _ in 0..3 {
+            assert_eq!(decode_chunk("a", &chunk_of(&a, &fa), &fa).unwrap(), a);
+            assert_eq!(decode_chunk("b", &chunk_of(&b, &fb), &fb).unwrap(), b);
+        }
+        // A frame holding more than the TOC's size is refused without decoding past it.
+        let short = Chunk {
+            size: 4096,
+            ..chunk_of(&a, &fa)
+        };
+        let e = decode_chunk("a", &short, &fa).unwrap_err().to_string();
+        assert!(e.contains("window") || e.contains("decompress"), "{e}");
+        // One holding less is refused too, and so is content with another digest.
+        let long = Chunk {
+            size: 6000,
+            ..chunk_of(&a, &fa)
+        };
+        assert!(decode_chunk("a", &long, &fa).is_err());
+        let lying = Chunk {
+            digest: Some(Digest::of(&b)),
+            ..chunk_of(&a, &fa)
+        };
+        assert!(decode_chunk("a", &lying, &fa).is_err());
     }
 }
