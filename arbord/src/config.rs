@@ -244,6 +244,9 @@ pub struct Fetch {
     /// Windows of group read-ahead in flight at once over all layers: each one in flight
     /// delays the next demand miss by its transfer time on the link.
     pub group_concurrency: usize,
+    /// Windows fetched ahead, at most, of a reader moving forward through a layer (three
+    /// misses in a row, each right after fetched windows): 4 at first, doubling; 0 disables it.
+    pub sequential_read_ahead: usize,
     /// Longest a lazy Prepare may spend reading a TOC before it falls back.
     pub toc_timeout_secs: u64,
     /// Read every lazily mounted layer through in the background to prove its digest, diff ID
@@ -374,6 +377,7 @@ impl Default for Fetch {
             read_ahead: 0,
             group_read_ahead: Size(arbor_fetch::fetcher::DEFAULT_GROUP_READ_AHEAD),
             group_concurrency: arbor_fetch::fetcher::DEFAULT_GROUP_CONCURRENCY,
+            sequential_read_ahead: arbor_fetch::fetcher::DEFAULT_SEQUENTIAL_READ_AHEAD,
             toc_timeout_secs: 30,
             verify_layers: true,
             proof_wait_secs: 300,
@@ -450,6 +454,10 @@ impl Config {
             "fetch.unit must be between 4KiB and 64MiB"
         );
         anyhow::ensure!(self.fuse.threads >= 1, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.fetch.sequential_read_ahead <= 1024,
+            "fetch.sequential_read_ahead must be at most 1024"
+        );
         anyhow::ensure!(
             self.fetch.group_read_ahead.0 <= 256 << 20,
             "fetch.group_read_ahead must be at most 256MiB"

@@ -121,6 +121,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             read_ahead: cfg.fetch.read_ahead,
             group_read_ahead: cfg.fetch.group_read_ahead.0,
             group_concurrency: cfg.fetch.group_concurrency,
+            sequential_read_ahead: cfg.fetch.sequential_read_ahead,
+            ..FetcherOptions::default()
         },
     );
     let remote = Arc::new(Remote::new(

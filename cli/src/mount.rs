@@ -21,6 +21,7 @@ pub struct MountArgs {
     pub cache_dir: PathBuf,
     pub cache_size: u64,
     pub fetch_unit: u64,
+    pub sequential_read_ahead: usize,
     pub prefetch: bool,
     pub prefetch_rest: bool,
     pub prefetch_rate: u64,
@@ -70,6 +71,7 @@ pub async fn run(
         Arc::clone(&metrics),
         FetcherOptions {
             fetch_unit: a.fetch_unit,
+            sequential_read_ahead: a.sequential_read_ahead,
             background_while_active: a.prefetch_rest_while_active,
             ..Default::default()
         },

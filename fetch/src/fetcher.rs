@@ -76,6 +76,14 @@ pub struct FetcherOptions {
     /// they are refetched if read again), and the background prefetch of a layer's rest
     /// waits for the writers instead of fetching more ([`Fetcher::writeback_room`]).
     pub writeback_bytes: u64,
+    /// Windows fetched ahead, at most, of a reader that moves through a layer in blob order
+    /// (0: off): once [`SEQUENTIAL_STREAK`] misses in a row each came right after windows
+    /// already fetched, the windows after the miss are fetched too, 4 at first and doubling
+    /// with each further such miss, like the kernel's read-ahead of a file read sequentially.
+    /// A program that reads most of an image (a copy, a checksum, a scan) then waits for
+    /// few round trips; a starting program, whose misses jump between directories, does not
+    /// trigger it.
+    pub sequential_read_ahead: usize,
 }
 
 impl Default for FetcherOptions {
@@ -89,9 +97,18 @@ impl Default for FetcherOptions {
             group_read_ahead: DEFAULT_GROUP_READ_AHEAD,
             group_concurrency: DEFAULT_GROUP_CONCURRENCY,
             writeback_bytes: DEFAULT_WRITEBACK_BYTES,
+            sequential_read_ahead: DEFAULT_SEQUENTIAL_READ_AHEAD,
         }
     }
 }
+
+/// Default of [`FetcherOptions::sequential_read_ahead`] (with 1 MiB windows, 32 MiB ahead).
+pub const DEFAULT_SEQUENTIAL_READ_AHEAD: usize = 32;
+/// Misses in a row, each right after already fetched windows, that make a reader sequential.
+pub const SEQUENTIAL_STREAK: u32 = 3;
+/// Largest jump (in windows) from one miss to the next that still counts as sequential, if
+/// every window between them was fetched: the reader read through them.
+const SEQUENTIAL_GAP: usize = 16;
 
 /// Default of [`FetcherOptions::group_read_ahead`].
 pub const DEFAULT_GROUP_READ_AHEAD: u64 = 8 << 20;
@@ -135,6 +152,11 @@ pub struct LayerHandle {
     groups: Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>,
     /// First reads of this mount, when it is being learned from.
     recorder: std::sync::OnceLock<Arc<crate::learn::Recorder>>,
+    /// Windows fetched (and verified) since the layer was opened, one bit each.
+    fetched: Vec<AtomicU64>,
+    /// The last missed window and how many misses in a row came right after fetched windows
+    /// (see [`FetcherOptions::sequential_read_ahead`]).
+    stream: Mutex<(usize, u32)>,
 }
 
 /// A run of chunk frames fetched with one request.
@@ -184,6 +206,7 @@ impl LayerHandle {
             chunk_window[r.entry as usize][r.chunk as usize] = (windows.len() - 1) as u32;
         }
         let (entry_group, groups) = locality_groups(&index, &chunk_window);
+        let windows_len = windows.len();
         LayerHandle {
             digest: digest.to_string(),
             size,
@@ -195,7 +218,44 @@ impl LayerHandle {
             entry_group,
             groups,
             recorder: Default::default(),
+            fetched: (0..windows_len.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            stream: Mutex::new((usize::MAX, 0)),
         }
+    }
+
+    fn mark_fetched(&self, w: usize) {
+        if let Some(word) = self.fetched.get(w / 64) {
+            word.fetch_or(1 << (w % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn was_fetched(&self, w: usize) -> bool {
+        self.fetched
+            .get(w / 64)
+            .is_some_and(|word| word.load(Ordering::Relaxed) & (1 << (w % 64)) != 0)
+    }
+
+    /// Notes a miss at window `w` and returns how many misses in a row (this one included)
+    /// came at most [`SEQUENTIAL_GAP`] windows after the previous one with every window in
+    /// between fetched: a reader moving forward through the layer.
+    fn note_miss(&self, w: usize) -> u32 {
+        let mut st = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, streak) = *st;
+        let next = if w == last {
+            streak
+        } else if last != usize::MAX
+            && w > last
+            && w - last <= SEQUENTIAL_GAP
+            && (last + 1..w).all(|x| self.was_fetched(x))
+        {
+            streak + 1
+        } else {
+            0
+        };
+        *st = (w, next);
+        next
     }
 
     /// The windows of the locality group of `entry`: the files of its directory, a
@@ -667,6 +727,7 @@ impl Fetcher {
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
         self.read_ahead(layer, w);
         self.read_group(layer, r, w);
+        self.read_sequential(layer, w);
         let waited = Instant::now();
         let window = self.window(layer, w).await;
         let waited = waited.elapsed();
@@ -753,6 +814,49 @@ impl Fetcher {
                 let _ = f.window(&l, next).await;
             });
         }
+    }
+
+    /// After a miss at window `w`, if the reader is moving forward through the layer
+    /// ([`LayerHandle::note_miss`]), fetches the windows after `w` in the background as urgent
+    /// work, through the group read-ahead's slots: 4 windows on the [`SEQUENTIAL_STREAK`]th
+    /// such miss, doubling with each further one up to
+    /// [`FetcherOptions::sequential_read_ahead`].
+    fn read_sequential(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize) {
+        let max = self.opts.sequential_read_ahead;
+        let streak = layer.note_miss(w);
+        if max == 0 || streak < SEQUENTIAL_STREAK {
+            return;
+        }
+        let ahead = (4usize << (streak - SEQUENTIAL_STREAK).min(16)).min(max);
+        let mut bytes = 0;
+        for next in (w + 1..layer.windows.len()).take(ahead) {
+            if self.window_cached(layer, next) {
+                continue;
+            }
+            let key = (layer.digest.clone(), next);
+            if self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+            {
+                continue;
+            }
+            bytes += layer.windows[next].end - layer.windows[next].start;
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            let slots = Arc::clone(&self.group_slots);
+            tokio::spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                if !f.window_cached(&l, next) {
+                    let _ = f.window(&l, next).await;
+                }
+            });
+        }
+        self.metrics
+            .sequential_read_ahead_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// On the first miss in a locality group (a directory), fetches in the background, as
@@ -1001,6 +1105,7 @@ impl Fetcher {
             out
         })
         .await?;
+        layer.mark_fetched(w);
         // Neighbours are likely read next (files of a directory, chunks of a file): keep them
         // all in memory; they reach the disk cache when evicted or flushed (write-back).
         for (_, d, b) in &decoded {
@@ -1373,6 +1478,156 @@ mod tests {
         assert!(after_one < n, "one round wrote {after_one} of {n}");
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every dirty chunk is on disk");
+    }
+
+    /// Misses that each come right after fetched windows make a streak; a jump over windows
+    /// never fetched (a program moving to another directory) or backwards ends it.
+    #[test]
+    fn misses_moving_forward_over_fetched_windows_are_sequential() {
+        let files: Vec<(String, u64)> = (0..40).map(|i| (format!("f{i:02}"), 5000)).collect();
+        let refs: Vec<(&str, u64)> = files.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let l = layer(&refs, 4096);
+        assert_eq!(l.windows().len(), 40);
+        assert_eq!(l.note_miss(0), 0);
+        l.mark_fetched(0);
+        assert_eq!(l.note_miss(1), 1, "right after a fetched window");
+        for w in 1..=4 {
+            l.mark_fetched(w);
+        }
+        assert_eq!(l.note_miss(5), 2, "after windows read through");
+        assert_eq!(l.note_miss(5), 2, "the same window again changes nothing");
+        assert_eq!(
+            l.note_miss(8),
+            0,
+            "windows 6 and 7 were skipped, never fetched"
+        );
+        l.mark_fetched(8);
+        assert_eq!(l.note_miss(9), 1);
+        assert_eq!(l.note_miss(3), 0, "backwards");
+        for w in 9..=30 {
+            l.mark_fetched(w);
+        }
+        assert_eq!(l.note_miss(31), 0, "too far after the last miss (3)");
+    }
+
+    /// An in-memory blob source counting its requests.
+    struct MemBlob {
+        blob: Vec<u8>,
+        reads: AtomicUsize,
+    }
+
+    impl BlobSource for MemBlob {
+        fn kind(&self) -> &'static str {
+            "mem"
+        }
+        fn read_range<'a>(
+            &'a self,
+            _digest: &'a str,
+            offset: u64,
+            len: u64,
+        ) -> crate::source::ReadFuture<'a> {
+            Box::pin(async move {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                Ok(Bytes::copy_from_slice(
+                    &self.blob[offset as usize..(offset + len) as usize],
+                ))
+            })
+        }
+    }
+
+    /// `size` bytes that do not compress, different for each `seed`.
+    fn noise(seed: u64, size: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A layer of `n` one-chunk files whose frames are real zstd frames, served from memory.
+    fn encoded_layer(n: usize, size: u64, unit: u64) -> (Arc<LayerHandle>, Arc<MemBlob>) {
+        let mut blob = Vec::new();
+        let entries = (0..n)
+            .map(|i| {
+                let name = format!("d/f{i:03}");
+                let data = noise(i as u64, size);
+                let frame = zstd::bulk::compress(&data, 3).unwrap();
+                let mut e = IndexEntry::bare(EntryKind::Regular, &name, "");
+                e.size = size;
+                e.chunks = vec![Chunk {
+                    file_offset: 0,
+                    size,
+                    blob_offset: blob.len() as u64,
+                    blob_end: (blob.len() + frame.len()) as u64,
+                    digest: Some(arbor_format::Digest::of(&data)),
+                    zeros: false,
+                }];
+                blob.extend_from_slice(&frame);
+                e
+            })
+            .collect();
+        let index = LayerIndex {
+            entries,
+            data_end: blob.len() as u64,
+            arbor: None,
+        };
+        let src = Arc::new(MemBlob {
+            blob,
+            reads: AtomicUsize::new(0),
+        });
+        let l = LayerHandle::new(
+            "sha256:01",
+            src.blob.len() as u64,
+            Arc::new(index),
+            vec![Arc::clone(&src) as Arc<dyn BlobSource>],
+            unit,
+        );
+        (Arc::new(l), src)
+    }
+
+    /// A reader going through a layer file by file, in blob order, gets ahead of its misses:
+    /// after the first few, the windows after a miss are fetched before it asks, so it
+    /// misses far fewer times than there are windows. Off, every window is a miss.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sequential_reader_is_read_ahead_of() {
+        for ahead in [0, DEFAULT_SEQUENTIAL_READ_AHEAD] {
+            let (l, src) = encoded_layer(200, 3000, 1);
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::default());
+            let f = Fetcher::new(
+                Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+                Arc::clone(&metrics),
+                FetcherOptions {
+                    // Each file its own window, none fetched along by its directory.
+                    group_read_ahead: 0,
+                    sequential_read_ahead: ahead,
+                    ..FetcherOptions::default()
+                },
+            );
+            assert_eq!(l.windows().len(), 200);
+            for e in 0..200u32 {
+                let r = ChunkRef { entry: e, chunk: 0 };
+                let got = f.chunk(&l, r).await.unwrap();
+                assert_eq!(&got[..], &noise(u64::from(e), 3000)[..], "file {e}");
+                // The reader does some work between files.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let read_ahead = metrics.sequential_read_ahead_bytes.load(Ordering::Relaxed);
+            let waits = metrics.chunk_fetched.load(Ordering::Relaxed);
+            if ahead == 0 {
+                assert_eq!(read_ahead, 0);
+                assert_eq!(waits, 200, "every window a miss");
+            } else {
+                assert!(read_ahead > 0, "nothing read ahead");
+                assert!(waits < 60, "{waits} of 200 reads waited for a fetch");
+            }
+            // Nothing is fetched twice.
+            assert_eq!(src.reads.load(Ordering::SeqCst), 200);
+        }
     }
 
     /// Far more chunks than memory holds pass through a small write-back queue: a producer

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub prefetch_bytes: AtomicU64,
     /// Compressed bytes fetched along with misses by the group read-ahead.
     pub group_read_ahead_bytes: AtomicU64,
+    /// Compressed bytes fetched ahead of a reader moving forward through a layer.
+    pub sequential_read_ahead_bytes: AtomicU64,
     /// Compressed bytes of learned start-up sets fetched at mount.
     pub learned_prefetch_bytes: AtomicU64,
     pub cache_bytes: AtomicU64,
@@ -185,6 +187,11 @@ impl Metrics {
                 "arbor_group_read_ahead_bytes_total",
                 "Compressed bytes fetched along with a miss: the rest of its file and its directory's other files.",
                 &self.group_read_ahead_bytes,
+            ),
+            (
+                "arbor_sequential_read_ahead_bytes_total",
+                "Compressed bytes fetched ahead of a reader moving forward through a layer.",
+                &self.sequential_read_ahead_bytes,
             ),
             (
                 "arbor_learned_prefetch_bytes_total",
