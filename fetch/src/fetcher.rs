@@ -1712,7 +1712,7 @@ mod tests {
             most = most.max(f.writeback_writers());
             assert!(f.writeback_pending_bytes() <= 2 << 20);
         }
-        assert!(most >= 1 && most <= MAX_WRITEBACK_WRITERS, "{most} writers");
+        assert!((1..=MAX_WRITEBACK_WRITERS).contains(&most), "{most} writers");
         assert_eq!(metrics.writeback_dropped.load(Ordering::Relaxed), 0);
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every chunk is on disk");
