@@ -570,15 +570,7 @@ mod tests {
     }
 
     fn blob(n: usize) -> Vec<u8> {
-        let mut x = 0x1234_5678_9abc_def0u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::test_noise(0x1234_5678_9abc_def0, n)
     }
 
     fn table(blob: &[u8], data_length: u64) -> BlockTable {

@@ -811,15 +811,7 @@ impl Fetcher {
     /// they are likely its next misses.
     fn read_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize) {
         for next in (w + 1..layer.windows.len()).take(self.opts.read_ahead) {
-            if self.window_cached(layer, next) {
-                continue;
-            }
-            let in_flight = self
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&(layer.digest.clone(), next));
-            if in_flight {
+            if !self.wanted(layer, next) {
                 continue;
             }
             let (f, l) = (Arc::clone(self), Arc::clone(layer));
@@ -827,6 +819,17 @@ impl Fetcher {
                 let _ = f.window(&l, next).await;
             });
         }
+    }
+
+    /// Whether window `w` is neither held (memory or disk) nor being fetched: worth fetching
+    /// ahead of reads.
+    fn wanted(&self, layer: &LayerHandle, w: usize) -> bool {
+        !self.window_cached(layer, w)
+            && !self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&(layer.digest.clone(), w))
     }
 
     /// After a miss at window `w`, if the reader is moving forward through the layer
@@ -877,16 +880,7 @@ impl Fetcher {
         };
         let mut bytes = 0;
         for next in (w + 1..layer.windows.len()).take(ahead) {
-            if self.window_cached(layer, next) {
-                continue;
-            }
-            let key = (layer.digest.clone(), next);
-            if self
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&key)
-            {
+            if !self.wanted(layer, next) {
                 continue;
             }
             bytes += layer.windows[next].end - layer.windows[next].start;
@@ -1592,15 +1586,7 @@ mod tests {
 
     /// `size` bytes that do not compress, different for each `seed`.
     fn noise(seed: u64, size: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::test_noise(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), size as usize)
     }
 
     /// A layer of `n` one-chunk files whose frames are real zstd frames, served from memory.
@@ -1712,7 +1698,10 @@ mod tests {
             most = most.max(f.writeback_writers());
             assert!(f.writeback_pending_bytes() <= 2 << 20);
         }
-        assert!((1..=MAX_WRITEBACK_WRITERS).contains(&most), "{most} writers");
+        assert!(
+            (1..=MAX_WRITEBACK_WRITERS).contains(&most),
+            "{most} writers"
+        );
         assert_eq!(metrics.writeback_dropped.load(Ordering::Relaxed), 0);
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every chunk is on disk");
