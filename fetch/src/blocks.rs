@@ -570,7 +570,7 @@ mod tests {
     }
 
     fn blob(n: usize) -> Vec<u8> {
-        crate::test_noise(0x1234_5678_9abc_def0, n)
+        crate::testutil::test_noise(0x1234_5678_9abc_def0, n)
     }
 
     fn table(blob: &[u8], data_length: u64) -> BlockTable {

@@ -1443,6 +1443,7 @@ impl Drop for Niceness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{encoded_layer, noise};
     use arbor_format::index::IndexEntry;
     use arbor_format::tarstream::EntryKind;
 
@@ -1557,77 +1558,6 @@ mod tests {
             l.mark_fetched(w);
         }
         assert_eq!(l.note_miss(31), 0, "too far after the last miss (3)");
-    }
-
-    /// An in-memory blob source counting its requests.
-    struct MemBlob {
-        blob: Vec<u8>,
-        reads: AtomicUsize,
-    }
-
-    impl BlobSource for MemBlob {
-        fn kind(&self) -> &'static str {
-            "mem"
-        }
-        fn read_range<'a>(
-            &'a self,
-            _digest: &'a str,
-            offset: u64,
-            len: u64,
-        ) -> crate::source::ReadFuture<'a> {
-            Box::pin(async move {
-                self.reads.fetch_add(1, Ordering::SeqCst);
-                Ok(Bytes::copy_from_slice(
-                    &self.blob[offset as usize..(offset + len) as usize],
-                ))
-            })
-        }
-    }
-
-    /// `size` bytes that do not compress, different for each `seed`.
-    fn noise(seed: u64, size: u64) -> Vec<u8> {
-        crate::test_noise(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), size as usize)
-    }
-
-    /// A layer of `n` one-chunk files whose frames are real zstd frames, served from memory.
-    fn encoded_layer(n: usize, size: u64, unit: u64) -> (Arc<LayerHandle>, Arc<MemBlob>) {
-        let mut blob = Vec::new();
-        let entries = (0..n)
-            .map(|i| {
-                let name = format!("d/f{i:03}");
-                let data = noise(i as u64, size);
-                let frame = zstd::bulk::compress(&data, 3).unwrap();
-                let mut e = IndexEntry::bare(EntryKind::Regular, &name, "");
-                e.size = size;
-                e.chunks = vec![Chunk {
-                    file_offset: 0,
-                    size,
-                    blob_offset: blob.len() as u64,
-                    blob_end: (blob.len() + frame.len()) as u64,
-                    digest: Some(arbor_format::Digest::of(&data)),
-                    zeros: false,
-                }];
-                blob.extend_from_slice(&frame);
-                e
-            })
-            .collect();
-        let index = LayerIndex {
-            entries,
-            data_end: blob.len() as u64,
-            arbor: None,
-        };
-        let src = Arc::new(MemBlob {
-            blob,
-            reads: AtomicUsize::new(0),
-        });
-        let l = LayerHandle::new(
-            "sha256:01",
-            src.blob.len() as u64,
-            Arc::new(index),
-            vec![Arc::clone(&src) as Arc<dyn BlobSource>],
-            unit,
-        );
-        (Arc::new(l), src)
     }
 
     /// A reader going through a layer file by file, in blob order, gets ahead of its misses:

@@ -51,16 +51,5 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// `n` pseudo-random bytes (xorshift from `state`) that do not compress: test content.
 #[cfg(test)]
-pub(crate) fn test_noise(state: u64, n: usize) -> Vec<u8> {
-    let mut x = state | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub(crate) mod testutil;
