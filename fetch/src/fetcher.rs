@@ -875,28 +875,13 @@ impl Fetcher {
     /// Fetches windows `w + 1 ..= w + ahead` that are neither held nor in flight, in the
     /// background through the group read-ahead's slots, and sets the marker halfway.
     fn fetch_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize, ahead: usize) {
-        let Some(rt) = &self.rt else {
-            return;
-        };
         let mut bytes = 0;
         for next in (w + 1..layer.windows.len()).take(ahead) {
             if !self.wanted(layer, next) {
                 continue;
             }
             bytes += layer.windows[next].end - layer.windows[next].start;
-            let (f, l) = (Arc::clone(self), Arc::clone(layer));
-            let slots = Arc::clone(&self.group_slots);
-            rt.spawn(async move {
-                // Speculative: at the disk cache's pace, or what it evicts from memory would
-                // be dropped and fetched again.
-                f.writeback_room().await;
-                let Ok(_permit) = slots.acquire_owned().await else {
-                    return;
-                };
-                if !f.window_cached(&l, next) {
-                    let _ = f.window(&l, next).await;
-                }
-            });
+            self.spawn_speculative(layer, next, true);
         }
         layer.seq_ahead.store(ahead, Ordering::Relaxed);
         let marker = w + (ahead / 2).max(1);
@@ -973,17 +958,33 @@ impl Fetcher {
         // In the order picked, at most `group_concurrency` windows in flight over all groups
         // and layers; a window a read fetched meanwhile is not fetched again.
         for x in picked {
-            let (f, l) = (Arc::clone(self), Arc::clone(layer));
-            let slots = Arc::clone(&self.group_slots);
-            tokio::spawn(async move {
-                let Ok(_permit) = slots.acquire_owned().await else {
-                    return;
-                };
-                if !f.window_cached(&l, x) {
-                    let _ = f.window(&l, x).await;
-                }
-            });
+            self.spawn_speculative(layer, x, false);
         }
+    }
+
+    /// Fetches window `w` in the background as urgent work once one of the read-ahead slots
+    /// ([`FetcherOptions::group_concurrency`], shared by group and sequential read-ahead)
+    /// frees, unless a read fetched it meanwhile. With `pace`, it first waits for room in
+    /// the write-back queue ([`Fetcher::writeback_room`]): read-ahead that can run through a
+    /// whole layer must go at the disk cache's pace, or what it evicts from memory would be
+    /// dropped and fetched again. Spawned on the fetcher's runtime, so FUSE workers may call it.
+    fn spawn_speculative(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize, pace: bool) {
+        let Some(rt) = &self.rt else {
+            return;
+        };
+        let (f, l) = (Arc::clone(self), Arc::clone(layer));
+        let slots = Arc::clone(&self.group_slots);
+        rt.spawn(async move {
+            if pace {
+                f.writeback_room().await;
+            }
+            let Ok(_permit) = slots.acquire_owned().await else {
+                return;
+            };
+            if !f.window_cached(&l, w) {
+                let _ = f.window(&l, w).await;
+            }
+        });
     }
 
     /// Fetches just the chunks `refs` of a layer (those not in memory or the disk cache), as

@@ -689,7 +689,7 @@ pub fn decode_chunk(name: &str, chunk: &Chunk, frame: &[u8]) -> Result<Vec<u8>> 
                 Some(dec) => dec,
                 None => slot.insert(zstd::bulk::Decompressor::new()?),
             };
-            dec.window_log_max(window_log_max(chunk.size))?;
+            // One-pass decoding does not apply a window limit: the header check above does.
             dec.decompress_to_buffer(frame, &mut out)
         })
         .map_err(|e| err(format!("does not decompress: {e}")))?;
