@@ -154,13 +154,24 @@ pub struct LayerHandle {
     recorder: std::sync::OnceLock<Arc<crate::learn::Recorder>>,
     /// Windows fetched (and verified) since the layer was opened, one bit each.
     fetched: Vec<AtomicU64>,
-    /// The last missed window and how many misses in a row came right after fetched windows
-    /// (see [`FetcherOptions::sequential_read_ahead`]).
-    stream: Mutex<(usize, u32)>,
+    /// A sequential reader's progress (see [`FetcherOptions::sequential_read_ahead`]).
+    stream: Mutex<Stream>,
     /// The window whose first read fetches the next stretch ahead of a sequential reader,
     /// before it misses (`usize::MAX`: none), and the stretch's length in windows.
     seq_marker: AtomicUsize,
     seq_ahead: AtomicUsize,
+}
+
+/// Where a reader moving forward through a layer is, as its misses tell.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// The last missed window (`usize::MAX`: none yet).
+    last: usize,
+    /// Misses in a row that came right after fetched windows or inside the stretch.
+    streak: u32,
+    /// The last window the sequential read-ahead has asked for (`usize::MAX`: none): a miss
+    /// up to it is the reader catching up with its read-ahead, not a jump.
+    end: usize,
 }
 
 /// A run of chunk frames fetched with one request.
@@ -225,7 +236,11 @@ impl LayerHandle {
             fetched: (0..windows_len.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            stream: Mutex::new((usize::MAX, 0)),
+            stream: Mutex::new(Stream {
+                last: usize::MAX,
+                streak: 0,
+                end: usize::MAX,
+            }),
             seq_marker: AtomicUsize::new(usize::MAX),
             seq_ahead: AtomicUsize::new(0),
         }
@@ -244,24 +259,37 @@ impl LayerHandle {
     }
 
     /// Notes a miss at window `w` and returns how many misses in a row (this one included)
-    /// came at most [`SEQUENTIAL_GAP`] windows after the previous one with every window in
-    /// between fetched: a reader moving forward through the layer.
+    /// moved forward through the layer: each came at most [`SEQUENTIAL_GAP`] windows after
+    /// the previous one with every window in between fetched (the reader read through them),
+    /// or inside the stretch the sequential read-ahead has asked for (the reader caught up
+    /// with windows still in flight). Anything else is a jump: the stretch is forgotten.
     fn note_miss(&self, w: usize) -> u32 {
         let mut st = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let (last, streak) = *st;
-        let next = if w == last {
-            streak
-        } else if last != usize::MAX
-            && w > last
-            && w - last <= SEQUENTIAL_GAP
-            && (last + 1..w).all(|x| self.was_fetched(x))
+        let next = if w == st.last {
+            st.streak
+        } else if st.last != usize::MAX
+            && w > st.last
+            && ((st.end != usize::MAX && w <= st.end)
+                || (w - st.last <= SEQUENTIAL_GAP && (st.last + 1..w).all(|x| self.was_fetched(x))))
         {
-            streak + 1
+            st.streak + 1
         } else {
+            st.end = usize::MAX;
             0
         };
-        *st = (w, next);
+        st.last = w;
+        st.streak = next;
         next
+    }
+
+    /// Notes that the sequential read-ahead asked for the windows up to `end`.
+    fn note_stretch(&self, end: usize) {
+        let mut st = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        st.end = if st.end == usize::MAX {
+            end
+        } else {
+            st.end.max(end)
+        };
     }
 
     /// The windows of the locality group of `entry`: the files of its directory, a
@@ -845,10 +873,14 @@ impl Fetcher {
             if streak == 0 {
                 // The reader jumped: no stretch ahead of it any more.
                 layer.seq_marker.store(usize::MAX, Ordering::Relaxed);
+                layer.seq_ahead.store(0, Ordering::Relaxed);
             }
             return;
         }
-        let ahead = (4usize << (streak - SEQUENTIAL_STREAK).min(16)).min(max);
+        // A reader that caught up with its stretch keeps the stretch's length at least.
+        let ahead = (4usize << (streak - SEQUENTIAL_STREAK).min(16))
+            .max(layer.seq_ahead.load(Ordering::Relaxed))
+            .min(max);
         self.fetch_ahead(layer, w, ahead);
     }
 
@@ -884,6 +916,7 @@ impl Fetcher {
             self.spawn_speculative(layer, next, true);
         }
         layer.seq_ahead.store(ahead, Ordering::Relaxed);
+        layer.note_stretch((w + ahead).min(layer.windows.len().saturating_sub(1)));
         let marker = w + (ahead / 2).max(1);
         if marker < layer.windows.len() {
             layer.seq_marker.store(marker, Ordering::Relaxed);
@@ -1227,6 +1260,14 @@ impl Fetcher {
     /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
     /// chunks that evicts.
     fn remember(&self, key: [u8; 32], data: Bytes, dirty: Dirty) {
+        // A chunk read back from disk is not worth keeping when the writers are behind: it
+        // could push out chunks not written yet, which the full queue would then drop (and a
+        // later read fetch again); read from disk once more instead.
+        if dirty == Dirty::Clean
+            && self.writeback.bytes.load(Ordering::Relaxed) > self.opts.writeback_bytes / 2
+        {
+            return;
+        }
         let evicted = self.mem.put(key, data, dirty);
         if evicted.is_empty() {
             return;
@@ -1561,6 +1602,36 @@ mod tests {
         assert_eq!(l.note_miss(31), 0, "too far after the last miss (3)");
     }
 
+    /// A reader that catches up with its read-ahead (a miss on a window of the stretch still
+    /// in flight, however far after the last miss) keeps its streak; a jump forgets the
+    /// stretch.
+    #[test]
+    fn misses_inside_the_read_ahead_stretch_are_sequential() {
+        let files: Vec<(String, u64)> = (0..60).map(|i| (format!("f{i:02}"), 5000)).collect();
+        let refs: Vec<(&str, u64)> = files.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let l = layer(&refs, 4096);
+        assert_eq!(l.note_miss(2), 0);
+        l.note_stretch(40);
+        assert_eq!(
+            l.note_miss(30),
+            1,
+            "28 windows on, none fetched yet, but asked for by the stretch"
+        );
+        assert_eq!(l.note_miss(40), 2, "the stretch's last window");
+        assert_eq!(
+            l.note_miss(45),
+            0,
+            "past the stretch, over windows never fetched"
+        );
+        l.note_stretch(44);
+        assert_eq!(
+            l.note_miss(10),
+            0,
+            "backwards is a jump even inside a stretch"
+        );
+        assert_eq!(l.note_miss(30), 0, "and the stretch is forgotten");
+    }
+
     /// A reader going through a layer file by file, in blob order, gets ahead of its misses:
     /// after the first few, the windows after a miss are fetched before it asks, and the
     /// next stretch is fetched when it passes the marker, so it waits far fewer times than
@@ -1637,6 +1708,41 @@ mod tests {
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every chunk is on disk");
         assert_eq!(f.writeback_pending_bytes(), 0);
+    }
+
+    /// While the write-back queue is more than half full, a chunk read back from disk is
+    /// handed to its reader but not kept in memory: keeping it could push out chunks not yet
+    /// written, which the full queue would drop.
+    #[test]
+    fn disk_hits_are_not_kept_while_the_writers_are_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            Arc::new(Metrics::default()),
+            FetcherOptions {
+                writeback_bytes: 2 << 20,
+                ..FetcherOptions::default()
+            },
+        );
+        let data = Bytes::from(vec![7u8; 4096]);
+        let d = *arbor_format::Digest::of(&data).as_bytes();
+        f.writeback.bytes.store((1 << 20) + 1, Ordering::SeqCst);
+        f.remember(d, data.clone(), Dirty::Clean);
+        assert!(
+            !f.mem.contains(&d),
+            "not kept while the queue is over half full"
+        );
+        f.remember(d, data.clone(), Dirty::Urgent);
+        assert!(f.mem.contains(&d), "fetched chunks are always kept");
+        let other = Bytes::from(vec![8u8; 4096]);
+        let o = *arbor_format::Digest::of(&other).as_bytes();
+        f.writeback.bytes.store(1 << 20, Ordering::SeqCst);
+        f.remember(o, other, Dirty::Clean);
+        assert!(
+            f.mem.contains(&o),
+            "kept once the queue is at most half full"
+        );
+        f.writeback.bytes.store(0, Ordering::SeqCst);
     }
 
     /// A chunk read from the disk cache brings the next windows' chunks into memory (and
