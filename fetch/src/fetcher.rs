@@ -864,8 +864,8 @@ impl Fetcher {
     /// ([`LayerHandle::note_miss`]), fetches the windows after `w` in the background as urgent
     /// work, through the group read-ahead's slots: 4 windows on the [`SEQUENTIAL_STREAK`]th
     /// such miss, doubling with each further one up to
-    /// [`FetcherOptions::sequential_read_ahead`]. The stretch's middle window becomes the
-    /// layer's marker ([`Fetcher::pass_marker`]).
+    /// [`FetcherOptions::sequential_read_ahead`]. The window after `w` becomes the layer's
+    /// marker ([`Fetcher::pass_marker`]).
     fn read_sequential(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize) {
         let max = self.opts.sequential_read_ahead;
         let streak = layer.note_miss(w);
@@ -884,9 +884,11 @@ impl Fetcher {
         self.fetch_ahead(layer, w, ahead);
     }
 
-    /// When a read reaches the layer's marker window, the next stretch is fetched at once,
-    /// twice as long (up to the maximum), so a sequential reader finds its windows fetched
-    /// instead of missing at the end of every stretch (the kernel's asynchronous read-ahead).
+    /// When a read reaches the layer's marker window, the stretch is extended at once to
+    /// twice as many windows past it (up to the maximum) and the marker moves to the next
+    /// window: a sequential reader keeps a constant lead of fetched windows (the kernel's
+    /// asynchronous read-ahead, slid window by window), so the fetches never stop while it
+    /// reads what is already fetched and it does not catch up with them at a stretch's end.
     fn pass_marker(self: &Arc<Self>, layer: &Arc<LayerHandle>, r: ChunkRef) {
         let marker = layer.seq_marker.load(Ordering::Relaxed);
         if marker == usize::MAX || layer.window_of(r) != Some(marker) {
@@ -905,7 +907,8 @@ impl Fetcher {
     }
 
     /// Fetches windows `w + 1 ..= w + ahead` that are neither held nor in flight, in the
-    /// background through the group read-ahead's slots, and sets the marker halfway.
+    /// background through the group read-ahead's slots, and sets the marker on the next
+    /// window.
     fn fetch_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize, ahead: usize) {
         let mut bytes = 0;
         for next in (w + 1..layer.windows.len()).take(ahead) {
@@ -917,7 +920,7 @@ impl Fetcher {
         }
         layer.seq_ahead.store(ahead, Ordering::Relaxed);
         layer.note_stretch((w + ahead).min(layer.windows.len().saturating_sub(1)));
-        let marker = w + (ahead / 2).max(1);
+        let marker = w + 1;
         if marker < layer.windows.len() {
             layer.seq_marker.store(marker, Ordering::Relaxed);
         }
