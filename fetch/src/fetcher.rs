@@ -1263,14 +1263,6 @@ impl Fetcher {
     /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
     /// chunks that evicts.
     fn remember(&self, key: [u8; 32], data: Bytes, dirty: Dirty) {
-        // A chunk read back from disk is not worth keeping when the writers are behind: it
-        // could push out chunks not written yet, which the full queue would then drop (and a
-        // later read fetch again); read from disk once more instead.
-        if dirty == Dirty::Clean
-            && self.writeback.bytes.load(Ordering::Relaxed) > self.opts.writeback_bytes / 2
-        {
-            return;
-        }
         let evicted = self.mem.put(key, data, dirty);
         if evicted.is_empty() {
             return;
@@ -1711,41 +1703,6 @@ mod tests {
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every chunk is on disk");
         assert_eq!(f.writeback_pending_bytes(), 0);
-    }
-
-    /// While the write-back queue is more than half full, a chunk read back from disk is
-    /// handed to its reader but not kept in memory: keeping it could push out chunks not yet
-    /// written, which the full queue would drop.
-    #[test]
-    fn disk_hits_are_not_kept_while_the_writers_are_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = Fetcher::new(
-            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
-            Arc::new(Metrics::default()),
-            FetcherOptions {
-                writeback_bytes: 2 << 20,
-                ..FetcherOptions::default()
-            },
-        );
-        let data = Bytes::from(vec![7u8; 4096]);
-        let d = *arbor_format::Digest::of(&data).as_bytes();
-        f.writeback.bytes.store((1 << 20) + 1, Ordering::SeqCst);
-        f.remember(d, data.clone(), Dirty::Clean);
-        assert!(
-            !f.mem.contains(&d),
-            "not kept while the queue is over half full"
-        );
-        f.remember(d, data.clone(), Dirty::Urgent);
-        assert!(f.mem.contains(&d), "fetched chunks are always kept");
-        let other = Bytes::from(vec![8u8; 4096]);
-        let o = *arbor_format::Digest::of(&other).as_bytes();
-        f.writeback.bytes.store(1 << 20, Ordering::SeqCst);
-        f.remember(o, other, Dirty::Clean);
-        assert!(
-            f.mem.contains(&o),
-            "kept once the queue is at most half full"
-        );
-        f.writeback.bytes.store(0, Ordering::SeqCst);
     }
 
     /// A chunk read from the disk cache brings the next windows' chunks into memory (and
