@@ -53,7 +53,8 @@ pub enum FetchError {
 pub struct FetcherOptions {
     /// Fetch unit: windows of the blob are aligned to this size (bytes of the compressed blob).
     pub fetch_unit: u64,
-    /// Bytes of verified chunks kept in memory.
+    /// Bytes of verified chunks kept in memory. While the disk cache's writers are behind,
+    /// chunks not yet written are kept over it, by at most [`FetcherOptions::writeback_bytes`].
     pub memory_budget: u64,
     /// Longest a source request may take before the read fails.
     pub fetch_timeout: Duration,
@@ -1263,7 +1264,16 @@ impl Fetcher {
     /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
     /// chunks that evicts.
     fn remember(&self, key: [u8; 32], data: Bytes, dirty: Dirty) {
-        let evicted = self.mem.put(key, data, dirty);
+        // While the writers are behind (the queue over half full), chunks not yet written stay
+        // in memory, up to `writeback_bytes` over the budget, and clean ones make the room: a
+        // dirty chunk evicted now would likely find the queue full and be dropped.
+        let slack = if self.writeback.bytes.load(Ordering::Relaxed) > self.opts.writeback_bytes / 2
+        {
+            self.opts.writeback_bytes
+        } else {
+            0
+        };
+        let evicted = self.mem.put_holding_dirty(key, data, dirty, slack);
         if evicted.is_empty() {
             return;
         }

@@ -3,7 +3,9 @@
 //! FUSE reads arrive in 128 KiB pieces while chunks are up to 1 MiB: without this, every
 //! piece would re-read and re-verify the whole chunk from disk. It is also the write-back
 //! buffer of the disk cache: freshly fetched chunks are *dirty* until written, and are handed
-//! back for writing when evicted or taken by [`MemCache::take_dirty`].
+//! back for writing when evicted or taken by [`MemCache::take_dirty`]. While the writers are
+//! behind, [`MemCache::put_holding_dirty`] evicts clean chunks only and lets the cache run
+//! over its budget by a bounded slack, rather than hand back dirty chunks nobody can write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -29,6 +31,9 @@ struct State {
     total: u64,
     tick: u64,
 }
+
+/// Oldest entries looked at for a clean one to evict while dirty ones are held.
+const HOLD_SCAN: usize = 64;
 
 pub struct MemCache {
     budget: u64,
@@ -67,6 +72,20 @@ impl MemCache {
     /// Inserts a chunk (`dirty`: not yet in the disk cache). Returns the dirty chunks it
     /// evicted, for the caller to write.
     pub fn put(&self, key: [u8; 32], data: Bytes, dirty: Dirty) -> Vec<([u8; 32], Bytes, Dirty)> {
+        self.put_holding_dirty(key, data, dirty, 0)
+    }
+
+    /// [`MemCache::put`] for when evicted dirty chunks could not be written now: it evicts
+    /// only clean chunks (among the [`HOLD_SCAN`] least recently used) and keeps dirty ones,
+    /// over the budget if need be, until the cache holds more than the budget plus `slack`
+    /// bytes; beyond that it evicts by LRU as `put` does.
+    pub fn put_holding_dirty(
+        &self,
+        key: [u8; 32],
+        data: Bytes,
+        dirty: Dirty,
+        slack: u64,
+    ) -> Vec<([u8; 32], Bytes, Dirty)> {
         if data.len() as u64 > self.budget / 4 {
             return if dirty != Dirty::Clean {
                 vec![(key, data, dirty)]
@@ -89,7 +108,22 @@ impl MemCache {
         st.total += len;
         let mut evicted = Vec::new();
         while st.total > self.budget {
-            let Some((&ot, &k)) = st.lru.iter().next() else {
+            let victim = if st.total <= self.budget.saturating_add(slack) {
+                // Holding dirty chunks: a clean one among the oldest, or stay over budget.
+                let clean = st
+                    .lru
+                    .iter()
+                    .take(HOLD_SCAN)
+                    .find(|(_, k)| st.entries.get(*k).is_some_and(|e| e.2 == Dirty::Clean))
+                    .map(|(&t, &k)| (t, k));
+                match clean {
+                    Some(v) => Some(v),
+                    None => break,
+                }
+            } else {
+                st.lru.iter().next().map(|(&t, &k)| (t, k))
+            };
+            let Some((ot, k)) = victim else {
                 break;
             };
             st.lru.remove(&ot);
@@ -154,5 +188,37 @@ mod tests {
         assert!(m.get(&[9; 32]).is_some());
         let st = m.state.lock().unwrap();
         assert!(st.total <= 400);
+    }
+
+    /// While dirty chunks are held, clean ones make room, the cache runs over its budget
+    /// when only dirty ones are left, and past the slack it evicts by LRU again.
+    #[test]
+    fn dirty_chunks_are_held_within_the_slack() {
+        let m = MemCache::new(400);
+        for i in 0..4u8 {
+            let dirty = if i == 1 { Dirty::Clean } else { Dirty::Urgent };
+            assert!(m.put([i; 32], Bytes::from(vec![i; 100]), dirty).is_empty());
+        }
+        // Full: the clean chunk 1 goes, not the older dirty chunk 0.
+        let out = m.put_holding_dirty([4; 32], Bytes::from(vec![4; 100]), Dirty::Clean, 200);
+        assert!(out.is_empty());
+        assert!(m.contains(&[0; 32]) && !m.contains(&[1; 32]));
+        // Chunk 4, newest but the only clean one, makes room for chunk 5.
+        let out = m.put_holding_dirty([5; 32], Bytes::from(vec![5; 100]), Dirty::Urgent, 200);
+        assert!(out.is_empty());
+        assert!(!m.contains(&[4; 32]), "the clean chunk made room");
+        // Only dirty chunks now: the cache goes over budget, within the slack.
+        for i in 6..8u8 {
+            let out = m.put_holding_dirty([i; 32], Bytes::from(vec![i; 100]), Dirty::Urgent, 200);
+            assert!(out.is_empty(), "held, not handed back");
+        }
+        assert_eq!(m.state.lock().unwrap().total, 600);
+        // Past budget + slack: LRU eviction hands the oldest dirty chunk back.
+        let out = m.put_holding_dirty([8; 32], Bytes::from(vec![8; 100]), Dirty::Urgent, 200);
+        assert_eq!(out.iter().map(|(k, _, _)| k[0]).collect::<Vec<_>>(), [0]);
+        // Without slack (the writers caught up), back to the budget at once.
+        let out = m.put([9; 32], Bytes::from(vec![9; 100]), Dirty::Urgent);
+        assert_eq!(out.len(), 3);
+        assert_eq!(m.state.lock().unwrap().total, 400);
     }
 }
