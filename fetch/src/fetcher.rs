@@ -1278,6 +1278,15 @@ impl Fetcher {
             return;
         }
         if let Some(dropped) = self.store(evicted) {
+            if dirty == Dirty::Clean {
+                // A chunk read back from disk, so this is a blocking-pool thread (see
+                // `held_chunk`): write what it pushed out here rather than drop it, so a
+                // re-read pays the disk write the writers are behind on, not a refetch.
+                for (k, b, d) in dropped {
+                    write_chunk(&self.cache, k, &b, d);
+                }
+                return;
+            }
             // Evicted from memory and no room in the write-back queue: let them go.
             self.metrics
                 .writeback_dropped
@@ -1444,20 +1453,25 @@ impl WriteBack {
             let Some((k, b, dirty)) = next else {
                 break;
             };
-            let d = arbor_format::Digest::from_bytes(k);
-            let r = match dirty {
-                Dirty::Background => cache.put_if_room(&d, &b).map(|_| ()),
-                _ => cache.put(&d, &b),
-            };
-            if let Err(e) = r {
-                warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
-            }
+            write_chunk(cache, k, &b, dirty);
             self.bytes.fetch_sub(b.len() as u64, Ordering::SeqCst);
             if written % 64 == 0 {
                 publish();
             }
         }
         publish();
+    }
+}
+
+/// Writes one verified chunk to the disk cache as its `dirty` says (blocking).
+fn write_chunk(cache: &ChunkCache, k: [u8; 32], b: &[u8], dirty: Dirty) {
+    let d = arbor_format::Digest::from_bytes(k);
+    let r = match dirty {
+        Dirty::Background => cache.put_if_room(&d, b).map(|_| ()),
+        _ => cache.put(&d, b),
+    };
+    if let Err(e) = r {
+        warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
     }
 }
 
@@ -1713,6 +1727,68 @@ mod tests {
         f.flush_all().await;
         assert_eq!(cache.usage().0, n, "every chunk is on disk");
         assert_eq!(f.writeback_pending_bytes(), 0);
+    }
+
+    /// When the write-back queue is full, a chunk read back from disk (on a blocking thread)
+    /// writes the unwritten chunks it pushes out of memory itself; a fetched one cannot wait,
+    /// and what it pushes out is dropped.
+    #[test]
+    fn disk_hits_write_what_they_push_out_when_the_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let f = Fetcher::new(
+            Arc::clone(&cache),
+            Arc::clone(&metrics),
+            FetcherOptions {
+                memory_budget: 16 << 10,
+                writeback_bytes: 8 << 10,
+                ..FetcherOptions::default()
+            },
+        );
+        // The queue is full (its writers are stuck, say).
+        f.writeback.bytes.store(8 << 10, Ordering::SeqCst);
+        let chunk = |i: u8| {
+            let data = Bytes::from(vec![i; 4096]);
+            (*arbor_format::Digest::of(&data).as_bytes(), data)
+        };
+        // Six unwritten chunks: the budget and the slack the queue's state allows.
+        for i in 0..6u8 {
+            let (k, b) = chunk(i);
+            f.remember(k, b, Dirty::Urgent);
+        }
+        assert_eq!(
+            metrics.writeback_dropped.load(Ordering::Relaxed),
+            0,
+            "all held"
+        );
+        let on_disk = |i: u8| {
+            let data = vec![i; 4096];
+            matches!(
+                cache.get(&arbor_format::Digest::of(&data), 4096),
+                crate::cache::Lookup::Hit(_)
+            )
+        };
+        let (k, b) = chunk(100);
+        f.remember(k, b, Dirty::Clean);
+        assert!(
+            on_disk(0),
+            "the oldest unwritten chunk was written, not dropped"
+        );
+        assert_eq!(metrics.writeback_dropped.load(Ordering::Relaxed), 0);
+        // The clean chunk made room for itself and left: one more fetched chunk is held, the
+        // next goes past the slack.
+        for i in [101, 102] {
+            let (k, b) = chunk(i);
+            f.remember(k, b, Dirty::Urgent);
+        }
+        assert!(!on_disk(1));
+        assert_eq!(
+            metrics.writeback_dropped.load(Ordering::Relaxed),
+            1,
+            "a fetched chunk pushes the next one out for good"
+        );
+        f.writeback.bytes.store(0, Ordering::SeqCst);
     }
 
     /// A chunk read from the disk cache brings the next windows' chunks into memory (and
