@@ -656,6 +656,15 @@ impl Fetcher {
             self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(b));
         }
+        // Evicted from memory and waiting for (or in) its disk write: still held.
+        if let Some(b) = self
+            .writeback
+            .get(&key)
+            .filter(|b| b.len() as u64 == c.size)
+        {
+            self.metrics.chunk_mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(b));
+        }
         if !blocking {
             return Ok(None);
         }
@@ -1043,7 +1052,9 @@ impl Fetcher {
             .filter(|(_, c)| {
                 !c.zeros
                     && c.digest.as_ref().is_some_and(|d| {
-                        !self.mem.contains(d.as_bytes()) && !self.cache.contains(d)
+                        !self.mem.contains(d.as_bytes())
+                            && !self.writeback.contains(d.as_bytes())
+                            && !self.cache.contains(d)
                     })
             })
             .map(|(n, c)| (n.to_string(), c.clone()))
@@ -1210,7 +1221,11 @@ impl Fetcher {
                 layer
                     .chunk(r)
                     .and_then(|(_, c)| c.digest.as_ref())
-                    .is_some_and(|d| self.mem.contains(d.as_bytes()) || self.cache.contains(d))
+                    .is_some_and(|d| {
+                        self.mem.contains(d.as_bytes())
+                            || self.writeback.contains(d.as_bytes())
+                            || self.cache.contains(d)
+                    })
             })
         })
     }
@@ -1323,6 +1338,9 @@ impl Fetcher {
         }
         let spawn = {
             let mut st = self.writeback.lock();
+            for (k, b, _) in &chunks {
+                st.held.entry(*k).or_insert_with(|| (b.clone(), 0)).1 += 1;
+            }
             st.queue.extend(chunks);
             let spawn = st.writers < MAX_WRITEBACK_WRITERS;
             if spawn {
@@ -1423,12 +1441,25 @@ struct WriteBack {
 #[derive(Default)]
 struct WriteBackState {
     queue: std::collections::VecDeque<([u8; 32], Bytes, Dirty)>,
+    /// Every chunk queued or being written, and how many times it is (a chunk evicted,
+    /// fetched again and evicted again is queued twice): readers find it here, so a chunk
+    /// on its way to disk is never fetched again.
+    held: HashMap<[u8; 32], (Bytes, u32)>,
     writers: usize,
 }
 
 impl WriteBack {
     fn lock(&self) -> std::sync::MutexGuard<'_, WriteBackState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A chunk queued for the disk cache or being written.
+    fn get(&self, k: &[u8; 32]) -> Option<Bytes> {
+        self.lock().held.get(k).map(|(b, _)| b.clone())
+    }
+
+    fn contains(&self, k: &[u8; 32]) -> bool {
+        self.lock().held.contains_key(k)
     }
 
     /// One writer: writes queued chunks until the queue is empty (checked under the lock
@@ -1454,6 +1485,15 @@ impl WriteBack {
                 break;
             };
             write_chunk(cache, k, &b, dirty);
+            {
+                let mut st = self.lock();
+                if let Some(e) = st.held.get_mut(&k) {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        st.held.remove(&k);
+                    }
+                }
+            }
             self.bytes.fetch_sub(b.len() as u64, Ordering::SeqCst);
             if written % 64 == 0 {
                 publish();
@@ -1789,6 +1829,46 @@ mod tests {
             "a fetched chunk pushes the next one out for good"
         );
         f.writeback.bytes.store(0, Ordering::SeqCst);
+    }
+
+    /// A chunk evicted from memory is held by the write-back queue until it is on disk, and
+    /// readers find it there: at every moment each chunk is in memory, queued or on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_on_their_way_to_disk_are_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let f = Fetcher::new(
+            Arc::clone(&cache),
+            Arc::new(Metrics::default()),
+            FetcherOptions {
+                memory_budget: 1 << 20,
+                ..FetcherOptions::default()
+            },
+        );
+        let chunks: Vec<([u8; 32], Bytes)> = (0..40u8)
+            .map(|i| {
+                let b = Bytes::from(vec![i; 256 << 10]);
+                (*arbor_format::Digest::of(&b).as_bytes(), b)
+            })
+            .collect();
+        for (i, (k, b)) in chunks.iter().enumerate() {
+            f.remember(*k, b.clone(), Dirty::Urgent);
+            for (k, b) in &chunks[..=i] {
+                let d = arbor_format::Digest::from_bytes(*k);
+                assert!(
+                    f.mem.contains(k)
+                        || f.writeback.get(k).is_some_and(|q| q == *b)
+                        || cache.contains(&d),
+                    "a chunk is in none of memory, the queue and the disk"
+                );
+            }
+        }
+        f.flush_all().await;
+        assert!(
+            f.writeback.lock().held.is_empty(),
+            "written chunks leave the queue's index"
+        );
+        assert_eq!(cache.usage().0, chunks.len());
     }
 
     /// A chunk read from the disk cache brings the next windows' chunks into memory (and
