@@ -1732,11 +1732,17 @@ mod tests {
         }
     }
 
-    /// Far more chunks than memory holds pass through a small write-back queue: a producer
-    /// that waits for room (as the rest-prefetch does) loses none of them, two writers drain
-    /// the queue, and every chunk ends up on disk.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn write_back_applies_backpressure_instead_of_dropping() {
+    /// A fetcher over a fresh disk cache (1 GiB budget) with these memory and write-back
+    /// bounds, its cache and metrics; the directory lives as long as the returned guard.
+    fn writeback_fetcher(
+        memory_budget: u64,
+        writeback_bytes: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<ChunkCache>,
+        Arc<Metrics>,
+        Arc<Fetcher>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
         let metrics = Arc::new(Metrics::default());
@@ -1744,11 +1750,20 @@ mod tests {
             Arc::clone(&cache),
             Arc::clone(&metrics),
             FetcherOptions {
-                memory_budget: 1 << 20,
-                writeback_bytes: 2 << 20,
+                memory_budget,
+                writeback_bytes,
                 ..FetcherOptions::default()
             },
         );
+        (dir, cache, metrics, f)
+    }
+
+    /// Far more chunks than memory holds pass through a small write-back queue: a producer
+    /// that waits for room (as the rest-prefetch does) loses none of them, two writers drain
+    /// the queue, and every chunk ends up on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_back_applies_backpressure_instead_of_dropping() {
+        let (_dir, cache, metrics, f) = writeback_fetcher(1 << 20, 2 << 20);
         let n = 200usize;
         let mut most = 0;
         for i in 0..n {
@@ -1774,18 +1789,7 @@ mod tests {
     /// and what it pushes out is dropped.
     #[test]
     fn disk_hits_write_what_they_push_out_when_the_queue_is_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
-        let metrics = Arc::new(Metrics::default());
-        let f = Fetcher::new(
-            Arc::clone(&cache),
-            Arc::clone(&metrics),
-            FetcherOptions {
-                memory_budget: 16 << 10,
-                writeback_bytes: 8 << 10,
-                ..FetcherOptions::default()
-            },
-        );
+        let (_dir, cache, metrics, f) = writeback_fetcher(16 << 10, 8 << 10);
         // The queue is full (its writers are stuck, say).
         f.writeback.bytes.store(8 << 10, Ordering::SeqCst);
         let chunk = |i: u8| {
@@ -1835,16 +1839,8 @@ mod tests {
     /// readers find it there: at every moment each chunk is in memory, queued or on disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn chunks_on_their_way_to_disk_are_still_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
-        let f = Fetcher::new(
-            Arc::clone(&cache),
-            Arc::new(Metrics::default()),
-            FetcherOptions {
-                memory_budget: 1 << 20,
-                ..FetcherOptions::default()
-            },
-        );
+        let (_dir, cache, _, f) =
+            writeback_fetcher(1 << 20, FetcherOptions::default().writeback_bytes);
         let chunks: Vec<([u8; 32], Bytes)> = (0..40u8)
             .map(|i| {
                 let b = Bytes::from(vec![i; 256 << 10]);
