@@ -283,6 +283,12 @@ impl LayerHandle {
         next
     }
 
+    /// The last window the sequential read-ahead has asked for since the reader's last jump.
+    fn stretch_end(&self) -> Option<usize> {
+        let st = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        (st.end != usize::MAX).then_some(st.end)
+    }
+
     /// Notes that the sequential read-ahead asked for the windows up to `end`.
     fn note_stretch(&self, end: usize) {
         let mut st = self.stream.lock().unwrap_or_else(|e| e.into_inner());
@@ -918,10 +924,18 @@ impl Fetcher {
 
     /// Fetches windows `w + 1 ..= w + ahead` that are neither held nor in flight, in the
     /// background through the group read-ahead's slots, and sets the marker on the next
-    /// window.
+    /// window. Windows the stretch already asked for are not looked at again: with the
+    /// marker on every window this runs once per window the reader enters, often on a FUSE
+    /// worker, and checking a window locks the caches once per chunk.
     fn fetch_ahead(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize, ahead: usize) {
         let mut bytes = 0;
-        for next in (w + 1..layer.windows.len()).take(ahead) {
+        let from = layer
+            .stretch_end()
+            .map_or(w + 1, |end| end.saturating_add(1).max(w + 1));
+        let to = w
+            .saturating_add(ahead)
+            .min(layer.windows.len().saturating_sub(1));
+        for next in from..=to {
             if !self.wanted(layer, next) {
                 continue;
             }
@@ -929,7 +943,7 @@ impl Fetcher {
             self.spawn_speculative(layer, next, true);
         }
         layer.seq_ahead.store(ahead, Ordering::Relaxed);
-        layer.note_stretch((w + ahead).min(layer.windows.len().saturating_sub(1)));
+        layer.note_stretch(to);
         let marker = w + 1;
         if marker < layer.windows.len() {
             layer.seq_marker.store(marker, Ordering::Relaxed);
