@@ -14,6 +14,19 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// The kinds of FUSE request counted in `arbor_fuse_requests_total{op}`, by index
+/// ([`Metrics::fuse_request`]).
+pub const FUSE_OPS: [&str; 8] = [
+    "lookup",
+    "getattr",
+    "read",
+    "readdir",
+    "readlink",
+    "getxattr",
+    "listxattr",
+    "other",
+];
+
 #[derive(Default, Clone, Copy)]
 struct SourceStats {
     bytes: u64,
@@ -53,6 +66,8 @@ pub struct Metrics {
     pub writeback_dropped: AtomicU64,
     /// Microseconds reads spent waiting for a fetch (summed over reads).
     pub read_wait_micros: AtomicU64,
+    /// FUSE requests the layers answered, by kind (indexes of [`FUSE_OPS`]).
+    pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
 }
 
 impl Metrics {
@@ -88,6 +103,19 @@ impl Metrics {
     pub fn layer_fetched(&self, digest: &str, bytes: u64) {
         let mut l = self.layers.lock().unwrap_or_else(|e| e.into_inner());
         l.entry(digest.to_string()).or_default().fetched += bytes;
+    }
+
+    /// Counts one FUSE request of kind `FUSE_OPS[op]` (out of range: "other").
+    pub fn fuse_request(&self, op: usize) {
+        self.fuse_requests[op.min(FUSE_OPS.len() - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// FUSE requests of kind `op` (a [`FUSE_OPS`] name) answered so far.
+    pub fn fuse_requests(&self, op: &str) -> u64 {
+        FUSE_OPS
+            .iter()
+            .position(|o| *o == op)
+            .map_or(0, |i| self.fuse_requests[i].load(Ordering::Relaxed))
     }
 
     /// Bytes fetched from sources of `kind` so far.
@@ -218,6 +246,19 @@ impl Metrics {
             "arbor_read_wait_seconds_total {}",
             self.read_wait_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
+        head(
+            &mut o,
+            "arbor_fuse_requests_total",
+            "counter",
+            "FUSE requests the kernel sent the layers, by operation (each is a round trip to the daemon).",
+        );
+        for (op, v) in FUSE_OPS.iter().zip(&self.fuse_requests) {
+            let _ = writeln!(
+                o,
+                "arbor_fuse_requests_total{{op=\"{op}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         for (name, help, v) in [
             (
                 "arbor_cache_bytes",

@@ -324,6 +324,19 @@ pub fn entry_out(o: &mut Out, attr: &Attr, ttl: Duration) {
     attr.write(o);
 }
 
+/// A `struct fuse_entry_out` saying "no such name" (node id 0) that the kernel may cache for
+/// `ttl`, as a negative dentry: unlike ENOENT, which it forgets at once, so every later
+/// lookup of the name (each new overlay mount over the layer asks again) is a round trip.
+pub fn negative_entry_out(o: &mut Out, ttl: Duration) {
+    o.u64(0) // node id: none
+        .u64(0) // generation
+        .u64(ttl.as_secs())
+        .u64(0) // attr_valid: there are no attributes
+        .u32(ttl.subsec_nanos())
+        .u32(0);
+    o.0.extend_from_slice(&[0u8; 88]); // struct fuse_attr, unused
+}
+
 /// `struct fuse_attr_out` (104 bytes).
 pub fn attr_out(attr: &Attr, ttl: Duration) -> Out {
     let mut o = Out::with_capacity(104);

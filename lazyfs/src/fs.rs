@@ -82,6 +82,16 @@ fn answer_read(
 
 impl Handler for LayerFs {
     fn handle(&self, req: &Request<'_>, reply: Reply) {
+        self.fetcher.metrics().fuse_request(match req.opcode {
+            op::LOOKUP => 0,
+            op::GETATTR => 1,
+            op::READ => 2,
+            op::READDIR | op::READDIRPLUS => 3,
+            op::READLINK => 4,
+            op::GETXATTR => 5,
+            op::LISTXATTR => 6,
+            _ => 7,
+        });
         // Answered without looking at the layer.
         match req.opcode {
             // ENOSYS: with FUSE_NO_OPEN_SUPPORT / FUSE_NO_OPENDIR_SUPPORT the kernel then opens
@@ -100,6 +110,11 @@ impl Handler for LayerFs {
                 return reply.out(abi::statfs_out(blocks, files, 4096, 255));
             }
             op::READ => return self.read(req, reply),
+            // A layer without extended attributes: ENOSYS, and the kernel stops asking on this
+            // connection (getxattr(2) then fails with EOPNOTSUPP instead of ENODATA, without
+            // a round trip). Overlayfs asks every lower layer for its `trusted.overlay.*`
+            // attributes on each lookup: thousands of requests in a Python start.
+            op::GETXATTR if !self.tree.has_xattrs => return reply.error(libc::ENOSYS),
             op::LOOKUP
             | op::GETATTR
             | op::READLINK
@@ -154,6 +169,14 @@ impl LayerFs {
             Some((ino, n)) => {
                 let mut o = abi::Out::with_capacity(128);
                 abi::entry_out(&mut o, &n.attr(ino), self.ttl);
+                reply.out(o);
+            }
+            // The parent exists and the name is not in it: a negative entry the kernel keeps
+            // (the layer never changes). Overlayfs looks a name up in every layer above the
+            // one holding it, and again for each container's new overlay mount.
+            None if self.tree.get(req.nodeid).is_some() => {
+                let mut o = abi::Out::with_capacity(128);
+                abi::negative_entry_out(&mut o, self.ttl);
                 reply.out(o);
             }
             None => reply.error(libc::ENOENT),

@@ -54,6 +54,8 @@ pub struct Tree {
     pub nodes: Vec<Node>,
     /// Sum of regular file sizes (for statfs).
     pub total_size: u64,
+    /// Whether any inode has an extended attribute (an opaque directory's marker included).
+    pub has_xattrs: bool,
 }
 
 fn time(t: Timestamp) -> SystemTime {
@@ -111,8 +113,13 @@ impl Tree {
                     .collect(),
                 parent: n.parent,
             })
-            .collect();
-        Tree { nodes, total_size }
+            .collect::<Vec<Node>>();
+        let has_xattrs = nodes.iter().any(|n| !n.xattrs.is_empty());
+        Tree {
+            nodes,
+            total_size,
+            has_xattrs,
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
