@@ -221,6 +221,14 @@ fn converted_image_pulled_lazily_runs_like_the_original() {
     assert_eq!(hows(&report), ["lazy", "lazy", "lazy"], "{report}");
     assert_eq!(node.metric("arbor_snapshotter_remote_mounts_total"), 3.0);
     assert_eq!(node.layer_mounts(), 3, "one FUSE mount per layer");
+    // The first Prepare started reading the other layers' TOCs; their Prepares took them
+    // (one may have raced ahead of the manifest read and read its own).
+    let ahead = node.metric("arbor_snapshotter_tocs_read_ahead_total");
+    assert!(
+        (1.0..=2.0).contains(&ahead),
+        "TOCs read ahead and taken: {ahead}; arbord log:\n{}",
+        node.arbord.log_tail(30)
+    );
     // No layer blob went into containerd's content store.
     let content = node.ctd.ctr(&["content", "ls", "-q"]).unwrap();
     for l in report["layers"].as_array().unwrap() {
@@ -455,6 +463,8 @@ fn cri_pull_gets_lazy_layers() {
         node.arbord.log_tail(30)
     );
     assert_eq!(node.layer_mounts(), 3);
+    // CRI's labels name the manifest too: the other layers' TOCs were read ahead.
+    assert!(node.metric("arbor_snapshotter_tocs_read_ahead_total") >= 1.0);
     // The snapshots carry CRI's labels, which told arbord where to fetch from.
     let ls = node
         .ctd

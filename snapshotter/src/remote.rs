@@ -26,7 +26,7 @@ use arbor_oci::reference::Reference;
 use arbor_oci::registry::{ClientOptions, RegistryClient};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::error::{Error, Result};
 use crate::meta::{RemoteLayer, Usage};
@@ -132,6 +132,63 @@ pub struct Remote {
     inventory: Mutex<HashMap<PathBuf, Kept>>,
     /// Layers adopted from a predecessor.
     adopted: std::sync::atomic::AtomicU64,
+    /// TOCs read ahead of their Prepare ([`Remote::read_tocs_ahead`]).
+    ahead: Mutex<TocsAhead>,
+    /// Prepares that took a TOC read ahead.
+    tocs_ahead_used: std::sync::atomic::AtomicU64,
+}
+
+/// A TOC being read ahead: the reader holds the lock until the result is in.
+type AheadToc = Arc<tokio::sync::Mutex<Option<std::result::Result<Arc<LayerIndex>, String>>>>;
+
+/// TOCs read ahead, by the exact layer they were read for ([`ahead_key`]), and the images
+/// whose layers' TOCs were asked for recently.
+#[derive(Default)]
+struct TocsAhead {
+    tocs: HashMap<String, AheadToc>,
+    images: HashMap<String, std::time::Instant>,
+}
+
+/// How long a TOC read ahead waits for its Prepare (then it is dropped), and how long an
+/// image's layers are not read ahead again.
+const AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// At most this many layers of one image are read ahead.
+const AHEAD_MAX_LAYERS: usize = 64;
+
+/// Everything that decides a layer's TOC: a TOC read ahead serves only a Prepare of exactly
+/// this layer.
+fn ahead_key(l: &RemoteLayer) -> String {
+    format!(
+        "{} {} {} {} {}",
+        l.image_ref,
+        l.digest,
+        l.blob_size,
+        l.toc_position,
+        l.toc_digest.as_deref().unwrap_or("-")
+    )
+}
+
+/// The lazy layer a manifest's descriptor names, read like [`crate::labels::remote_layer`]
+/// reads a Prepare's labels (the descriptor's annotations are the labels `arbor pull` and
+/// CRI pass); `None` for a layer that is not lazy or lacks a TOC digest.
+fn sibling_layer(of: &RemoteLayer, d: &Descriptor) -> Option<RemoteLayer> {
+    let size: u64 = d
+        .annotations
+        .get(arbor_format::ANN_ARBOR_BLOB_SIZE)?
+        .parse()
+        .ok()?;
+    let locator = arbor_format::index::locate_toc(&d.annotations).ok()??;
+    locator.position.check_within(size).ok()?;
+    Digest::parse(&d.digest).ok()?;
+    Some(RemoteLayer {
+        image_ref: of.image_ref.clone(),
+        digest: d.digest.clone(),
+        blob_size: size,
+        toc_position: locator.position.annotation(),
+        toc_digest: Some(locator.digest?.to_string()),
+        manifest: of.manifest.clone(),
+        function: of.function.clone(),
+    })
 }
 
 /// What the holder keeps with a connection, to adopt it.
@@ -188,7 +245,111 @@ impl Remote {
             holder: Default::default(),
             inventory: Default::default(),
             adopted: Default::default(),
+            ahead: Default::default(),
+            tocs_ahead_used: Default::default(),
         })
+    }
+
+    /// Starts reading the TOCs of the other layers of `layer`'s image (its manifest, when the
+    /// labels name one) in the background, at once: containerd prepares an image's layers
+    /// one after another, each waiting for its TOC, and the prefetch of the first layers
+    /// mounted would make later TOC reads queue behind it on the link. A Prepare of one of
+    /// those layers then takes its TOC ([`Remote::fetch_index`]) instead of reading it.
+    ///
+    /// Only a hint: the manifest is read by digest (verified) from `layer`'s repository, each
+    /// TOC is verified against the digest its descriptor gives, a TOC serves only a Prepare
+    /// of exactly the layer it was read for, and anything that fails leaves the Prepare to
+    /// read its TOC itself. Layers whose TOC this node already keeps are skipped; once per
+    /// image per [`AHEAD_TTL`], at most [`AHEAD_MAX_LAYERS`] layers.
+    pub fn read_tocs_ahead(self: &Arc<Self>, layer: &RemoteLayer) {
+        let Some(manifest) = layer.manifest.clone() else {
+            return;
+        };
+        {
+            let mut a = lock(&self.ahead);
+            let now = std::time::Instant::now();
+            a.images.retain(|_, t| now.duration_since(*t) < AHEAD_TTL);
+            let image = format!("{}@{manifest}", layer.image_ref);
+            if a.images.contains_key(&image) {
+                return;
+            }
+            a.images.insert(image, now);
+        }
+        let (me, first) = (Arc::clone(self), layer.clone());
+        let span = tracing::info_span!("read_tocs_ahead", image = %layer.image_ref, %manifest);
+        self.rt.spawn(
+            async move {
+                let siblings = match me.sibling_layers(&first, &manifest).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "not reading TOCs ahead");
+                        return;
+                    }
+                };
+                for l in siblings {
+                    let key = ahead_key(&l);
+                    let cell: AheadToc = Arc::new(tokio::sync::Mutex::new(None));
+                    let Ok(mut guard) = Arc::clone(&cell).try_lock_owned() else {
+                        continue;
+                    };
+                    {
+                        let mut a = lock(&me.ahead);
+                        if a.tocs.contains_key(&key) {
+                            continue;
+                        }
+                        a.tocs.insert(key.clone(), Arc::clone(&cell));
+                    }
+                    let me = Arc::clone(&me);
+                    tokio::spawn(
+                        async move {
+                            let r = me.fetch_index_now(&l).await.map_err(|e| e.to_string());
+                            if let Err(e) = &r {
+                                tracing::debug!(layer = %l.digest, error = %e, "TOC read ahead failed");
+                            }
+                            *guard = Some(r);
+                            drop(guard);
+                            // Not taken by a Prepare in time (the pull stopped): dropped.
+                            tokio::time::sleep(AHEAD_TTL).await;
+                            let mut a = lock(&me.ahead);
+                            if a.tocs.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                                a.tocs.remove(&key);
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The lazy layers of `manifest` other than `first`, whose TOCs this node does not keep.
+    async fn sibling_layers(
+        &self,
+        first: &RemoteLayer,
+        manifest: &str,
+    ) -> Result<Vec<RemoteLayer>> {
+        let (store, _) = self.store(&first.image_ref)?;
+        let (bytes, media_type) = store
+            .manifest(manifest)
+            .await
+            .map_err(|e| Error::Internal(format!("reading manifest {manifest}: {e}")))?;
+        let m = match arbor_oci::manifest::parse_manifest(&bytes, &media_type) {
+            Ok(arbor_oci::manifest::ManifestKind::Image(m)) => m,
+            Ok(_) => return Err(Error::Internal(format!("{manifest} is an index"))),
+            Err(e) => return Err(Error::Internal(format!("manifest {manifest}: {e}"))),
+        };
+        let mut out = Vec::new();
+        for d in m.layers.iter().take(AHEAD_MAX_LAYERS) {
+            let Some(l) = sibling_layer(first, d) else {
+                continue;
+            };
+            if l.digest == first.digest || self.toc_path(&l).is_ok_and(|p| p.exists()) {
+                continue;
+            }
+            out.push(l);
+        }
+        Ok(out)
     }
 
     /// Keeps every mount's FUSE connection in `holder` from now on, and takes the inventory
@@ -251,6 +412,12 @@ impl Remote {
             warn!(dir = %mounted.dir().display(), error = %e,
                 "fd holder: keeping the connection failed; this mount will not survive a restart");
         }
+    }
+
+    /// Prepares since start that took their TOC from [`Remote::read_tocs_ahead`].
+    pub fn tocs_read_ahead(&self) -> u64 {
+        self.tocs_ahead_used
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Layers adopted from a predecessor since start.
@@ -414,8 +581,27 @@ impl Remote {
         Ok(self.toc_dir.join(format!("{}.toc", d.hex())))
     }
 
-    /// Reads the layer's TOC from the registry, validates it and keeps a copy on disk.
+    /// Reads the layer's TOC from the registry, validates it and keeps a copy on disk; or
+    /// takes it from [`Remote::read_tocs_ahead`] when that read it for exactly this layer.
     pub async fn fetch_index(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
+        let ahead = lock(&self.ahead).tocs.remove(&ahead_key(layer));
+        if let Some(cell) = ahead {
+            match cell.lock().await.as_ref() {
+                Some(Ok(index)) => {
+                    self.tocs_ahead_used
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(Arc::clone(index));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(layer = %layer.digest, error = %e, "the TOC read ahead failed; reading it again");
+                }
+                None => {}
+            }
+        }
+        self.fetch_index_now(layer).await
+    }
+
+    async fn fetch_index_now(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
         let (store, _) = self.store(&layer.image_ref)?;
         // The same repository through the one-retry client: a Prepare waits for this read,
         // and its deadline (`toc_timeout`) covers the whole of it.
@@ -710,4 +896,78 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, data).map_err(Error::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming to {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::labels::{self, Trust};
+
+    const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const TOC: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    const MANIFEST: &str =
+        "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+
+    fn annotations() -> BTreeMap<String, String> {
+        [
+            (arbor_format::ANN_ARBOR_TOC_POSITION, "1000:200:800:1"),
+            (arbor_format::ANN_ARBOR_TOC_DIGEST, TOC),
+            (arbor_format::ANN_ARBOR_BLOB_SIZE, "2000"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// A layer read from a manifest's descriptor keys its TOC exactly as the Prepare of that
+    /// layer (labels = the descriptor's annotations + where to fetch) does, or the TOC read
+    /// ahead would never be taken; a descriptor without a TOC digest is not read ahead.
+    #[test]
+    fn a_sibling_layer_matches_the_prepare_of_that_layer() {
+        let mut l = annotations();
+        l.insert(labels::TARGET.into(), "chain".into());
+        l.insert(labels::CRI_LAYER_DIGEST.into(), LAYER.into());
+        l.insert(labels::CRI_IMAGE_REF.into(), "r.example/fn:1".into());
+        l.insert(labels::CRI_MANIFEST.into(), MANIFEST.into());
+        let trust = Trust {
+            pull_key: None,
+            cri_labels: true,
+            allow: vec![],
+        };
+        let prepared = labels::remote_layer(&l, &trust).unwrap();
+        let first = RemoteLayer {
+            digest: "sha256:4444444444444444444444444444444444444444444444444444444444444444"
+                .into(),
+            ..prepared.clone()
+        };
+        let d = Descriptor {
+            media_type: arbor_format::MEDIA_TYPE_LAYER_ZSTD.into(),
+            digest: LAYER.into(),
+            size: 2000,
+            annotations: annotations(),
+            ..Default::default()
+        };
+        let sibling = sibling_layer(&first, &d).unwrap();
+        assert_eq!(ahead_key(&sibling), ahead_key(&prepared));
+        assert_eq!(sibling.manifest.as_deref(), Some(MANIFEST));
+
+        let mut unbound = d.clone();
+        unbound
+            .annotations
+            .remove(arbor_format::ANN_ARBOR_TOC_DIGEST);
+        assert!(sibling_layer(&first, &unbound).is_none());
+        let mut outside = d.clone();
+        outside
+            .annotations
+            .insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "1100".into());
+        assert!(
+            sibling_layer(&first, &outside).is_none(),
+            "TOC past the blob's end"
+        );
+        let mut other = d;
+        other.digest = "sha256:5555".into();
+        assert!(sibling_layer(&first, &other).is_none(), "not a digest");
+    }
 }

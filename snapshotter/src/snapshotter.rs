@@ -469,6 +469,7 @@ impl Snapshotter {
                 };
             }
         }
+        self.remote.read_tocs_ahead(&layer);
         let index = match tokio::time::timeout_at(deadline, self.remote.fetch_index(&layer)).await {
             Ok(r) => r?,
             Err(_) => {
@@ -768,6 +769,11 @@ impl Snapshotter {
         s.push_str(&format!(
             "arbor_snapshotter_adopted_total {}\n",
             self.remote.adopted()
+        ));
+        s.push_str("# HELP arbor_snapshotter_tocs_read_ahead_total Lazy Prepares whose TOC was read ahead, with the other layers of the image, when the image's first layer was prepared.\n# TYPE arbor_snapshotter_tocs_read_ahead_total counter\n");
+        s.push_str(&format!(
+            "arbor_snapshotter_tocs_read_ahead_total {}\n",
+            self.remote.tocs_read_ahead()
         ));
         s.push_str("# HELP arbor_snapshotter_restore_failures_total Lazy mounts that could not be restored.\n# TYPE arbor_snapshotter_restore_failures_total counter\n");
         s.push_str(&format!(
