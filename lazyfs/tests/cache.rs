@@ -8,15 +8,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use arbor_fetch::fetcher::FetcherOptions;
-use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar, pseudo_random_bytes};
+use arbor_testkit::{Entry, Registry, pseudo_random_bytes};
 use common::*;
-
-fn spec(entries: Vec<Entry>) -> ImageSpec {
-    ImageSpec {
-        layers: vec![LayerSource::Tar(layer_tar(&entries))],
-        ..Default::default()
-    }
-}
 
 fn read_all(root: &Path, files: &[(String, Vec<u8>)]) {
     for (name, want) in files {
@@ -51,8 +44,8 @@ fn identical_chunks_of_two_images_are_stored_once() {
         Entry::file("copy/of/shared.bin", shared.clone()),
         Entry::file("only-b", pseudo_random_bytes(9, 7000)),
     ];
-    let ra = converted(&rt, &reg, &spec(a), "cache/a");
-    let rb = converted(&rt, &reg, &spec(b), "cache/b");
+    let ra = converted(&rt, &reg, &tar_spec(&a), "cache/a");
+    let rb = converted(&rt, &reg, &tar_spec(&b), "cache/b");
     let c = client(2);
     let (sa, sb) = (store(&ra, &c), store(&rb, &c));
     let (la, lb) = (layers(&rt, &sa), layers(&rt, &sb));
@@ -102,11 +95,11 @@ fn budget_holds_under_pressure() {
     let files: Vec<(String, Vec<u8>)> = (0..40u64)
         .map(|i| (format!("f{i}"), pseudo_random_bytes(100 + i, 300_000)))
         .collect();
-    let entries = files
+    let entries: Vec<Entry> = files
         .iter()
         .map(|(n, d)| Entry::file(n.clone(), d.clone()))
         .collect();
-    let r = converted(&rt, &reg, &spec(entries), "cache/budget");
+    let r = converted(&rt, &reg, &tar_spec(&entries), "cache/budget");
     let c = client(2);
     let s = store(&r, &c);
     let l = layers(&rt, &s);
@@ -158,7 +151,7 @@ fn restart_reuses_the_cache_and_corruption_is_refetched() {
         .collect();
     let mut entries = vec![Entry::dir("d")];
     entries.extend(files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())));
-    let r = converted(&rt, &reg, &spec(entries), "cache/restart");
+    let r = converted(&rt, &reg, &tar_spec(&entries), "cache/restart");
     let c = client(0);
     let s = store(&r, &c);
     let l = layers(&rt, &s);
@@ -190,7 +183,7 @@ fn restart_reuses_the_cache_and_corruption_is_refetched() {
     let r2 = converted(
         &rt,
         &reg2,
-        &spec({
+        &tar_spec(&{
             let mut e = vec![Entry::dir("d")];
             e.extend(files.iter().map(|(n, d)| Entry::file(n.clone(), d.clone())));
             e

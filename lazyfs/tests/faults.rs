@@ -12,10 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arbor_fetch::fetcher::FetcherOptions;
-use arbor_testkit::{
-    Entry, Fault, FaultProxy, ImageSpec, LayerSource, Registry, XorShift64, layer_tar,
-    pseudo_random_bytes,
-};
+use arbor_testkit::{Entry, Fault, FaultProxy, Registry, XorShift64, pseudo_random_bytes};
 use common::*;
 
 #[test]
@@ -38,10 +35,7 @@ fn faulty_registry_gives_right_bytes_or_eio_then_recovers() {
         files.insert(format!("big/{i}"), data.clone());
         entries.push(Entry::file(format!("big/{i}"), data));
     }
-    let spec = ImageSpec {
-        layers: vec![LayerSource::Tar(layer_tar(&entries))],
-        ..Default::default()
-    };
+    let spec = tar_spec(&entries);
     let reference = converted(&rt, &reg, &spec, "fs/faults");
 
     // Read the TOC directly, then serve chunks through the proxy.

@@ -16,7 +16,7 @@ use arbor_lazyfs::abi::{Request, op};
 use arbor_lazyfs::fs::LayerFs;
 use arbor_lazyfs::session::{Handler, MountSpec, Reply, server};
 use arbor_lazyfs::{Negotiated, adopt_layer};
-use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar, pseudo_random_bytes};
+use arbor_testkit::{Entry, Registry, pseudo_random_bytes};
 use common::*;
 
 /// A layer's handlers that, once told to, take READs and never answer them (a daemon that
@@ -56,15 +56,12 @@ fn successor_adopts_and_resend_recovers_a_read_the_dead_daemon_took() {
         pseudo_random_bytes(1, 300_000),
         pseudo_random_bytes(2, 300_000),
     );
-    let spec = ImageSpec {
-        layers: vec![LayerSource::Tar(layer_tar(&[
-            Entry::dir("d"),
-            Entry::file("d/a", a.clone()),
-            Entry::file("d/b", b.clone()),
-            Entry::file("d/c", "after the hand-over\n"),
-        ]))],
-        ..Default::default()
-    };
+    let spec = tar_spec(&[
+        Entry::dir("d"),
+        Entry::file("d/a", a.clone()),
+        Entry::file("d/b", b.clone()),
+        Entry::file("d/c", "after the hand-over\n"),
+    ]);
     let layer = one_layer(&rt, &reg, &spec, "handover/layer");
     let (h, f, dir) = (layer.handle.clone(), layer.fetcher.clone(), &layer.dir);
 

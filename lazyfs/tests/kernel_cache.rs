@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Command;
 
-use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar};
+use arbor_testkit::{Entry, Registry};
 use common::*;
 
 fn getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
@@ -85,15 +85,12 @@ fn missing_names_and_absent_xattrs_cost_one_round_trip() {
     }
     let rt = runtime();
     let reg = Registry::start().unwrap();
-    let spec = ImageSpec {
-        layers: vec![LayerSource::Tar(layer_tar(&[
-            Entry::dir("app"),
-            Entry::dir("app/pkg"),
-            Entry::file("app/pkg/mod.py", b"print('hi')\n".to_vec()),
-            Entry::file("app/main.py", b"import pkg.mod\n".to_vec()),
-        ]))],
-        ..Default::default()
-    };
+    let spec = tar_spec(&[
+        Entry::dir("app"),
+        Entry::dir("app/pkg"),
+        Entry::file("app/pkg/mod.py", b"print('hi')\n".to_vec()),
+        Entry::file("app/main.py", b"import pkg.mod\n".to_vec()),
+    ]);
     let layer = one_layer(&rt, &reg, &spec, "fs/kernel-cache");
     let m = mount(&rt, layer.handle.clone(), &layer.fetcher, layer.dir.path());
     let metrics = std::sync::Arc::clone(layer.fetcher.metrics());

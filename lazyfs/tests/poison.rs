@@ -5,7 +5,7 @@
 
 mod common;
 
-use arbor_testkit::{Entry, ImageSpec, LayerSource, Registry, layer_tar};
+use arbor_testkit::{Entry, Registry};
 use common::*;
 
 #[test]
@@ -15,16 +15,13 @@ fn poisoned_layer_answers_eio_to_everything_cached_or_not() {
     }
     let rt = runtime();
     let reg = Registry::start().unwrap();
-    let spec = ImageSpec {
-        layers: vec![LayerSource::Tar(layer_tar(&[
-            Entry::dir("app"),
-            Entry::file("app/read-before.txt", "served while trusted\n"),
-            Entry::file("app/read-after.txt", "never served once poisoned\n"),
-            Entry::dir("app/sub"),
-            Entry::file("app/sub/deeper.txt", "nor this\n"),
-        ]))],
-        ..Default::default()
-    };
+    let spec = tar_spec(&[
+        Entry::dir("app"),
+        Entry::file("app/read-before.txt", "served while trusted\n"),
+        Entry::file("app/read-after.txt", "never served once poisoned\n"),
+        Entry::dir("app/sub"),
+        Entry::file("app/sub/deeper.txt", "nor this\n"),
+    ]);
     let layer = one_layer(&rt, &reg, &spec, "poison/layer");
     let (h, f, dir) = (layer.handle.clone(), layer.fetcher.clone(), &layer.dir);
     let mounted = mount(&rt, h.clone(), &f, dir.path());

@@ -18,12 +18,22 @@ use arbor_oci::registry::{ClientOptions, RegistryClient};
 use arbor_oci::{ImageLocation, Store};
 #[allow(unused_imports)]
 pub use arbor_testkit::tree::{Meta, sha, walk};
-use arbor_testkit::{ImageSpec, Registry, skopeo_push, write_oci_layout};
+use arbor_testkit::{
+    Entry, ImageSpec, LayerSource, Registry, layer_tar, skopeo_push, write_oci_layout,
+};
 
 pub fn skip(test: &str) -> bool {
     arbor_testkit::skip_unless_root(test)
         || arbor_testkit::skip_unless_tools(test, &["docker-registry", "skopeo", "fusermount3"])
         || (!Path::new("/dev/fuse").exists() && arbor_testkit::skip(test, "/dev/fuse is missing"))
+}
+
+/// An image of one layer holding `entries`.
+pub fn tar_spec(entries: &[Entry]) -> ImageSpec {
+    ImageSpec {
+        layers: vec![LayerSource::Tar(layer_tar(entries))],
+        ..Default::default()
+    }
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
