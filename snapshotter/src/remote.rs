@@ -138,8 +138,11 @@ pub struct Remote {
     tocs_ahead_used: std::sync::atomic::AtomicU64,
 }
 
+/// A TOC read and validated: the index, and the compressed bytes kept on disk.
+type ReadToc = (Arc<LayerIndex>, Bytes);
+
 /// A TOC being read ahead: the reader holds the lock until the result is in.
-type AheadToc = Arc<tokio::sync::Mutex<Option<std::result::Result<Arc<LayerIndex>, String>>>>;
+type AheadToc = Arc<tokio::sync::Mutex<Option<std::result::Result<ReadToc, String>>>>;
 
 /// TOCs read ahead, by the exact layer they were read for ([`ahead_key`]), and the images
 /// whose layers' TOCs were asked for recently.
@@ -302,7 +305,7 @@ impl Remote {
                     let me = Arc::clone(&me);
                     tokio::spawn(
                         async move {
-                            let r = me.fetch_index_now(&l).await.map_err(|e| e.to_string());
+                            let r = me.read_toc(&l).await.map_err(|e| e.to_string());
                             if let Err(e) = &r {
                                 tracing::debug!(layer = %l.digest, error = %e, "TOC read ahead failed");
                             }
@@ -581,16 +584,17 @@ impl Remote {
         Ok(self.toc_dir.join(format!("{}.toc", d.hex())))
     }
 
-    /// Reads the layer's TOC from the registry, validates it and keeps a copy on disk; or
-    /// takes it from [`Remote::read_tocs_ahead`] when that read it for exactly this layer.
+    /// Reads the layer's TOC from the registry (or takes it from [`Remote::read_tocs_ahead`]
+    /// when that read it for exactly this layer), validates it and keeps a copy on disk.
     pub async fn fetch_index(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
         let ahead = lock(&self.ahead).tocs.remove(&ahead_key(layer));
+        let mut taken = None;
         if let Some(cell) = ahead {
-            match cell.lock().await.as_ref() {
-                Some(Ok(index)) => {
+            match cell.lock().await.take() {
+                Some(Ok(toc)) => {
                     self.tocs_ahead_used
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(Arc::clone(index));
+                    taken = Some(toc);
                 }
                 Some(Err(e)) => {
                     tracing::debug!(layer = %layer.digest, error = %e, "the TOC read ahead failed; reading it again");
@@ -598,10 +602,21 @@ impl Remote {
                 None => {}
             }
         }
-        self.fetch_index_now(layer).await
+        let (index, bytes) = match taken {
+            Some(toc) => toc,
+            None => self.read_toc(layer).await?,
+        };
+        // Kept only for a layer prepared: a TOC read ahead for a Prepare that never came
+        // leaves nothing on disk.
+        let path = self.toc_path(layer)?;
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(index)
     }
 
-    async fn fetch_index_now(&self, layer: &RemoteLayer) -> Result<Arc<LayerIndex>> {
+    /// Reads and validates the layer's TOC from the registry.
+    async fn read_toc(&self, layer: &RemoteLayer) -> Result<ReadToc> {
         let (store, _) = self.store(&layer.image_ref)?;
         // The same repository through the one-retry client: a Prepare waits for this read,
         // and its deadline (`toc_timeout`) covers the whole of it.
@@ -638,12 +653,7 @@ impl Remote {
         let toc = fetch_layer_toc(&store, &desc)
             .await
             .map_err(|e| Error::Internal(format!("reading the TOC of {}: {e}", layer.digest)))?;
-        let path = self.toc_path(layer)?;
-        let bytes = toc.compressed.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(Arc::new(toc.index))
+        Ok((Arc::new(toc.index), toc.compressed))
     }
 
     /// The layer's index from the TOC kept on disk (no network); verified against the TOC
