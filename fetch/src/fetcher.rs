@@ -1063,14 +1063,7 @@ impl Fetcher {
         let mut want: Vec<(String, Chunk)> = refs
             .iter()
             .filter_map(|&r| layer.chunk(r))
-            .filter(|(_, c)| {
-                !c.zeros
-                    && c.digest.as_ref().is_some_and(|d| {
-                        !self.mem.contains(d.as_bytes())
-                            && !self.writeback.contains(d.as_bytes())
-                            && !self.cache.contains(d)
-                    })
-            })
+            .filter(|(_, c)| !c.zeros && c.digest.as_ref().is_some_and(|d| !self.holds(d)))
             .map(|(n, c)| (n.to_string(), c.clone()))
             .collect();
         want.sort_by_key(|(_, c)| c.blob_offset);
@@ -1228,6 +1221,13 @@ impl Fetcher {
         Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
     }
 
+    /// Whether the chunk is in memory, on its way to disk, or on disk: nothing to fetch.
+    fn holds(&self, d: &arbor_format::Digest) -> bool {
+        self.mem.contains(d.as_bytes())
+            || self.writeback.contains(d.as_bytes())
+            || self.cache.contains(d)
+    }
+
     /// Whether every chunk of window `w` is already in memory or in the disk cache.
     pub fn window_cached(&self, layer: &LayerHandle, w: usize) -> bool {
         layer.windows.get(w).is_some_and(|win| {
@@ -1235,11 +1235,7 @@ impl Fetcher {
                 layer
                     .chunk(r)
                     .and_then(|(_, c)| c.digest.as_ref())
-                    .is_some_and(|d| {
-                        self.mem.contains(d.as_bytes())
-                            || self.writeback.contains(d.as_bytes())
-                            || self.cache.contains(d)
-                    })
+                    .is_some_and(|d| self.holds(d))
             })
         })
     }

@@ -215,10 +215,29 @@ pub fn remote_layer(
     labels: &BTreeMap<String, String>,
     trust: &Trust,
 ) -> Result<RemoteLayer, NotRemote> {
-    let Some(size) = labels.get(arbor_format::ANN_ARBOR_BLOB_SIZE) else {
+    let toc = layer_toc(labels)?;
+    let (digest, image_ref) = source(labels, trust)?;
+    let mut layer = toc.layer(digest, image_ref, &trust.allow)?;
+    layer.manifest = manifest_digest(labels);
+    layer.function = function_name(labels);
+    Ok(layer)
+}
+
+/// Where a lazy layer's TOC is, as its annotations (a Prepare's labels, or the layer's
+/// descriptor in its manifest) say: the part of [`remote_layer`] that does not depend on who
+/// asks.
+pub struct LayerToc {
+    blob_size: u64,
+    locator: arbor_format::index::TocLocator,
+    toc_digest: String,
+}
+
+/// Reads a layer's TOC location from its annotations: `Plain` for a layer that is not lazy.
+pub fn layer_toc(annotations: &BTreeMap<String, String>) -> Result<LayerToc, NotRemote> {
+    let Some(size) = annotations.get(arbor_format::ANN_ARBOR_BLOB_SIZE) else {
         return Err(NotRemote::Plain);
     };
-    let locator = match locate_toc(labels) {
+    let locator = match locate_toc(annotations) {
         Ok(Some(l)) => l,
         Ok(None) => return Err(NotRemote::Plain),
         Err(e) => return Err(NotRemote::Bad(e.to_string())),
@@ -233,25 +252,42 @@ pub fn remote_layer(
     let blob_size: u64 = size
         .parse()
         .map_err(|_| NotRemote::Bad(format!("blob size {size:?} is not a number")))?;
-    let (digest, image_ref) = source(labels, trust)?;
-    arbor_format::Digest::parse(&digest)
-        .map_err(|_| NotRemote::Bad(format!("layer digest {digest:?} is not a sha256 digest")))?;
-    if !registry_allowed(&trust.allow, &image_ref) {
-        return Err(NotRemote::NotAllowed(image_ref));
-    }
-    locator
-        .position
-        .check_within(blob_size)
-        .map_err(|e| NotRemote::Bad(e.to_string()))?;
-    Ok(RemoteLayer {
-        image_ref,
-        digest,
+    Ok(LayerToc {
         blob_size,
-        toc_position: locator.position.annotation(),
-        toc_digest: Some(toc_digest),
-        manifest: manifest_digest(labels),
-        function: function_name(labels),
+        locator,
+        toc_digest,
     })
+}
+
+impl LayerToc {
+    /// The lazy layer of blob `digest` fetched through `image_ref` (no manifest or function
+    /// named), if the digest is well-formed, the registry allowed and the TOC within the blob.
+    pub fn layer(
+        self,
+        digest: String,
+        image_ref: String,
+        allow: &[String],
+    ) -> Result<RemoteLayer, NotRemote> {
+        arbor_format::Digest::parse(&digest).map_err(|_| {
+            NotRemote::Bad(format!("layer digest {digest:?} is not a sha256 digest"))
+        })?;
+        if !registry_allowed(allow, &image_ref) {
+            return Err(NotRemote::NotAllowed(image_ref));
+        }
+        self.locator
+            .position
+            .check_within(self.blob_size)
+            .map_err(|e| NotRemote::Bad(e.to_string()))?;
+        Ok(RemoteLayer {
+            image_ref,
+            digest,
+            blob_size: self.blob_size,
+            toc_position: self.locator.position.annotation(),
+            toc_digest: Some(self.toc_digest),
+            manifest: None,
+            function: None,
+        })
+    }
 }
 
 /// The function a layer is prepared for, if the label names one well-formed: 1 to 128

@@ -171,27 +171,17 @@ fn ahead_key(l: &RemoteLayer) -> String {
     )
 }
 
-/// The lazy layer a manifest's descriptor names, read like [`crate::labels::remote_layer`]
+/// The lazy layer a manifest's descriptor names, read as [`crate::labels::remote_layer`]
 /// reads a Prepare's labels (the descriptor's annotations are the labels `arbor pull` and
-/// CRI pass); `None` for a layer that is not lazy or lacks a TOC digest.
-fn sibling_layer(of: &RemoteLayer, d: &Descriptor) -> Option<RemoteLayer> {
-    let size: u64 = d
-        .annotations
-        .get(arbor_format::ANN_ARBOR_BLOB_SIZE)?
-        .parse()
+/// CRI pass), from `of`'s repository; `None` for a layer that is not lazy or is refused.
+fn sibling_layer(of: &RemoteLayer, d: &Descriptor, allow: &[String]) -> Option<RemoteLayer> {
+    let mut l = crate::labels::layer_toc(&d.annotations)
+        .ok()?
+        .layer(d.digest.clone(), of.image_ref.clone(), allow)
         .ok()?;
-    let locator = arbor_format::index::locate_toc(&d.annotations).ok()??;
-    locator.position.check_within(size).ok()?;
-    Digest::parse(&d.digest).ok()?;
-    Some(RemoteLayer {
-        image_ref: of.image_ref.clone(),
-        digest: d.digest.clone(),
-        blob_size: size,
-        toc_position: locator.position.annotation(),
-        toc_digest: Some(locator.digest?.to_string()),
-        manifest: of.manifest.clone(),
-        function: of.function.clone(),
-    })
+    l.manifest = of.manifest.clone();
+    l.function = of.function.clone();
+    Some(l)
 }
 
 /// What the holder keeps with a connection, to adopt it.
@@ -344,7 +334,7 @@ impl Remote {
         };
         let mut out = Vec::new();
         for d in m.layers.iter().take(AHEAD_MAX_LAYERS) {
-            let Some(l) = sibling_layer(first, d) else {
+            let Some(l) = sibling_layer(first, d, &self.opts.allow_registries) else {
                 continue;
             };
             if l.digest == first.digest || self.toc_path(&l).is_ok_and(|p| p.exists()) {
@@ -959,7 +949,7 @@ mod tests {
             annotations: annotations(),
             ..Default::default()
         };
-        let sibling = sibling_layer(&first, &d).unwrap();
+        let sibling = sibling_layer(&first, &d, &[]).unwrap();
         assert_eq!(ahead_key(&sibling), ahead_key(&prepared));
         assert_eq!(sibling.manifest.as_deref(), Some(MANIFEST));
 
@@ -967,17 +957,17 @@ mod tests {
         unbound
             .annotations
             .remove(arbor_format::ANN_ARBOR_TOC_DIGEST);
-        assert!(sibling_layer(&first, &unbound).is_none());
+        assert!(sibling_layer(&first, &unbound, &[]).is_none());
         let mut outside = d.clone();
         outside
             .annotations
             .insert(arbor_format::ANN_ARBOR_BLOB_SIZE.into(), "1100".into());
         assert!(
-            sibling_layer(&first, &outside).is_none(),
+            sibling_layer(&first, &outside, &[]).is_none(),
             "TOC past the blob's end"
         );
         let mut other = d;
         other.digest = "sha256:5555".into();
-        assert!(sibling_layer(&first, &other).is_none(), "not a digest");
+        assert!(sibling_layer(&first, &other, &[]).is_none(), "not a digest");
     }
 }
