@@ -289,6 +289,10 @@ pub struct Fuse {
     /// On SIGTERM with `handover`: how long arbord waits for the reads it has taken to be
     /// answered before it exits (later ones wait in the kernel for the successor).
     pub release_timeout_ms: u64,
+    /// When a program reads a directory's files in order, the next files held in memory are
+    /// written into the kernel's page cache ahead of it, up to this far past the file it
+    /// asked for (0: never; see `arbor_lazyfs::push`).
+    pub push_ahead: Size,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -405,6 +409,7 @@ impl Default for Fuse {
             threads: 2,
             handover: true,
             release_timeout_ms: 5000,
+            push_ahead: Size(arbor_lazyfs::push::DEFAULT_PUSH_AHEAD),
         }
     }
 }

@@ -125,6 +125,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             ..FetcherOptions::default()
         },
     );
+    arbor_lazyfs::push::set_push_ahead(cfg.fuse.push_ahead.0);
     let remote = Arc::new(Remote::new(
         Arc::clone(&fetcher),
         RemoteOptions {

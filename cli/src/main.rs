@@ -222,6 +222,12 @@ enum Command {
         /// FUSE worker threads per layer.
         #[arg(long, default_value_t = 2)]
         fuse_threads: usize,
+        /// When a program reads a directory's files in order (a scan, `find | xargs cat`, a
+        /// copy), write the next files this node holds in memory into the kernel's page
+        /// cache ahead of it, up to this many bytes past the file it asked for, so it reads
+        /// them without a request to arbor; 0 turns it off.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        push_ahead: u64,
         /// Range requests in flight to one registry at most.
         #[arg(long, default_value_t = 8)]
         registry_concurrency: usize,
@@ -621,6 +627,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             metrics_addr,
             state_dir,
             fuse_threads,
+            push_ahead,
             registry_concurrency,
             allow_suid,
             allow_dev,
@@ -642,6 +649,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 metrics_addr,
                 state_dir,
                 fuse_threads,
+                push_ahead,
                 registry_concurrency,
                 allow_suid,
                 allow_dev,

@@ -30,6 +30,9 @@ pub struct MountArgs {
     pub metrics_addr: Option<String>,
     pub state_dir: PathBuf,
     pub fuse_threads: usize,
+    /// Bytes pushed into the page cache ahead of a reader going through a directory in
+    /// order (0: off).
+    pub push_ahead: u64,
     pub registry_concurrency: usize,
     /// Honour setuid/setgid bits of the image's files (default: `nosuid`).
     pub allow_suid: bool,
@@ -114,6 +117,7 @@ pub async fn run(
         }
         let _ = std::fs::remove_dir_all(state);
     };
+    arbor_lazyfs::push::set_push_ahead(a.push_ahead);
     for (i, h) in handles.iter().enumerate() {
         let p = state.join(format!("layer-{i}"));
         private_dir(&p)?;

@@ -46,6 +46,18 @@ impl Recorder {
         self.started_wall
     }
 
+    /// Whether reads are still being noted (not past `max_age`, not full).
+    pub fn is_recording(&self) -> bool {
+        self.started.elapsed() <= self.max_age
+            && self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .order
+                .len()
+                < self.max_reads
+    }
+
     /// Notes chunks `chunks` of entry `entry` (those already seen are ignored).
     pub fn note(&self, entry: u32, chunks: std::ops::Range<u32>) {
         let age = self.started.elapsed();

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub writeback_dropped: AtomicU64,
     /// Microseconds reads spent waiting for a fetch (summed over reads).
     pub read_wait_micros: AtomicU64,
+    /// File bytes written into the kernel's page cache ahead of a reader going through a
+    /// directory in order (FUSE_NOTIFY_STORE), and the files they made up.
+    pub fuse_pushed_bytes: AtomicU64,
+    pub fuse_pushed_files: AtomicU64,
     /// FUSE requests the layers answered, by kind (indexes of [`FUSE_OPS`]).
     pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
 }
@@ -225,6 +229,16 @@ impl Metrics {
                 "arbor_learned_prefetch_bytes_total",
                 "Compressed bytes of learned start-up sets fetched when their layers were mounted.",
                 &self.learned_prefetch_bytes,
+            ),
+            (
+                "arbor_fuse_pushed_bytes_total",
+                "File bytes written into the kernel's page cache ahead of a reader going through a directory in order.",
+                &self.fuse_pushed_bytes,
+            ),
+            (
+                "arbor_fuse_pushed_files_total",
+                "Files written into the kernel's page cache ahead of a reader going through a directory in order.",
+                &self.fuse_pushed_files,
             ),
             (
                 "arbor_cache_writeback_dropped_total",

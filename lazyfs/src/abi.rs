@@ -43,6 +43,8 @@ pub mod op {
 
 pub mod notify {
     pub const INVAL_INODE: i32 = 2;
+    /// Write data into the page cache of an inode the kernel knows (7.15).
+    pub const STORE: i32 = 4;
     /// Linux 6.9 (7.40): queue again every request read but not answered.
     pub const RESEND: i32 = 7;
 }
@@ -411,6 +413,13 @@ pub fn xattr_size(size: u32) -> Out {
 pub fn inval_inode(ino: u64) -> Out {
     let mut o = Out::with_capacity(24);
     o.u64(ino).u64(0).u64(0);
+    o
+}
+
+/// `struct fuse_notify_store_out`: `size` bytes at `offset` of `ino` follow.
+pub fn store_out(ino: u64, offset: u64, size: u32) -> Out {
+    let mut o = Out::with_capacity(24);
+    o.u64(ino).u64(offset).u32(size).u32(0);
     o
 }
 

@@ -10,17 +10,22 @@ use arbor_fetch::{Fetcher, LayerHandle};
 use tracing::warn;
 
 use crate::abi::{self, Request, op};
-use crate::session::{Handler, Reply};
+use crate::push::{Push, Pusher, pushable};
+use crate::session::{Handler, Reply, Session};
 use crate::tree::Tree;
 
 /// The filesystem of one layer.
 pub struct LayerFs {
-    tree: Tree,
+    tree: Arc<Tree>,
     layer: Arc<LayerHandle>,
     fetcher: Arc<Fetcher>,
     rt: tokio::runtime::Handle,
     /// How long the kernel may cache entries and attributes: the layer never changes.
     ttl: Duration,
+    /// Files pushed into the page cache ahead of a reader going through a directory in
+    /// order, at most this many bytes past the file it asked for (0: none).
+    push_ahead: u64,
+    push: Arc<Pusher>,
 }
 
 impl LayerFs {
@@ -35,11 +40,13 @@ impl LayerFs {
         rt: tokio::runtime::Handle,
     ) -> LayerFs {
         LayerFs {
-            tree: Tree::build(&layer.index),
+            tree: Arc::new(Tree::build(&layer.index)),
             layer,
             fetcher,
             rt,
             ttl: Duration::from_secs(24 * 3600),
+            push_ahead: crate::push::push_ahead(),
+            push: Arc::default(),
         }
     }
 
@@ -78,6 +85,46 @@ fn answer_read(
             reply.error(libc::EIO)
         }
     }
+}
+
+/// Pushes the files of `p.dir` from position `p.from` into the page cache, as long as they
+/// are held in memory and within `budget` bytes; the last position covered, if any.
+fn push_files(
+    tree: &Tree,
+    fetcher: &Arc<Fetcher>,
+    layer: &Arc<LayerHandle>,
+    session: &Session,
+    p: Push,
+    budget: u64,
+) -> Option<u32> {
+    let dir = tree.get(p.dir)?;
+    let (mut bytes, mut files, mut upto) = (0u64, 0u64, None);
+    for (i, (_, ino)) in dir.children.iter().enumerate().skip(p.from as usize) {
+        let Some(n) = tree.get(*ino) else { break };
+        if !pushable(n) {
+            upto = Some(i as u32);
+            continue;
+        }
+        let Some(entry) = n.entry else { break };
+        if bytes + n.size > budget || layer.is_poisoned() {
+            break;
+        }
+        // Only what memory holds, verified; nothing is fetched for a push.
+        let Some(Ok(parts)) = fetcher.read_file_held(layer, entry, 0, n.size) else {
+            break;
+        };
+        // ENOENT: the kernel does not know the inode (not listed or looked up yet).
+        if session.notify_store(*ino, 0, &parts).is_err() {
+            break;
+        }
+        bytes += n.size;
+        files += 1;
+        upto = Some(i as u32);
+    }
+    let m = fetcher.metrics();
+    m.fuse_pushed_bytes.fetch_add(bytes, Ordering::Relaxed);
+    m.fuse_pushed_files.fetch_add(files, Ordering::Relaxed);
+    upto
 }
 
 impl Handler for LayerFs {
@@ -203,14 +250,51 @@ impl LayerFs {
         let held = self
             .fetcher
             .read_file_held(&self.layer, entry, offset, size as u64);
+        // The start of a file: perhaps one of a directory read in order. The push begins
+        // once the data of this read is there (it follows it in the layer).
+        let push = (offset == 0).then(|| self.push_after(req.nodeid, reply.session()));
         if let Some(r) = held {
-            return answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
+            answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
+            if let Some(Some(p)) = push {
+                p();
+            }
+            return;
         }
         let (fetcher, layer) = (Arc::clone(&self.fetcher), Arc::clone(&self.layer));
         self.rt.spawn(async move {
             let r = fetcher.read_file(&layer, entry, offset, size as u64).await;
-            answer_read(&fetcher, &layer, entry, offset, r, reply)
+            answer_read(&fetcher, &layer, entry, offset, r, reply);
+            if let Some(Some(p)) = push {
+                p();
+            }
         });
+    }
+
+    /// What starts the page-cache push after a read of the start of `ino` ([`crate::push`]),
+    /// if the reader is going through its directory in order.
+    fn push_after(&self, ino: u64, session: &Arc<Session>) -> Option<impl FnOnce() + use<>> {
+        if self.push_ahead == 0 || self.layer.recorder().is_some_and(|r| r.is_recording()) {
+            return None;
+        }
+        let p = self.push.file_started(&self.tree, ino)?;
+        let (tree, fetcher, layer) = (
+            Arc::clone(&self.tree),
+            Arc::clone(&self.fetcher),
+            Arc::clone(&self.layer),
+        );
+        let (pusher, session, budget) =
+            (Arc::clone(&self.push), Arc::clone(session), self.push_ahead);
+        Some(move || {
+            let owner = Arc::clone(&pusher);
+            let job = Box::new(move || {
+                let upto = push_files(&tree, &fetcher, &layer, &session, p, budget);
+                pusher.done(p, upto);
+            });
+            if !crate::push::submit(job) {
+                // Busy: the reader asks for what it needs.
+                owner.done(p, None);
+            }
+        })
     }
 
     fn readdir(&self, req: &Request<'_>, reply: Reply, plus: bool) -> Result<(), abi::Malformed> {

@@ -12,6 +12,8 @@
 //! - [`fs`]: the request handlers of a layer. Metadata requests are answered from the
 //!   immutable tree on the FUSE workers; reads are moved onto the tokio runtime, so the
 //!   workers never block on the network.
+//! - [`push`]: files a reader going through a directory in order will read next, written
+//!   into the kernel's page cache ahead of it.
 //! - [`mount`]: mounting, adopting, releasing and unmounting a layer.
 
 pub mod abi;
@@ -19,6 +21,7 @@ pub mod fs;
 pub mod holder;
 pub mod mount;
 pub mod overlay;
+pub mod push;
 pub mod session;
 pub mod tree;
 

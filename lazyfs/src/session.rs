@@ -200,6 +200,35 @@ impl Session {
         self.send(0, abi::notify::INVAL_INODE, &abi::inval_inode(ino).0)
     }
 
+    /// Writes `parts` (file data from `offset`) into the page cache of inode `ino`
+    /// (FUSE_NOTIFY_STORE), so reads of it find the data without asking. ENOENT when the
+    /// kernel has no such inode cached. It locks the pages it fills, so it must not run on a
+    /// FUSE worker: a read in flight for one of those pages waits for a worker's answer.
+    pub fn notify_store<B: AsRef<[u8]>>(
+        &self,
+        ino: u64,
+        offset: u64,
+        parts: &[B],
+    ) -> io::Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        let size: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        let size = u32::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let head = abi::store_out(ino, offset, size).0;
+        if parts.len() >= MAX_PARTS {
+            let mut joined = head;
+            for p in parts {
+                joined.extend_from_slice(p.as_ref());
+            }
+            return self.send(0, abi::notify::STORE, &joined);
+        }
+        let all: Vec<&[u8]> = std::iter::once(&head[..])
+            .chain(parts.iter().map(|p| p.as_ref()))
+            .collect();
+        self.send_parts(0, abi::notify::STORE, &all)
+    }
+
     /// Asks the kernel to queue again every request read from this connection and not
     /// answered (by a predecessor that died). Linux 6.9+; an error on older kernels.
     pub fn resend(&self) -> io::Result<()> {
@@ -231,6 +260,11 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The connection this reply goes to (for notifications about it).
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
     fn finish<B: AsRef<[u8]>>(&mut self, error: i32, parts: &[B]) {
         self.done = true;
         match self.session.send_parts(self.unique, error, parts) {

@@ -29,6 +29,8 @@ pub struct Node {
     /// Directory entries, sorted by name.
     pub children: Vec<(OsString, u64)>,
     pub parent: u64,
+    /// Where this inode is in its parent's `children` (a hard link: its first name there).
+    pub pos: u32,
 }
 
 impl Node {
@@ -112,8 +114,29 @@ impl Tree {
                     .map(|(name, ino)| (OsString::from(name), ino))
                     .collect(),
                 parent: n.parent,
+                pos: u32::MAX,
             })
             .collect::<Vec<Node>>();
+        let mut nodes = nodes;
+        for p in 0..nodes.len() {
+            let parent = (p + 1) as u64;
+            for i in 0..nodes[p].children.len() {
+                let child = nodes[p].children[i].1;
+                if let Some(c) = (child as usize)
+                    .checked_sub(1)
+                    .and_then(|c| nodes.get_mut(c))
+                    && c.parent == parent
+                    && c.pos == u32::MAX
+                {
+                    c.pos = i as u32;
+                }
+            }
+        }
+        for n in &mut nodes {
+            if n.pos == u32::MAX {
+                n.pos = 0;
+            }
+        }
         let has_xattrs = nodes.iter().any(|n| !n.xattrs.is_empty());
         Tree {
             nodes,

@@ -1,0 +1,282 @@
+//! Page-cache push: when a reader goes through a directory's files in order (a scan,
+//! `find | xargs cat`, a data loader, a copy), the next files of that directory that the node
+//! already holds in memory are written into the kernel's page cache ahead of it
+//! (FUSE_NOTIFY_STORE). The reader then opens and reads them without a single request to the
+//! daemon: one READ per stretch of files instead of one (or more) per file, and a round trip
+//! through `/dev/fuse` costs two context switches, the dominant cost of serving small files
+//! from memory.
+//!
+//! What is pushed is what a READ would have answered: verified chunks from the memory cache
+//! (nothing is fetched, read from disk or decompressed for a push). A push starts only when a
+//! reader asked for two files of one directory in a row (in `readdir` order: the order
+//! `find`, `ls` and sorted walks use), goes at most [`push_ahead`] bytes past the file read,
+//! stops at the first file not held, and is never made while the layer is recording a
+//! start-up set (pushed files would not be read through the daemon, and so not learned).
+//!
+//! Pushes run on one thread of their own, never on a FUSE worker: the kernel locks each page
+//! it fills, and a page already being read waits for that read's answer from a worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Mutex, OnceLock};
+
+use tracing::warn;
+
+use crate::abi::FileType;
+use crate::tree::{Node, Tree};
+
+/// Default of [`push_ahead`]: 4 MiB past the file a sequential reader asked for.
+pub const DEFAULT_PUSH_AHEAD: u64 = 4 << 20;
+
+static PUSH_AHEAD: AtomicU64 = AtomicU64::new(DEFAULT_PUSH_AHEAD);
+
+/// Sets how far ahead of a sequential reader files are pushed into the page cache, in bytes,
+/// for every layer of the process mounted or adopted afterwards (0: never).
+pub fn set_push_ahead(bytes: u64) {
+    PUSH_AHEAD.store(bytes, Ordering::Relaxed);
+}
+
+/// See [`set_push_ahead`].
+pub fn push_ahead() -> u64 {
+    PUSH_AHEAD.load(Ordering::Relaxed)
+}
+
+/// A push waiting for the push thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// Pushes queued at most; a trigger finding the queue full is dropped (the reader asks).
+const QUEUE: usize = 64;
+
+/// Hands `job` to the process's push thread (started on first use); false if it is busy
+/// with [`QUEUE`] others or could not be started.
+pub(crate) fn submit(job: Job) -> bool {
+    static TX: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
+    let tx = TX.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Job>(QUEUE);
+        match std::thread::Builder::new()
+            .name("fuse-push".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            }) {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                warn!(error = %e, "cannot start the page-cache push thread; pushes are off");
+                None
+            }
+        }
+    });
+    match tx {
+        Some(tx) => match tx.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        },
+        None => false,
+    }
+}
+
+/// Where a layer's reader is in a directory, as positions in its `children`.
+#[derive(Debug, Default)]
+struct Cursor {
+    dir: u64,
+    /// The file the reader last asked for.
+    last: u32,
+    /// The last file pushed (or passed over) ahead of it.
+    horizon: u32,
+    /// The reader's last file was in order.
+    ordered: bool,
+    /// A push for this layer is queued or running.
+    busy: bool,
+}
+
+/// The page-cache push state of one layer.
+#[derive(Debug, Default)]
+pub(crate) struct Pusher {
+    cursor: Mutex<Cursor>,
+}
+
+/// A push to make: files of directory `dir` from position `from` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Push {
+    pub dir: u64,
+    pub from: u32,
+}
+
+/// Whether `n` has content a push can carry.
+pub(crate) fn pushable(n: &Node) -> bool {
+    n.kind == FileType::RegularFile && n.size > 0 && n.entry.is_some()
+}
+
+/// The first position from `from` on in `dir` holding a file with content.
+fn file_from(tree: &Tree, dir: &Node, from: usize) -> Option<u32> {
+    dir.children
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, (_, ino))| tree.get(*ino).is_some_and(pushable))
+        .map(|(i, _)| i as u32)
+}
+
+/// The first position after `pos` in `dir` holding a file with content.
+fn next_file(tree: &Tree, dir: &Node, pos: u32) -> Option<u32> {
+    file_from(tree, dir, pos as usize + 1)
+}
+
+impl Pusher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reader asked for the start of file `ino`: the push to make, if it is going through
+    /// the file's directory in order and no push of this layer is under way. In order: the
+    /// next file of the directory after those it read or was pushed, or the first file of a
+    /// directory right after the last file of the one it went through in order (a walk).
+    pub(crate) fn file_started(&self, tree: &Tree, ino: u64) -> Option<Push> {
+        let n = tree.get(ino)?;
+        let (dir, i) = (n.parent, n.pos);
+        let d = tree.get(dir)?;
+        let mut c = self.lock();
+        let seen = c.last.max(c.horizon);
+        let in_order = if c.dir == dir {
+            i > c.last && (i <= seen || next_file(tree, d, seen) == Some(i))
+        } else {
+            c.ordered
+                && tree
+                    .get(c.dir)
+                    .is_some_and(|prev| next_file(tree, prev, seen).is_none())
+                && file_from(tree, d, 0) == Some(i)
+        };
+        if c.dir != dir || !in_order {
+            c.horizon = i;
+        }
+        c.dir = dir;
+        c.last = i;
+        c.ordered = in_order;
+        if !in_order || c.busy {
+            return None;
+        }
+        c.busy = true;
+        Some(Push {
+            dir,
+            from: i.max(c.horizon) + 1,
+        })
+    }
+
+    /// The push `p` ended, having covered positions up to `upto` (if any).
+    pub(crate) fn done(&self, p: Push, upto: Option<u32>) {
+        let mut c = self.lock();
+        c.busy = false;
+        if let Some(u) = upto
+            && c.dir == p.dir
+        {
+            c.horizon = c.horizon.max(u);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_format::index::{IndexEntry, LayerIndex};
+    use arbor_format::tarstream::EntryKind;
+
+    /// A tree of `d/` with files a..e (c empty) and a subdirectory `d/s`.
+    fn tree() -> Tree {
+        let mut entries = vec![IndexEntry::bare(EntryKind::Dir, "d", "")];
+        for (name, size) in [("a", 10), ("b", 10), ("c", 0), ("e", 10), ("f", 10)] {
+            let mut e = IndexEntry::bare(EntryKind::Regular, &format!("d/{name}"), "");
+            e.size = size;
+            entries.push(e);
+        }
+        entries.push(IndexEntry::bare(EntryKind::Dir, "d/s", ""));
+        Tree::build(&LayerIndex {
+            entries,
+            data_end: 0,
+            arbor: None,
+        })
+    }
+
+    fn ino(t: &Tree, path: &str) -> u64 {
+        let mut ino = crate::tree::ROOT;
+        for part in path.split('/') {
+            ino = t.lookup(ino, std::ffi::OsStr::new(part)).unwrap();
+        }
+        ino
+    }
+
+    #[test]
+    fn a_push_starts_on_the_second_file_in_order_and_goes_on_past_its_horizon() {
+        let t = tree();
+        let p = Pusher::default();
+        let pos = |name: &str| t.get(ino(&t, name)).unwrap().pos;
+        // One file is not a pattern.
+        assert_eq!(p.file_started(&t, ino(&t, "d/a")), None);
+        // The next file with content: push what follows it.
+        let push = p.file_started(&t, ino(&t, "d/b")).unwrap();
+        assert_eq!(push.from, pos("d/b") + 1);
+        // While it runs, no second push.
+        assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
+        p.done(push, Some(pos("d/e")));
+        // The reader read e from the page cache and asks for f: the next file past the
+        // horizon, so in order.
+        let push = p.file_started(&t, ino(&t, "d/f")).unwrap();
+        assert_eq!(push.from, pos("d/f") + 1);
+        p.done(push, None);
+    }
+
+    #[test]
+    fn no_push_for_reads_out_of_order() {
+        let t = tree();
+        let p = Pusher::default();
+        assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
+        // Backwards.
+        assert_eq!(p.file_started(&t, ino(&t, "d/a")), None);
+        // Skipping a file with content (b).
+        assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
+        // Skipping only an empty file (c) and the directory is in order: b then e.
+        assert_eq!(p.file_started(&t, ino(&t, "d/b")), None);
+        assert!(p.file_started(&t, ino(&t, "d/e")).is_some());
+    }
+
+    #[test]
+    fn a_walk_goes_on_in_order_into_the_next_directory() {
+        let mut entries = Vec::new();
+        for d in ["x", "y"] {
+            entries.push(IndexEntry::bare(EntryKind::Dir, d, ""));
+            for f in ["1", "2", "3"] {
+                let mut e = IndexEntry::bare(EntryKind::Regular, &format!("{d}/{f}"), "");
+                e.size = 10;
+                entries.push(e);
+            }
+        }
+        let t = Tree::build(&LayerIndex {
+            entries,
+            data_end: 0,
+            arbor: None,
+        });
+        let p = Pusher::default();
+        // x/1 alone is no pattern; x/2 starts one, its push covers x/3.
+        assert_eq!(p.file_started(&t, ino(&t, "x/1")), None);
+        let push = p.file_started(&t, ino(&t, "x/2")).unwrap();
+        p.done(push, Some(t.get(ino(&t, "x/3")).unwrap().pos));
+        // x was gone through to its end: the first file of y goes on in order.
+        assert!(p.file_started(&t, ino(&t, "y/1")).is_some());
+        let p = Pusher::default();
+        // Not so when x was left half read, or y entered past its first file.
+        assert_eq!(p.file_started(&t, ino(&t, "x/1")), None);
+        let push = p.file_started(&t, ino(&t, "x/2")).unwrap();
+        p.done(push, None);
+        assert_eq!(p.file_started(&t, ino(&t, "y/1")), None);
+        assert_eq!(p.file_started(&t, ino(&t, "x/3")), None);
+        assert_eq!(p.file_started(&t, ino(&t, "y/2")), None);
+    }
+
+    #[test]
+    fn empty_files_and_directories_are_not_pushed() {
+        let t = tree();
+        assert!(pushable(t.get(ino(&t, "d/a")).unwrap()));
+        assert!(!pushable(t.get(ino(&t, "d/c")).unwrap()));
+        assert!(!pushable(t.get(ino(&t, "d/s")).unwrap()));
+    }
+}
