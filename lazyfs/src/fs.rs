@@ -87,6 +87,9 @@ fn answer_read(
     }
 }
 
+/// The answer to a read, sent once a push is done.
+type Answer = Box<dyn FnOnce() + Send>;
+
 /// Pushes the files of `p.dir` from position `p.from` into the page cache, as long as they
 /// are held in memory and within `budget` bytes; the last position covered, if any.
 fn push_files(
@@ -252,27 +255,39 @@ impl LayerFs {
             .read_file_held(&self.layer, entry, offset, size as u64);
         // The start of a file: perhaps one of a directory read in order. The push begins
         // once the data of this read is there (it follows it in the layer).
-        let push = (offset == 0).then(|| self.push_after(req.nodeid, reply.session()));
+        let push = if offset == 0 {
+            self.push_after(req.nodeid, reply.session())
+        } else {
+            None
+        };
         if let Some(r) = held {
-            answer_read(&self.fetcher, &self.layer, entry, offset, r, reply);
-            if let Some(Some(p)) = push {
-                p();
-            }
-            return;
+            let (fetcher, layer) = (Arc::clone(&self.fetcher), Arc::clone(&self.layer));
+            let answer = move || answer_read(&fetcher, &layer, entry, offset, r, reply);
+            return match push {
+                Some(p) => p(Box::new(answer)),
+                None => answer(),
+            };
         }
         let (fetcher, layer) = (Arc::clone(&self.fetcher), Arc::clone(&self.layer));
         self.rt.spawn(async move {
             let r = fetcher.read_file(&layer, entry, offset, size as u64).await;
-            answer_read(&fetcher, &layer, entry, offset, r, reply);
-            if let Some(Some(p)) = push {
-                p();
+            let answer = move || answer_read(&fetcher, &layer, entry, offset, r, reply);
+            match push {
+                Some(p) => p(Box::new(answer)),
+                None => answer(),
             }
         });
     }
 
-    /// What starts the page-cache push after a read of the start of `ino` ([`crate::push`]),
-    /// if the reader is going through its directory in order.
-    fn push_after(&self, ino: u64, session: &Arc<Session>) -> Option<impl FnOnce() + use<>> {
+    /// What pushes the files after `ino` into the page cache ([`crate::push`]) and then answers
+    /// the read of its start (`answer`), if the reader is going through its directory in order.
+    ///
+    /// The answer waits for the push: while a lone reader waits for it, no read of the pushed
+    /// files can be in flight, so the kernel never makes the push wait for a page being read.
+    /// Such a wait would be uninterruptible, and a daemon killed during it could neither exit
+    /// nor answer (another reader of the same files can still cause one; a planned stop first
+    /// lets pushes end, [`Session::stop`]).
+    fn push_after(&self, ino: u64, session: &Arc<Session>) -> Option<impl FnOnce(Answer) + use<>> {
         if self.push_ahead == 0 || self.layer.recorder().is_some_and(|r| r.is_recording()) {
             return None;
         }
@@ -284,15 +299,15 @@ impl LayerFs {
         );
         let (pusher, session, budget) =
             (Arc::clone(&self.push), Arc::clone(session), self.push_ahead);
-        Some(move || {
-            let owner = Arc::clone(&pusher);
+        Some(move |answer: Answer| {
             let job = Box::new(move || {
                 let upto = push_files(&tree, &fetcher, &layer, &session, p, budget);
                 pusher.done(p, upto);
+                answer();
             });
-            if !crate::push::submit(job) {
-                // Busy: the reader asks for what it needs.
-                owner.done(p, None);
+            // Busy: answered at once, without a push (the reader asks for what it needs).
+            if let Err(job) = crate::push::submit(job) {
+                job();
             }
         })
     }

@@ -14,7 +14,9 @@
 //! start-up set (pushed files would not be read through the daemon, and so not learned).
 //!
 //! Pushes run on one thread of their own, never on a FUSE worker: the kernel locks each page
-//! it fills, and a page already being read waits for that read's answer from a worker.
+//! it fills, and a page already being read waits for that read's answer from a worker. The
+//! read that started a push is answered when the push is done, so a lone reader is never
+//! reading the pages being filled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
@@ -47,9 +49,9 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 /// Pushes queued at most; a trigger finding the queue full is dropped (the reader asks).
 const QUEUE: usize = 64;
 
-/// Hands `job` to the process's push thread (started on first use); false if it is busy
-/// with [`QUEUE`] others or could not be started.
-pub(crate) fn submit(job: Job) -> bool {
+/// Hands `job` to the process's push thread (started on first use); gives it back if the
+/// thread is busy with [`QUEUE`] others or could not be started.
+pub(crate) fn submit(job: Job) -> Result<(), Job> {
     static TX: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
     let tx = TX.get_or_init(|| {
         let (tx, rx) = sync_channel::<Job>(QUEUE);
@@ -68,11 +70,10 @@ pub(crate) fn submit(job: Job) -> bool {
         }
     });
     match tx {
-        Some(tx) => match tx.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        },
-        None => false,
+        Some(tx) => tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
+        }),
+        None => Err(job),
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Session {
     /// Requests being read or answered by this process.
     busy: AtomicUsize,
     stopping: AtomicBool,
+    /// Page-cache pushes being written, and whether new ones are refused (a stop is coming).
+    pushing: AtomicUsize,
+    no_push: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -210,9 +213,17 @@ impl Session {
         offset: u64,
         parts: &[B],
     ) -> io::Result<()> {
-        if self.stopping.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
-        }
+        self.pushing.fetch_add(1, Ordering::SeqCst);
+        let r = if self.no_push.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
+        } else {
+            self.store(ino, offset, parts)
+        };
+        self.pushing.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn store<B: AsRef<[u8]>>(&self, ino: u64, offset: u64, parts: &[B]) -> io::Result<()> {
         let size: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         let size = u32::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         let head = abi::store_out(ino, offset, size).0;
@@ -239,9 +250,15 @@ impl Session {
     /// and those already read are answered within `timeout`. Returns how many were still
     /// unanswered at the deadline (a successor gets them again with [`Session::resend`]).
     pub fn stop(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        // First no new page-cache push, and those being written end while requests are still
+        // served: a push waits (uninterruptibly) for any page being read to be answered.
+        self.no_push.store(true, Ordering::SeqCst);
+        while self.pushing.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.stopping.store(true, Ordering::SeqCst);
         server().forget(self);
-        let deadline = Instant::now() + timeout;
         loop {
             let busy = self.busy.load(Ordering::SeqCst);
             if busy == 0 || Instant::now() > deadline {
@@ -417,6 +434,8 @@ impl Server {
             changed: Condvar::new(),
             busy: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            pushing: AtomicUsize::new(0),
+            no_push: AtomicBool::new(false),
         });
         self.sessions
             .write()
