@@ -77,8 +77,12 @@ pub(crate) fn submit(job: Job) -> Result<(), Job> {
     }
 }
 
-/// Where a layer's reader is in a directory, as positions in its `children`.
-#[derive(Debug, Default)]
+/// Readers followed at once in one layer (several containers looping over a directory, a
+/// scan with a few threads).
+const CURSORS: usize = 4;
+
+/// Where one reader of a layer is in a directory, as positions in its `children`.
+#[derive(Debug, Default, Clone, Copy)]
 struct Cursor {
     dir: u64,
     /// The file the reader last asked for.
@@ -87,21 +91,45 @@ struct Cursor {
     horizon: u32,
     /// The reader's last file was in order.
     ordered: bool,
-    /// A push for this layer is queued or running.
+    /// A push for this reader is queued or running.
     busy: bool,
+    /// When it last moved (0: never used).
+    used: u64,
 }
 
-/// The page-cache push state of one layer.
+impl Cursor {
+    /// Whether file `i` of directory `dir` is the next one for this reader: the next file of
+    /// its directory after those it read or was pushed, or the first file of another
+    /// directory right after the last file of the one it went through in order (a walk).
+    fn continues(&self, tree: &Tree, dir: u64, d: &Node, i: u32) -> bool {
+        if self.used == 0 {
+            return false;
+        }
+        let seen = self.last.max(self.horizon);
+        if self.dir == dir {
+            i > self.last && (i <= seen || next_file(tree, d, seen) == Some(i))
+        } else {
+            self.ordered
+                && tree
+                    .get(self.dir)
+                    .is_some_and(|prev| next_file(tree, prev, seen).is_none())
+                && file_from(tree, d, 0) == Some(i)
+        }
+    }
+}
+
+/// The page-cache push state of one layer: the readers it follows, and a clock.
 #[derive(Debug, Default)]
 pub(crate) struct Pusher {
-    cursor: Mutex<Cursor>,
+    cursors: Mutex<([Cursor; CURSORS], u64)>,
 }
 
-/// A push to make: files of directory `dir` from position `from` on.
+/// A push to make: files of directory `dir` from position `from` on, for reader `cursor`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Push {
     pub dir: u64,
     pub from: u32,
+    cursor: usize,
 }
 
 /// Whether `n` has content a push can carry.
@@ -125,48 +153,66 @@ fn next_file(tree: &Tree, dir: &Node, pos: u32) -> Option<u32> {
 }
 
 impl Pusher {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cursor> {
-        self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, ([Cursor; CURSORS], u64)> {
+        self.cursors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A reader asked for the start of file `ino`: the push to make, if it is going through
-    /// the file's directory in order and no push of this layer is under way. In order: the
-    /// next file of the directory after those it read or was pushed, or the first file of a
-    /// directory right after the last file of the one it went through in order (a walk).
+    /// A reader asked for the start of file `ino`: the push to make, if the read continues a
+    /// reader going through a directory in order ([`Cursor::continues`]) and no push for
+    /// that reader is under way. A read that continues none starts following a new reader
+    /// in place of the least recently moved one.
     pub(crate) fn file_started(&self, tree: &Tree, ino: u64) -> Option<Push> {
         let n = tree.get(ino)?;
         let (dir, i) = (n.parent, n.pos);
         let d = tree.get(dir)?;
-        let mut c = self.lock();
-        let seen = c.last.max(c.horizon);
-        let in_order = if c.dir == dir {
-            i > c.last && (i <= seen || next_file(tree, d, seen) == Some(i))
-        } else {
-            c.ordered
-                && tree
-                    .get(c.dir)
-                    .is_some_and(|prev| next_file(tree, prev, seen).is_none())
-                && file_from(tree, d, 0) == Some(i)
+        let mut g = self.lock();
+        let (cursors, clock) = &mut *g;
+        *clock += 1;
+        let now = *clock;
+        // One in this directory first, then one walking into it.
+        let k = (0..CURSORS)
+            .find(|&k| cursors[k].dir == dir && cursors[k].continues(tree, dir, d, i))
+            .or_else(|| (0..CURSORS).find(|&k| cursors[k].continues(tree, dir, d, i)));
+        let Some(k) = k else {
+            let k = (0..CURSORS)
+                .min_by_key(|&k| (cursors[k].busy, cursors[k].used))
+                .unwrap_or(0);
+            let busy = cursors[k].busy;
+            cursors[k] = Cursor {
+                dir,
+                last: i,
+                horizon: i,
+                ordered: false,
+                busy,
+                used: now,
+            };
+            return None;
         };
-        if c.dir != dir || !in_order {
+        let c = &mut cursors[k];
+        if c.dir != dir {
             c.horizon = i;
         }
         c.dir = dir;
         c.last = i;
-        c.ordered = in_order;
-        if !in_order || c.busy {
+        c.ordered = true;
+        c.used = now;
+        if c.busy {
             return None;
         }
         c.busy = true;
         Some(Push {
             dir,
             from: i.max(c.horizon) + 1,
+            cursor: k,
         })
     }
 
     /// The push `p` ended, having covered positions up to `upto` (if any).
     pub(crate) fn done(&self, p: Push, upto: Option<u32>) {
-        let mut c = self.lock();
+        let mut g = self.lock();
+        let Some(c) = g.0.get_mut(p.cursor) else {
+            return;
+        };
         c.busy = false;
         if let Some(u) = upto
             && c.dir == p.dir
@@ -230,14 +276,35 @@ mod tests {
     fn no_push_for_reads_out_of_order() {
         let t = tree();
         let p = Pusher::default();
-        assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
         // Backwards.
+        for name in ["d/f", "d/e", "d/b", "d/a"] {
+            assert_eq!(p.file_started(&t, ino(&t, name)), None, "{name}");
+        }
+        // Skipping a file with content: after a comes b, not e.
+        let p = Pusher::default();
         assert_eq!(p.file_started(&t, ino(&t, "d/a")), None);
-        // Skipping a file with content (b).
         assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
-        // Skipping only an empty file (c) and the directory is in order: b then e.
+        // Skipping only an empty file (c) is in order: b then e.
+        let p = Pusher::default();
         assert_eq!(p.file_started(&t, ino(&t, "d/b")), None);
         assert!(p.file_started(&t, ino(&t, "d/e")).is_some());
+    }
+
+    #[test]
+    fn interleaved_readers_each_get_their_push() {
+        let t = tree();
+        let p = Pusher::default();
+        let pos = |name: &str| t.get(ino(&t, name)).unwrap().pos;
+        // Two readers of d, one at a, the other at e, their reads interleaved.
+        assert_eq!(p.file_started(&t, ino(&t, "d/a")), None);
+        assert_eq!(p.file_started(&t, ino(&t, "d/e")), None);
+        let first = p.file_started(&t, ino(&t, "d/b")).unwrap();
+        assert_eq!(first.from, pos("d/b") + 1);
+        let second = p.file_started(&t, ino(&t, "d/f")).unwrap();
+        assert_eq!(second.from, pos("d/f") + 1);
+        assert_ne!(first.cursor, second.cursor);
+        p.done(first, None);
+        p.done(second, None);
     }
 
     #[test]
@@ -264,12 +331,16 @@ mod tests {
         // x was gone through to its end: the first file of y goes on in order.
         assert!(p.file_started(&t, ino(&t, "y/1")).is_some());
         let p = Pusher::default();
-        // Not so when x was left half read, or y entered past its first file.
+        // Not so when x was left half read...
         assert_eq!(p.file_started(&t, ino(&t, "x/1")), None);
         let push = p.file_started(&t, ino(&t, "x/2")).unwrap();
         p.done(push, None);
         assert_eq!(p.file_started(&t, ino(&t, "y/1")), None);
-        assert_eq!(p.file_started(&t, ino(&t, "x/3")), None);
+        // ... or when y is entered past its first file.
+        let p = Pusher::default();
+        assert_eq!(p.file_started(&t, ino(&t, "x/1")), None);
+        let push = p.file_started(&t, ino(&t, "x/2")).unwrap();
+        p.done(push, Some(t.get(ino(&t, "x/3")).unwrap().pos));
         assert_eq!(p.file_started(&t, ino(&t, "y/2")), None);
     }
 

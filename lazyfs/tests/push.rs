@@ -95,6 +95,37 @@ fn a_directory_read_in_order_is_served_from_pushed_pages() {
     drop(m);
     drop(dir);
 
+    // Through an overlay over a new mount, as a container reads its image: pushed too.
+    let (dir, m) = mount_fresh(DEFAULT_PUSH_AHEAD);
+    let (ovl, empty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "ro,lowerdir={}:{}",
+            dir.path().display(),
+            empty.path().display()
+        ))
+        .arg(ovl.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting an overlay");
+    let (r0, p0) = (reads(), pushed());
+    assert_eq!(
+        std::fs::read_dir(ovl.path().join("data")).unwrap().count(),
+        FILES + 2
+    );
+    read_all(ovl.path(), 0..FILES);
+    let (r1, p1) = (reads() - r0, pushed() - p0);
+    let _ = std::process::Command::new("umount")
+        .arg(ovl.path())
+        .status();
+    assert!(
+        p1 as usize >= FILES / 2 && (r1 as usize) < FILES / 2,
+        "through an overlay: {r1} READs, {p1} files pushed for {FILES} files"
+    );
+    drop(m);
+    drop(dir);
+
     // Backwards over a new mount (the data now in the memory cache): no pattern, no push.
     let (dir, m) = mount_fresh(DEFAULT_PUSH_AHEAD);
     let (r0, p0) = (reads(), pushed());
