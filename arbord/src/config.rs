@@ -291,7 +291,8 @@ pub struct Fuse {
     pub release_timeout_ms: u64,
     /// When a program reads a directory's files in order, the next files held in memory are
     /// written into the kernel's page cache ahead of it, up to this far past the file it
-    /// asked for (0: never; see `arbor_lazyfs::push`).
+    /// asked for (0: never, the default; see `arbor_lazyfs::push`). Only with `handover`
+    /// off.
     pub push_ahead: Size,
 }
 
@@ -409,7 +410,7 @@ impl Default for Fuse {
             threads: 2,
             handover: true,
             release_timeout_ms: 5000,
-            push_ahead: Size(arbor_lazyfs::push::DEFAULT_PUSH_AHEAD),
+            push_ahead: Size(0),
         }
     }
 }
@@ -459,6 +460,12 @@ impl Config {
             "fetch.unit must be between 4KiB and 64MiB"
         );
         anyhow::ensure!(self.fuse.threads >= 1, "fuse.threads must be at least 1");
+        anyhow::ensure!(
+            self.fuse.push_ahead.0 == 0 || !self.fuse.handover,
+            "fuse.push_ahead needs fuse.handover = false: a push waits, uninterruptibly, for \
+             the pages being read that it fills, and an arbord killed during one could not exit \
+             for its successor to answer those reads"
+        );
         anyhow::ensure!(
             self.fetch.sequential_read_ahead <= 1024,
             "fetch.sequential_read_ahead must be at most 1024"
@@ -620,6 +627,11 @@ mod tests {
         assert!(format!("{e:#}").contains("memroy_size"), "{e:#}");
         assert!(Config::parse("root = \"relative\"\n").is_err());
         assert!(Config::parse("[fetch]\nunit = \"1q\"\n").is_err());
+        // Page-cache pushes only where no successor must adopt the connections.
+        let e = Config::parse("[fuse]\npush_ahead = \"4MiB\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("handover = false"), "{e:#}");
+        let c = Config::parse("[fuse]\npush_ahead = \"4MiB\"\nhandover = false\n").unwrap();
+        assert_eq!(c.fuse.push_ahead, Size(4 << 20));
     }
 
     #[test]

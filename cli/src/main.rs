@@ -225,7 +225,9 @@ enum Command {
         /// When a program reads a directory's files in order (a scan, `find | xargs cat`, a
         /// copy), write the next files this node holds in memory into the kernel's page
         /// cache ahead of it, up to this many bytes past the file it asked for, so it reads
-        /// them without a request to arbor; 0 turns it off.
+        /// them without a request to arbor; 0 turns it off. (Killed with SIGKILL while a
+        /// push waits for a page another program is reading, arbor may stay until
+        /// `umount -f DIR`.)
         #[arg(long, default_value = "4MiB", value_parser = parse_size)]
         push_ahead: u64,
         /// Range requests in flight to one registry at most.

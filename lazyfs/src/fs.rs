@@ -282,11 +282,12 @@ impl LayerFs {
     /// What pushes the files after `ino` into the page cache ([`crate::push`]) and then answers
     /// the read of its start (`answer`), if the reader is going through its directory in order.
     ///
-    /// The answer waits for the push: while a lone reader waits for it, no read of the pushed
-    /// files can be in flight, so the kernel never makes the push wait for a page being read.
-    /// Such a wait would be uninterruptible, and a daemon killed during it could neither exit
-    /// nor answer (another reader of the same files can still cause one; a planned stop first
-    /// lets pushes end, [`Session::stop`]).
+    /// The answer waits for the push, so the reader does not overtake it. The kernel fills
+    /// each pushed page under its lock and waits, uninterruptibly, for a read in flight on
+    /// it: a daemon killed during such a wait can neither exit nor answer the read until
+    /// the connection is aborted (`umount -f`, or `abort` under `/sys/fs/fuse/connections`).
+    /// A planned stop first lets pushes end ([`Session::stop`]); arbord, whose successor
+    /// must adopt the connections after a crash, does not push.
     fn push_after(&self, ino: u64, session: &Arc<Session>) -> Option<impl FnOnce(Answer) + use<>> {
         if self.push_ahead == 0 || self.layer.recorder().is_some_and(|r| r.is_recording()) {
             return None;

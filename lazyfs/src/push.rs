@@ -15,8 +15,10 @@
 //!
 //! Pushes run on one thread of their own, never on a FUSE worker: the kernel locks each page
 //! it fills, and a page already being read waits for that read's answer from a worker. The
-//! read that started a push is answered when the push is done, so a lone reader is never
-//! reading the pages being filled.
+//! read that started a push is answered when the push is done, so the reader does not
+//! overtake it. That wait is uninterruptible: a process killed while its push waits cannot
+//! exit until the read is answered or the connection aborted, so a daemon whose connections
+//! a successor must adopt after a crash (arbord with `fuse.handover`) does not push.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
