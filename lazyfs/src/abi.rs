@@ -454,6 +454,7 @@ mod tests {
         assert_eq!(e.0.len(), 128);
         assert_eq!(attr_out(&attr, Duration::from_secs(1)).0.len(), 104);
         assert_eq!(statfs_out(1, 1, 4096, 255).0.len(), 80);
+        assert_eq!(store_out(1, 0, 1).0.len(), 24);
         let mut d = Out::default();
         assert!(dirent(&mut d, 4096, 1, 1, FileType::Directory, b"abc"));
         assert_eq!(d.0.len(), 32);

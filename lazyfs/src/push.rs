@@ -26,16 +26,18 @@ use std::sync::{Mutex, OnceLock};
 
 use tracing::warn;
 
-use crate::abi::FileType;
 use crate::tree::{Node, Tree};
 
-/// Default of [`push_ahead`]: 4 MiB past the file a sequential reader asked for.
+/// `arbor mount`'s default of [`set_push_ahead`]: 4 MiB past the file a sequential reader
+/// asked for.
 pub const DEFAULT_PUSH_AHEAD: u64 = 4 << 20;
 
-static PUSH_AHEAD: AtomicU64 = AtomicU64::new(DEFAULT_PUSH_AHEAD);
+/// Off unless the front end asks: a process whose connections a successor must adopt after
+/// a crash must not push (see the module's documentation).
+static PUSH_AHEAD: AtomicU64 = AtomicU64::new(0);
 
 /// Sets how far ahead of a sequential reader files are pushed into the page cache, in bytes,
-/// for every layer of the process mounted or adopted afterwards (0: never).
+/// for every layer of the process mounted or adopted afterwards (0, the default: never).
 pub fn set_push_ahead(bytes: u64) {
     PUSH_AHEAD.store(bytes, Ordering::Relaxed);
 }
@@ -109,13 +111,13 @@ impl Cursor {
         }
         let seen = self.last.max(self.horizon);
         if self.dir == dir {
-            i > self.last && (i <= seen || next_file(tree, d, seen) == Some(i))
+            i > self.last && (i <= seen || next_file(d, seen) == Some(i))
         } else {
             self.ordered
                 && tree
                     .get(self.dir)
-                    .is_some_and(|prev| next_file(tree, prev, seen).is_none())
-                && file_from(tree, d, 0) == Some(i)
+                    .is_some_and(|prev| next_file(prev, seen).is_none())
+                && d.files.first() == Some(&i)
         }
     }
 }
@@ -134,24 +136,15 @@ pub(crate) struct Push {
     cursor: usize,
 }
 
-/// Whether `n` has content a push can carry.
+/// Whether `n` has content a push can carry (a TOC entry: a regular file, not empty).
 pub(crate) fn pushable(n: &Node) -> bool {
-    n.kind == FileType::RegularFile && n.size > 0 && n.entry.is_some()
-}
-
-/// The first position from `from` on in `dir` holding a file with content.
-fn file_from(tree: &Tree, dir: &Node, from: usize) -> Option<u32> {
-    dir.children
-        .iter()
-        .enumerate()
-        .skip(from)
-        .find(|(_, (_, ino))| tree.get(*ino).is_some_and(pushable))
-        .map(|(i, _)| i as u32)
+    n.entry.is_some()
 }
 
 /// The first position after `pos` in `dir` holding a file with content.
-fn next_file(tree: &Tree, dir: &Node, pos: u32) -> Option<u32> {
-    file_from(tree, dir, pos as usize + 1)
+fn next_file(dir: &Node, pos: u32) -> Option<u32> {
+    let at = dir.files.partition_point(|&f| f <= pos);
+    dir.files.get(at).copied()
 }
 
 impl Pusher {

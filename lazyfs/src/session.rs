@@ -164,8 +164,14 @@ impl Session {
     }
 
     /// [`Session::send`] with a body in parts, written with one `writev` (no copy; the
-    /// iovecs of a reply of up to [`STACK_PARTS`] parts live on the stack).
+    /// iovecs of a reply of up to [`STACK_PARTS`] parts live on the stack; more than
+    /// [`MAX_PARTS`] are joined first).
     fn send_parts<B: AsRef<[u8]>>(&self, unique: u64, error: i32, parts: &[B]) -> io::Result<()> {
+        // Far more parts than a read of small chunks has: joined, under IOV_MAX.
+        if parts.len() > MAX_PARTS {
+            let joined: Vec<u8> = parts.iter().flat_map(|p| p.as_ref()).copied().collect();
+            return self.send_parts(unique, error, &[joined]);
+        }
         let len = abi::OUT_HEADER + parts.iter().map(|p| p.as_ref().len()).sum::<usize>();
         let mut head = [0u8; abi::OUT_HEADER];
         head[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
@@ -227,13 +233,6 @@ impl Session {
         let size: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         let size = u32::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         let head = abi::store_out(ino, offset, size).0;
-        if parts.len() >= MAX_PARTS {
-            let mut joined = head;
-            for p in parts {
-                joined.extend_from_slice(p.as_ref());
-            }
-            return self.send(0, abi::notify::STORE, &joined);
-        }
         let all: Vec<&[u8]> = std::iter::once(&head[..])
             .chain(parts.iter().map(|p| p.as_ref()))
             .collect();
@@ -298,11 +297,6 @@ impl Reply {
 
     /// Answers data given in parts (sent in order, without joining them first).
     pub fn data_parts<B: AsRef<[u8]>>(mut self, parts: &[B]) {
-        // Far more parts than a read of small chunks has: join them, under IOV_MAX.
-        if parts.len() > MAX_PARTS {
-            let joined: Vec<u8> = parts.iter().flat_map(|p| p.as_ref()).copied().collect();
-            return self.data(&joined);
-        }
         self.finish(0, parts);
     }
 

@@ -31,6 +31,9 @@ pub struct Node {
     pub parent: u64,
     /// Where this inode is in its parent's `children` (a hard link: its first name there).
     pub pos: u32,
+    /// Positions in `children` of the files with content (a TOC entry), ascending: what a
+    /// reader going through the directory in order reads ([`crate::push`]).
+    pub files: Vec<u32>,
 }
 
 impl Node {
@@ -81,7 +84,7 @@ impl Tree {
     pub fn build(index: &LayerIndex) -> Tree {
         let now = SystemTime::now();
         let LayerTree { nodes, total_size } = LayerTree::build(index);
-        let nodes = nodes
+        let mut nodes = nodes
             .into_iter()
             .map(|n| Node {
                 kind: match n.kind {
@@ -114,28 +117,34 @@ impl Tree {
                     .map(|(name, ino)| (OsString::from(name), ino))
                     .collect(),
                 parent: n.parent,
-                pos: u32::MAX,
+                pos: 0,
+                files: Vec::new(),
             })
             .collect::<Vec<Node>>();
-        let mut nodes = nodes;
+        // Each inode's place under its parent (a hard link: its first name there), and each
+        // directory's files with content.
+        let mut placed = vec![false; nodes.len()];
         for p in 0..nodes.len() {
             let parent = (p + 1) as u64;
-            for i in 0..nodes[p].children.len() {
-                let child = nodes[p].children[i].1;
-                if let Some(c) = (child as usize)
-                    .checked_sub(1)
-                    .and_then(|c| nodes.get_mut(c))
-                    && c.parent == parent
-                    && c.pos == u32::MAX
-                {
-                    c.pos = i as u32;
+            let kids: Vec<usize> = nodes[p]
+                .children
+                .iter()
+                .map(|&(_, c)| (c as usize).wrapping_sub(1))
+                .collect();
+            let mut files = Vec::new();
+            for (i, c) in kids.into_iter().enumerate() {
+                let Some(child) = nodes.get_mut(c) else {
+                    continue;
+                };
+                if child.entry.is_some() {
+                    files.push(i as u32);
+                }
+                if child.parent == parent && !placed[c] {
+                    placed[c] = true;
+                    child.pos = i as u32;
                 }
             }
-        }
-        for n in &mut nodes {
-            if n.pos == u32::MAX {
-                n.pos = 0;
-            }
+            nodes[p].files = files;
         }
         let has_xattrs = nodes.iter().any(|n| !n.xattrs.is_empty());
         Tree {
