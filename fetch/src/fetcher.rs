@@ -153,14 +153,45 @@ pub struct LayerHandle {
     groups: Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>,
     /// First reads of this mount, when it is being learned from.
     recorder: std::sync::OnceLock<Arc<crate::learn::Recorder>>,
-    /// Windows fetched (and verified) since the layer was opened, one bit each.
-    fetched: Vec<AtomicU64>,
+    /// Windows fetched (and verified) since the layer was opened.
+    fetched: WindowBits,
+    /// Windows the background prefetch brings as urgent work (the learned start-up set and
+    /// the prefetch section): a miss on one of them says nothing about where the program
+    /// goes next, so it starts no group or sequential read-ahead
+    /// ([`LayerHandle::plan_prefetch`]).
+    planned: WindowBits,
     /// A sequential reader's progress (see [`FetcherOptions::sequential_read_ahead`]).
     stream: Mutex<Stream>,
     /// The window whose first read fetches the next stretch ahead of a sequential reader,
     /// before it misses (`usize::MAX`: none), and the stretch's length in windows.
     seq_marker: AtomicUsize,
     seq_ahead: AtomicUsize,
+}
+
+/// One bit per window of a layer, set concurrently.
+#[derive(Debug)]
+struct WindowBits(Vec<AtomicU64>);
+
+impl WindowBits {
+    fn new(windows: usize) -> Self {
+        Self(
+            (0..windows.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    fn set(&self, w: usize) {
+        if let Some(word) = self.0.get(w / 64) {
+            word.fetch_or(1 << (w % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, w: usize) -> bool {
+        self.0
+            .get(w / 64)
+            .is_some_and(|word| word.load(Ordering::Relaxed) & (1 << (w % 64)) != 0)
+    }
 }
 
 /// Where a reader moving forward through a layer is, as its misses tell.
@@ -234,9 +265,8 @@ impl LayerHandle {
             entry_group,
             groups,
             recorder: Default::default(),
-            fetched: (0..windows_len.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            fetched: WindowBits::new(windows_len),
+            planned: WindowBits::new(windows_len),
             stream: Mutex::new(Stream {
                 last: usize::MAX,
                 streak: 0,
@@ -248,15 +278,29 @@ impl LayerHandle {
     }
 
     fn mark_fetched(&self, w: usize) {
-        if let Some(word) = self.fetched.get(w / 64) {
-            word.fetch_or(1 << (w % 64), Ordering::Relaxed);
-        }
+        self.fetched.set(w);
     }
 
     fn was_fetched(&self, w: usize) -> bool {
-        self.fetched
-            .get(w / 64)
-            .is_some_and(|word| word.load(Ordering::Relaxed) & (1 << (w % 64)) != 0)
+        self.fetched.get(w)
+    }
+
+    /// Notes that the background prefetch is about to fetch windows `ws` as urgent work (a
+    /// learned start-up set, the prefetch section). A read that misses one of them waits for
+    /// that window alone: it does not fetch its directory's other files or the windows after
+    /// it, which the start-up set did not predict. Under load (a burst of starts on a busy
+    /// node) reads often overtake the prefetch, and each such miss would otherwise pull up to
+    /// [`FetcherOptions::group_read_ahead`] of files outside the set, from the registry or
+    /// through the function tree.
+    pub fn plan_prefetch(&self, ws: impl IntoIterator<Item = usize>) {
+        for w in ws {
+            self.planned.set(w);
+        }
+    }
+
+    /// Whether window `w` is one the background prefetch brings ([`Self::plan_prefetch`]).
+    pub fn prefetch_planned(&self, w: usize) -> bool {
+        self.planned.get(w)
     }
 
     /// Notes a miss at window `w` and returns how many misses in a row (this one included)
@@ -783,8 +827,10 @@ impl Fetcher {
             .window_of(r)
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
         self.read_ahead(layer, w);
-        self.read_group(layer, r, w);
-        self.read_sequential(layer, w);
+        if !layer.prefetch_planned(w) {
+            self.read_group(layer, r, w);
+            self.read_sequential(layer, w);
+        }
         let waited = Instant::now();
         let window = self.window(layer, w).await;
         let waited = waited.elapsed();
@@ -1739,6 +1785,49 @@ mod tests {
             }
             // Nothing is fetched twice.
             assert_eq!(src.reads.load(Ordering::SeqCst), 200);
+        }
+    }
+
+    /// A miss on a window the prefetch brings anyway (its start-up set) fetches that window
+    /// alone; a miss outside the set still fetches the rest of the file's directory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_in_the_planned_prefetch_reads_no_group_ahead() {
+        // 40 files of 3000 bytes in one directory, each its own window.
+        let (l, src) = encoded_layer(40, 3000, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let f = Fetcher::new(
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            Arc::clone(&metrics),
+            FetcherOptions::default(),
+        );
+        l.plan_prefetch(0..10);
+        assert!(l.prefetch_planned(9) && !l.prefetch_planned(10));
+        for e in [0usize, 3, 9] {
+            let got = f.read_file(&l, e, 0, 3000).await.unwrap().concat();
+            assert_eq!(&got[..], &noise(e as u64, 3000)[..]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.group_read_ahead_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            metrics.sequential_read_ahead_bytes.load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(
+            src.reads.load(Ordering::SeqCst),
+            3,
+            "only the missed windows"
+        );
+        // Outside the set: the directory's other files come along.
+        let got = f.read_file(&l, 20, 0, 3000).await.unwrap().concat();
+        assert_eq!(&got[..], &noise(20, 3000)[..]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metrics.group_read_ahead_bytes.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no group read-ahead outside the set"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -56,6 +56,7 @@ pub async fn prefetch_layer_learned(
     learned: Vec<(usize, Vec<ChunkRef>)>,
 ) {
     let started = Instant::now();
+    layer.plan_prefetch(learned.iter().map(|(w, _)| *w));
     if !learned.is_empty() {
         let n = fetch_learned(&fetcher, &layer, learned.clone(), opts.concurrency).await;
         fetcher
@@ -80,6 +81,7 @@ pub async fn prefetch_layer_learned(
         })
         .map(|(i, _)| i)
         .partition(|&i| layer.windows()[i].start < prefetch_end);
+    layer.plan_prefetch(front.iter().copied());
     let mut fetched = 0u64;
     for (phase, list, rate) in [
         ("prefetch section", front, 0u64),
