@@ -478,6 +478,25 @@ async fn eight_nodes_start_at_once_on_one_registry_copy_past_a_lying_peer() {
         );
     }
     assert!(liar_stats.stats().bytes_sent > 0, "the liar was asked");
+    // The TOC too came through the tree: only the root read it from the registry; the liar's
+    // children caught its zeros (the TOC digest) and read the registry instead.
+    let toc = |route: &str| format!("arbor_p2p_tocs_total{{route=\"{route}\"}}");
+    assert_eq!(metric(&s.nodes[0], &toc("registry")), 1.0, "{table}");
+    for i in [1, 4, 5, 6, 7] {
+        assert_eq!(
+            metric(&s.nodes[i], &toc("parent")),
+            1.0,
+            "node{i} read its TOC elsewhere\n{table}"
+        );
+        assert_eq!(metric(&s.nodes[i], &toc("registry")), 0.0, "node{i}");
+    }
+    for i in [2, 3] {
+        assert_eq!(
+            metric(&s.nodes[i], &toc("parent")),
+            0.0,
+            "node{i} took the liar's TOC"
+        );
+    }
     // Every node but the root read from a peer and nothing from the registry.
     for i in 1..8 {
         assert_eq!(

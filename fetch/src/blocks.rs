@@ -155,6 +155,7 @@ impl BlockStore {
             upstream,
             stats: Default::default(),
             settle: Mutex::new(None),
+            toc: std::sync::OnceLock::new(),
         }))
     }
 
@@ -211,6 +212,9 @@ pub struct BlockSource {
     /// Until the routes settle (a node's place in its tree is known) or the deadline passes,
     /// fetches wait rather than go to the registry; see [`BlockSource::wait_for_routes`].
     settle: Mutex<Option<(tokio::sync::watch::Receiver<bool>, tokio::time::Instant)>>,
+    /// The compressed TOC as this node read and verified it, and where it sits in the blob:
+    /// served to children from memory ([`BlockSource::keep_toc`]).
+    toc: std::sync::OnceLock<(u64, Bytes)>,
 }
 
 /// Blocks this reader fetches; released (and their waiters woken) on drop, also when the
@@ -276,6 +280,24 @@ impl BlockSource {
         *self.settle.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Keeps the layer's compressed TOC, `bytes` at `offset` of the blob, which this node read
+    /// and verified against the TOC digest before mounting the layer: reads of ranges inside
+    /// it (a child reading the TOC before it mounts the layer) are answered from memory
+    /// instead of going up the routes, so a burst costs the registry one TOC per layer, not
+    /// one per node. Not verified here: whoever reads it checks the TOC digest. Only the
+    /// first call counts.
+    pub fn keep_toc(&self, offset: u64, bytes: Bytes) {
+        let _ = self.toc.set((offset, bytes));
+    }
+
+    /// Bytes `[offset, end)` of the kept TOC, if they lie inside it.
+    fn kept_toc(&self, offset: u64, end: u64) -> Option<Bytes> {
+        let (start, bytes) = self.toc.get()?;
+        let from = offset.checked_sub(*start)?;
+        let to = end.checked_sub(*start)?;
+        (to <= bytes.len() as u64).then(|| bytes.slice(from as usize..to as usize))
+    }
+
     /// Blocks proved present on disk.
     pub fn present(&self) -> u64 {
         self.state
@@ -306,6 +328,9 @@ impl BlockSource {
         }
         if end > self.table.data_length {
             // The TOC and footer: not in the block table, verified by the TOC digest.
+            if let Some(b) = self.kept_toc(offset, end) {
+                return Ok(b);
+            }
             return self.upstream.read_range(&self.digest, offset, len).await;
         }
         let bs = self.table.block_size;
@@ -638,6 +663,37 @@ mod tests {
         // Past the data region: passed through.
         let tail = src.read(dl, 100).await.unwrap();
         assert_eq!(&tail[..], &data[dl as usize..(dl + 100) as usize]);
+        let before = reg.reads.load(Ordering::SeqCst);
+        // A kept TOC answers reads inside it from memory (a child reading it before its mount);
+        // reads that leave it still pass through.
+        let toc = Bytes::copy_from_slice(&data[(dl + 10) as usize..(dl + 40) as usize]);
+        src.keep_toc(dl + 10, toc);
+        for (o, l) in [(dl + 10, 30), (dl + 15, 5), (dl + 39, 1)] {
+            let got = src.read(o, l).await.unwrap();
+            assert_eq!(
+                &got[..],
+                &data[o as usize..(o + l) as usize],
+                "kept {o}+{l}"
+            );
+        }
+        assert_eq!(
+            reg.reads.load(Ordering::SeqCst),
+            before,
+            "served from memory"
+        );
+        for (o, l) in [(dl + 9, 2), (dl + 39, 2), (dl, 100)] {
+            let got = src.read(o, l).await.unwrap();
+            assert_eq!(
+                &got[..],
+                &data[o as usize..(o + l) as usize],
+                "past {o}+{l}"
+            );
+        }
+        assert_eq!(
+            reg.reads.load(Ordering::SeqCst),
+            before + 3,
+            "passed through"
+        );
     }
 
     #[tokio::test]

@@ -605,8 +605,59 @@ impl Remote {
         Ok(index)
     }
 
-    /// Reads and validates the layer's TOC from the registry.
+    /// Reads and validates the layer's TOC: through the function's tree when the layer has
+    /// one and the annotations gave the TOC's digest ([`Remote::read_toc_from_tree`]), else
+    /// (or when that fails) from the registry.
     async fn read_toc(&self, layer: &RemoteLayer) -> Result<ReadToc> {
+        if let Some(toc) = self.read_toc_from_tree(layer).await {
+            return Ok(toc);
+        }
+        self.read_toc_from_registry(layer).await
+    }
+
+    /// The layer's TOC through its function's tree (parent, grandparent, registry), checked
+    /// against the TOC digest: in a burst of starts only the root reads it from the registry.
+    /// `None` when the layer has no tree or no TOC digest (a peer's bytes could not be
+    /// checked), or the read or its check failed: the caller reads the registry.
+    async fn read_toc_from_tree(&self, layer: &RemoteLayer) -> Option<ReadToc> {
+        let trees = self.trees.get()?;
+        let function = layer.function.as_ref().or(layer.manifest.as_ref())?;
+        let digest = Digest::parse(layer.toc_digest.as_ref()?).ok()?;
+        let pos = TocPosition::parse_annotation(
+            arbor_format::ANN_ARBOR_TOC_POSITION,
+            &layer.toc_position,
+        )
+        .ok()?;
+        if pos.check_within(layer.blob_size).is_err()
+            || pos.length > arbor_format::index::Limits::default().max_toc_compressed
+        {
+            return None;
+        }
+        let (_, registry) = self.store(&layer.image_ref).ok()?;
+        let (bytes, route) = match trees
+            .read_unblocked(function, &layer.digest, pos.offset, pos.length, registry)
+            .await
+        {
+            Ok(got) => got,
+            Err(e) => {
+                warn!(layer = %layer.digest, error = %e, "reading the TOC through the function tree failed; reading the registry");
+                return None;
+            }
+        };
+        match index_from_stored(bytes.clone(), pos, Some(digest)).await {
+            Ok(index) => {
+                trees.note_toc(&route);
+                Some((Arc::new(index), bytes))
+            }
+            Err(e) => {
+                warn!(layer = %layer.digest, route, error = %e, "the TOC from the function tree failed its check; reading the registry");
+                None
+            }
+        }
+    }
+
+    /// Reads and validates the layer's TOC from the registry.
+    async fn read_toc_from_registry(&self, layer: &RemoteLayer) -> Result<ReadToc> {
         let (store, _) = self.store(&layer.image_ref)?;
         // The same repository through the one-retry client: a Prepare waits for this read,
         // and its deadline (`toc_timeout`) covers the whole of it.
@@ -644,6 +695,20 @@ impl Remote {
             .await
             .map_err(|e| Error::Internal(format!("reading the TOC of {}: {e}", layer.digest)))?;
         Ok((Arc::new(toc.index), toc.compressed))
+    }
+
+    /// The compressed TOC kept on disk and where it sits in the blob, for a layer whose TOC
+    /// digest is known (what its children in a function tree may read from this node; they
+    /// check it against that digest). Blocking; `None` when unreadable.
+    fn kept_toc(&self, layer: &RemoteLayer) -> Option<(u64, Bytes)> {
+        layer.toc_digest.as_ref()?;
+        let pos = TocPosition::parse_annotation(
+            arbor_format::ANN_ARBOR_TOC_POSITION,
+            &layer.toc_position,
+        )
+        .ok()?;
+        let bytes = std::fs::read(self.toc_path(layer).ok()?).ok()?;
+        (bytes.len() as u64 == pos.length).then(|| (pos.offset, Bytes::from(bytes)))
     }
 
     /// The layer's index from the TOC kept on disk (no network); verified against the TOC
@@ -689,6 +754,9 @@ impl Remote {
         let (source, tree) = match (self.trees.get(), function, BlockTable::from_index(&index)) {
             (Some(trees), Some(f), Some(table)) => {
                 let s = trees.attach(&f, &layer.digest, layer.blob_size, table, registry)?;
+                if let Some((offset, toc)) = self.kept_toc(layer) {
+                    s.keep_toc(offset, toc);
+                }
                 (s as Arc<dyn BlobSource>, Some((Arc::clone(trees), f)))
             }
             _ => (registry, None),

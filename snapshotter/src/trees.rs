@@ -90,6 +90,8 @@ pub struct Trees {
     member: Arc<Member>,
     rt: tokio::runtime::Handle,
     functions: Mutex<HashMap<String, Function>>,
+    /// Verified TOCs read through the trees, by route ([`Trees::note_toc`]).
+    tocs: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,6 +111,7 @@ impl Trees {
             member,
             rt,
             functions: Mutex::new(HashMap::new()),
+            tocs: Default::default(),
         })
     }
 
@@ -168,6 +171,12 @@ impl Trees {
         if let Some(s) = f.layers.get_mut(digest) {
             s.mounts = s.mounts.saturating_sub(1);
         }
+        self.leave_when_idle(function, f);
+    }
+
+    /// With no layer of `function` mounted, leaves its tree after `idle_leave` (unless a
+    /// mount comes first).
+    fn leave_when_idle(self: &Arc<Self>, function: &str, f: &mut Function) {
         if f.layers.values().all(|s| s.mounts == 0) && f.leave.is_none() {
             let me = Arc::clone(self);
             let function = function.to_string();
@@ -177,6 +186,46 @@ impl Trees {
                 me.leave(&function).await;
             }));
         }
+    }
+
+    /// Counts a TOC read through the tree that passed its check, by the route that served it.
+    pub fn note_toc(&self, route: &str) {
+        *lock(&self.tocs).entry(route.to_string()).or_default() += 1;
+    }
+
+    /// Bytes `[offset, offset + len)` of blob `digest` past its block table (a layer's TOC,
+    /// read before the layer is mounted) through `function`'s tree: parent, grandparent,
+    /// then `registry`. Joins the tree if this node is not in it yet and waits up to
+    /// `join_wait` for its place, as a mount's first fetches do. A parent answers from the
+    /// TOC it kept when it mounted the layer ([`BlockSource::keep_toc`]), so only the root
+    /// reads it from the registry. Not verified here: the caller checks the TOC digest.
+    pub async fn read_unblocked(
+        self: &Arc<Self>,
+        function: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        registry: Arc<dyn BlobSource>,
+    ) -> std::result::Result<(bytes::Bytes, String), arbor_fetch::SourceError> {
+        let mut placed = {
+            let mut fns = lock(&self.functions);
+            let f = fns.entry(function.to_string()).or_default();
+            if f.watcher.is_none() {
+                f.watcher = Some(self.spawn_watch(function));
+            }
+            f.placed.subscribe()
+        };
+        let _ = tokio::time::timeout(self.opts.join_wait, placed.wait_for(|v| *v)).await;
+        let pos = lock(&self.functions)
+            .get(function)
+            .and_then(|f| f.position.clone());
+        let router = Router::new(self.routes(function, pos.as_ref(), registry));
+        let got = router.read_routed(digest, offset, len).await;
+        // Joined only for this read, if no layer of the function gets mounted.
+        if let Some(f) = lock(&self.functions).get_mut(function) {
+            self.leave_when_idle(function, f);
+        }
+        got
     }
 
     /// Leaves `function`'s tree now (if no layer of it is mounted) and deletes its blocks.
@@ -380,6 +429,14 @@ impl Trees {
         let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"store\"}} {local}");
         let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"fetched\"}} {fetched}");
         let _ = writeln!(out, "arbor_p2p_blocks_total{{from=\"corrupt\"}} {corrupt}");
+        let _ = writeln!(
+            out,
+            "# HELP arbor_p2p_tocs_total Layer TOCs read through function trees (and checked against their digest), by the route that served them."
+        );
+        let _ = writeln!(out, "# TYPE arbor_p2p_tocs_total counter");
+        for (r, n) in lock(&self.tocs).iter() {
+            let _ = writeln!(out, "arbor_p2p_tocs_total{{route=\"{}\"}} {n}", escape(r));
+        }
     }
 }
 
