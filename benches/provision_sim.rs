@@ -21,6 +21,13 @@
 //! after a 1 s heartbeat timeout (`Manager::expire`, live nodes heartbeating every 250 ms), and
 //! the re-parented nodes continue with the blocks they miss. Failed nodes are excluded.
 //!
+//! With `--start-s S` a node is ready once its function has also done `S` seconds of its own
+//! start work, overlapped with the transfer (the work needs block i after i/blocks of it;
+//! `arbor_p2p::sim::ready_time`); a last table sweeps `--start-sweep` at the largest N and
+//! prints T(N)/T(1) for each: with transfer alone a binary tree's T(N)/T(1) tends to 2 (a
+//! parent's uplink feeds two children), and a start that paces its reads below half the link
+//! rate hides the depth (FaaSNet's one-container time was about 5 s).
+//!
 //! Columns: time until the last node is provisioned and the median; registry bytes as a multiple
 //! of one start-up set; the highest receive and send rate of any node over any interval between
 //! events (Mbit/s); `T(N)/T(1)` for trees.
@@ -74,6 +81,16 @@ struct Args {
     /// Percentage of nodes killed in the failure rows (at least 1 for N >= 8; 0: no such rows).
     #[arg(long, default_value_t = 1.0)]
     failures_percent: f64,
+    /// Seconds of the function's own start-up work per node (runtime, interpreter, imports,
+    /// with its data local), overlapped with the transfer: the function needs block i once it
+    /// has done i/blocks of its work (`arbor_p2p::sim::ready_time`). 0: a node is ready when it
+    /// holds the set (transfer only).
+    #[arg(long, default_value_t = 0.0)]
+    start_s: f64,
+    /// Start-up work values (seconds) for the table of T(N)/T(1) at the largest N against the
+    /// function's own start work.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,1.5,2,5")]
+    start_sweep: Vec<f64>,
     /// Seed of the failure PRNG.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -92,6 +109,7 @@ fn row_json(r: &SimResult, t1: f64) -> Value {
         "nodes": r.nodes,
         "failed": r.failed,
         "last_s": r.last_s,
+        "data_last_s": r.data_last_s,
         "p50_s": r.p50_s,
         "registry_bytes": r.registry_bytes,
         "registry_sets": r.registry_sets,
@@ -128,17 +146,26 @@ fn run() -> Result<bool> {
         node_up_bps: args.node_rate as f64,
         set_bytes: (args.startup_mb * common::MB).round() as u64,
         block_bytes: args.block_kib * 1024,
+        start_s: args.start_s,
         ..SimConfig::default()
     };
+    ensure!(
+        std::iter::once(args.start_s)
+            .chain(args.start_sweep.iter().copied())
+            .all(|x| x.is_finite() && x >= 0.0),
+        "--start-s and --start-sweep take non-negative seconds"
+    );
     let blocks = base.set_bytes.div_ceil(base.block_bytes);
     println!(
         "start-up set {} MB of a {IMAGE_MB} MB image, {} KiB blocks ({blocks} blocks); \
-         registry {} Mbit/s, nodes {} Mbit/s down and up; heartbeat timeout {} ms",
+         registry {} Mbit/s, nodes {} Mbit/s down and up; heartbeat timeout {} ms; \
+         start-up work {} s per node",
         args.startup_mb,
         args.block_kib,
         args.registry_rate as f64 / 1e6,
         args.node_rate as f64 / 1e6,
         base.timeout_ms,
+        args.start_s,
     );
     let started = Instant::now();
     let simulate = |cfg: &SimConfig, s: Strategy| {
@@ -247,6 +274,53 @@ fn run() -> Result<bool> {
             failure_rows.push(row);
         }
     }
+    // How the function's own start-up work changes T(N)/T(1) at the largest N: FaaSNet's
+    // containers took about 5 s alone, so their reads were paced by the start, not the link.
+    let mut start_rows = Vec::new();
+    if let Some(&n) = args.nodes.iter().max()
+        && !args.start_sweep.is_empty()
+    {
+        println!();
+        println!(
+            "start-up work per node (overlapped with the transfer) vs T({n})/T(1), trees, no failures"
+        );
+        println!(
+            "{:>8} | {:>8} {:>9} {:>13} {:>8}",
+            "start s",
+            "T(1) s",
+            format!("T({n}) s"),
+            format!("T({n})/T(1)"),
+            "data s"
+        );
+        for &start_s in &args.start_sweep {
+            let at = |nodes: usize| {
+                simulate(
+                    &SimConfig {
+                        nodes,
+                        start_s,
+                        ..base.clone()
+                    },
+                    Strategy::Trees,
+                )
+            };
+            let (one, many) = (at(1)?, at(n)?);
+            println!(
+                "{start_s:>8.2} | {:>8.3} {:>9.3} {:>13.2} {:>8.3}",
+                one.last_s,
+                many.last_s,
+                many.last_s / one.last_s,
+                many.data_last_s,
+            );
+            start_rows.push(json!({
+                "start_s": start_s,
+                "nodes": n,
+                "t1_s": one.last_s,
+                "tn_s": many.last_s,
+                "tn_over_t1": many.last_s / one.last_s,
+                "data_last_s": many.data_last_s,
+            }));
+        }
+    }
     let elapsed = started.elapsed().as_secs_f64();
     println!();
     println!("simulated in {elapsed:.2} s");
@@ -271,11 +345,13 @@ fn run() -> Result<bool> {
                 "timeout_ms": base.timeout_ms,
                 "failures_percent": args.failures_percent,
                 "seed": args.seed,
+                "start_s": args.start_s,
                 "not_modelled": "TCP dynamics, latency, per-request overhead, CPU, disk",
             },
             "t1_s": t1,
             "rows": rows,
             "failure_rows": failure_rows,
+            "start_rows": start_rows,
             "simulation_seconds": elapsed,
         }),
     );

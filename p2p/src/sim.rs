@@ -36,11 +36,21 @@
 //! simulation keeps its own copy of the parent links, updated *only* from `Change`s, and checks at
 //! the end that it equals the manager's tree.
 //!
+//! # Start-up work
+//!
+//! With [`SimConfig::start_s`] a node is ready when its function has also done its own start
+//! work (runtime, interpreter, imports), which overlaps with the transfer: the work is spread
+//! evenly over the blocks in order and waits for a block that has not arrived ([`ready_time`]).
+//! A function whose work paces its reads below half the link rate hides the tree's depth
+//! (FaaSNet's regime: its containers took about 5 s alone); with transfer alone a binary tree
+//! takes about twice one node's time, as a parent's uplink feeds two children.
+//!
 //! # Not modelled
 //!
 //! TCP dynamics (slow start, congestion control), latency, per-block request overhead, CPU and
-//! disk, the image outside the start-up set, and max-min redistribution when downlinks differ
-//! (all nodes share one downlink rate, so the equal share *is* max-min fair).
+//! disk (beyond the constant start work), the order in which a function really reads its
+//! blocks, the image outside the start-up set, and max-min redistribution when downlinks
+//! differ (all nodes share one downlink rate, so the equal share *is* max-min fair).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -116,6 +126,10 @@ pub struct SimConfig {
     pub heartbeat_ms: Millis,
     /// Heartbeat timeout after which the manager fails a node.
     pub timeout_ms: Millis,
+    /// Seconds of the function's own start-up work (runtime, interpreter, imports) on a node
+    /// that already holds its data; 0: a node is ready when it holds the set (transfer only).
+    /// See [`ready_time`] for how it overlaps with the transfer.
+    pub start_s: f64,
 }
 
 impl Default for SimConfig {
@@ -132,6 +146,7 @@ impl Default for SimConfig {
             failures: Vec::new(),
             heartbeat_ms: 250,
             timeout_ms: 1000,
+            start_s: 0.0,
         }
     }
 }
@@ -145,8 +160,12 @@ pub struct SimResult {
     pub nodes: usize,
     /// Nodes that failed.
     pub failed: usize,
-    /// Time until the last surviving node was provisioned (seconds).
+    /// Time until the last surviving node was ready (seconds): it held the set and, with
+    /// [`SimConfig::start_s`], finished its start-up work.
     pub last_s: f64,
+    /// Time until the last surviving node held the whole set (seconds; `last_s` when
+    /// `start_s` is 0).
+    pub data_last_s: f64,
     /// Median provisioning time of the survivors (lower median, seconds).
     pub p50_s: f64,
     /// Bytes read from the registry.
@@ -157,7 +176,7 @@ pub struct SimResult {
     pub peak_in_mbps: f64,
     /// Highest send rate of any surviving node over any interval between events (Mbit/s).
     pub peak_out_mbps: f64,
-    /// Provisioning time per node, `None` for failed nodes.
+    /// Ready time per node, `None` for failed nodes.
     pub provisioned_s: Vec<Option<f64>>,
     /// Block deliveries beyond the first, summed over survivors (0 if every block came once).
     pub duplicate_deliveries: u64,
@@ -295,6 +314,8 @@ struct Sim<'a> {
     kids: Vec<Vec<usize>>,
     flow: Vec<Flow>,
     deliveries: Vec<u16>,
+    /// When each node first held each block (`node * blocks + block`; infinite: never).
+    arrival: Vec<f64>,
     out_rate: Vec<f64>,
     out_since: Vec<f64>,
     peak_in: Vec<f64>,
@@ -443,6 +464,8 @@ impl Sim<'_> {
         self.have[c] = b + 1;
         self.deliveries[c * self.blocks + b] =
             self.deliveries[c * self.blocks + b].saturating_add(1);
+        let first = &mut self.arrival[c * self.blocks + b];
+        *first = first.min(self.now);
         if s == self.n {
             self.registry_bytes += self.block_size(b);
         }
@@ -593,6 +616,9 @@ fn validate(cfg: &SimConfig) -> Result<usize, SimError> {
     if cfg.heartbeat_ms == 0 {
         return bad("heartbeat interval must be positive");
     }
+    if !(cfg.start_s.is_finite() && cfg.start_s >= 0.0) {
+        return bad("start-up work must be a finite, non-negative time");
+    }
     let mut failing = vec![false; cfg.nodes];
     for f in &cfg.failures {
         if f.node >= cfg.nodes || !(f.at_s.is_finite() && f.at_s >= 0.0) {
@@ -625,6 +651,7 @@ pub fn simulate(cfg: &SimConfig, strategy: Strategy) -> Result<SimResult, SimErr
         kids: vec![Vec::new(); n + 1],
         flow: vec![Flow::default(); n],
         deliveries: vec![0; n * blocks],
+        arrival: vec![f64::INFINITY; n * blocks],
         out_rate: vec![0.0; n + 1],
         out_since: vec![0.0; n + 1],
         peak_in: vec![0.0; n],
@@ -725,7 +752,17 @@ pub fn simulate(cfg: &SimConfig, strategy: Strategy) -> Result<SimResult, SimErr
     }
 
     let survivors: Vec<usize> = (0..n).filter(|&c| sim.alive[c]).collect();
-    let mut times: Vec<f64> = survivors.iter().filter_map(|&c| sim.done_at[c]).collect();
+    let data_last_s = survivors
+        .iter()
+        .filter_map(|&c| sim.done_at[c])
+        .fold(0.0, f64::max);
+    let ready: Vec<Option<f64>> = (0..n)
+        .map(|c| {
+            (sim.alive[c] && sim.done_at[c].is_some())
+                .then(|| ready_time(&sim.arrival[c * blocks..(c + 1) * blocks], cfg.start_s))
+        })
+        .collect();
+    let mut times: Vec<f64> = ready.iter().flatten().copied().collect();
     times.sort_by(f64::total_cmp);
     let mut duplicate_deliveries = 0u64;
     let mut missing_blocks = 0u64;
@@ -751,6 +788,7 @@ pub fn simulate(cfg: &SimConfig, strategy: Strategy) -> Result<SimResult, SimErr
         nodes: n,
         failed: n - survivors.len(),
         last_s: times.last().copied().unwrap_or(0.0),
+        data_last_s,
         p50_s: times
             .get(times.len().saturating_sub(1) / 2)
             .copied()
@@ -759,15 +797,36 @@ pub fn simulate(cfg: &SimConfig, strategy: Strategy) -> Result<SimResult, SimErr
         registry_sets: sim.registry_bytes as f64 / cfg.set_bytes as f64,
         peak_in_mbps: to_mbps(peak_in),
         peak_out_mbps: to_mbps(peak_out),
-        provisioned_s: (0..n)
-            .map(|c| if sim.alive[c] { sim.done_at[c] } else { None })
-            .collect(),
+        provisioned_s: ready,
         duplicate_deliveries,
         missing_blocks,
         reparented: sim.reparented,
         events,
         manager: sim.manager.map(|(m, _)| m),
     })
+}
+
+/// When a node whose blocks arrived at `arrival` (seconds, in block order) is ready, given
+/// `start_s` seconds of start-up work: the work is spread evenly over the blocks in order (the
+/// function needs block `i` once it has done `i / blocks` of its work) and waits for a block
+/// that has not arrived. So a node whose data streams in faster than its work consumes it is
+/// ready `start_s` after its first block; one whose data comes slower is ready a
+/// `start_s / blocks` slice after its last block. With `start_s == 0` it is the last arrival.
+///
+/// A lazily started function reads its start-up set while it runs (in a different order than
+/// the blocks, which this model ignores); its prefetch streams the set in block order
+/// meanwhile.
+pub fn ready_time(arrival: &[f64], start_s: f64) -> f64 {
+    let slice = if arrival.is_empty() {
+        0.0
+    } else {
+        start_s / arrival.len() as f64
+    };
+    arrival
+        .iter()
+        .fold(if arrival.is_empty() { start_s } else { 0.0 }, |t, &a| {
+            t.max(a) + slice
+        })
 }
 
 /// The function id the simulation's tree uses.

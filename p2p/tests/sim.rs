@@ -1,7 +1,8 @@
 //! The burst simulation against closed-form expectations (`arbor_p2p::sim`).
 
 use arbor_p2p::sim::{
-    SimConfig, SimResult, Strategy, failure_count, function_id, random_failures, simulate,
+    SimConfig, SimResult, Strategy, failure_count, function_id, random_failures, ready_time,
+    simulate,
 };
 
 /// A small set keeps debug-build runs fast: 13 MB in 512 KiB blocks (25 blocks).
@@ -65,6 +66,48 @@ fn registry_bytes_one_set_with_trees_n_sets_without() {
             assert!(r.provisioned_s.iter().all(Option::is_some));
         }
     }
+}
+
+#[test]
+fn start_work_waits_for_the_blocks_it_needs() {
+    let arrival = [0.1, 0.2, 0.3, 0.4];
+    assert!(close(ready_time(&arrival, 0.0), 0.4, 1e-9));
+    // Data faster than the work: ready the work's length after the first block.
+    assert!(close(ready_time(&arrival, 4.0), 4.1, 1e-9));
+    // Work faster than the data: a slice after the last block.
+    assert!(close(ready_time(&arrival, 0.04), 0.41, 1e-9));
+    // Blocks that came out of order wait for the latest so far.
+    assert!(close(ready_time(&[0.5, 0.0, 0.0, 0.0], 0.4), 0.9, 1e-9));
+    assert!(close(ready_time(&[], 2.0), 2.0, 1e-9));
+}
+
+/// With transfer alone a binary tree's T(N)/T(1) tends to 2 (a parent's uplink feeds two
+/// children); when the function's own start-up work paces its reads below half the link
+/// rate, as FaaSNet's starts did, the tree hides the fan-out: T(N)/T(1) near 1. The data
+/// still arrives as before.
+#[test]
+fn start_work_slower_than_the_tree_hides_its_depth() {
+    let at = |nodes: usize, start_s: f64| {
+        run(
+            &SimConfig {
+                nodes,
+                start_s,
+                ..SimConfig::default()
+            },
+            Strategy::Trees,
+        )
+    };
+    let (one, many) = (at(1, 0.0), at(64, 0.0));
+    let bare = many.last_s / one.last_s;
+    assert!(
+        bare > 1.8 && bare < 2.2,
+        "transfer only: T(64)/T(1) = {bare}"
+    );
+    let (one, many) = (at(1, 5.0), at(64, 5.0));
+    let paced = many.last_s / one.last_s;
+    assert!(paced < 1.1, "5 s of start work: T(64)/T(1) = {paced}");
+    assert!(one.last_s >= 5.0 && many.data_last_s < many.last_s);
+    assert!(close(many.data_last_s, at(64, 0.0).data_last_s, 1e-9));
 }
 
 #[test]
