@@ -7,9 +7,10 @@
 //! [`arbor_fetch::blocks::BlockStore`] and the missing ones come from the layer's
 //! [`arbor_fetch::router::Router`], whose routes follow the node's position in the function's
 //! tree: parent, grandparent (each a [`arbor_peer::PeerSource`] with a stall deadline), then
-//! the registry. The first layer of a function joins its tree in the background (a Prepare never
-//! waits for the manager; a new layer's first fetches wait up to `join_wait` for the position,
-//! then read the registry); every position change the manager streams swaps the routes of all
+//! the registry. The first layer of a function joins its tree in the background (a Prepare waits
+//! for the manager only to read the layer's TOC through the tree, [`Trees::read_unblocked`]; a
+//! new layer's first fetches wait up to `join_wait` for the position, then read the registry;
+//! neither waits once a join has failed); every position change the manager streams swaps the routes of all
 //! the function's layers at once.
 //! When the last layer of a function is unmounted the node keeps serving its children for
 //! `idle_leave`, then leaves the tree and deletes the function's blocks.
@@ -63,7 +64,9 @@ struct Served {
 }
 
 struct Function {
-    /// True once the node's place in the tree is known.
+    /// True once the node's place in the tree is known, or once joining failed (the manager
+    /// is unreachable: waiting for a place is pointless until a retry succeeds). Reads that
+    /// would go to the registry wait for it, up to `join_wait`.
     placed: tokio::sync::watch::Sender<bool>,
     layers: HashMap<String, Served>,
     position: Option<Position>,
@@ -270,6 +273,9 @@ impl Trees {
                         Ok(rx) => break rx,
                         Err(e) => {
                             warn!(error = %e, "joining the function's tree failed; reading the registry, retrying");
+                            if let Some(f) = lock(&me.functions).get(&function) {
+                                f.placed.send_replace(true);
+                            }
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
                     }
@@ -451,5 +457,69 @@ impl arbor_peer::server::Provider for Trees {
         let fns = lock(&self.functions);
         let s = fns.get(function)?.layers.get(digest)?;
         Some((Arc::clone(&s.source) as Arc<dyn BlobSource>, s.size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_fetch::source::ReadFuture;
+    use arbor_proto::arbor::Node;
+
+    /// A registry holding one blob in memory.
+    struct Blob(&'static [u8]);
+
+    impl BlobSource for Blob {
+        fn kind(&self) -> &'static str {
+            "registry"
+        }
+        fn read_range<'a>(&'a self, _d: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
+            let b = bytes::Bytes::from_static(&self.0[offset as usize..(offset + len) as usize]);
+            Box::pin(async move { Ok(b) })
+        }
+    }
+
+    /// With the manager unreachable the join fails at once, and a TOC read goes to the
+    /// registry then instead of waiting out `join_wait` (every Prepare would).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_toc_read_does_not_wait_for_an_unreachable_manager() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 1 on loopback: connection refused.
+        let member = Arc::new(
+            Member::new(
+                "127.0.0.1:1",
+                Node {
+                    id: "n0".into(),
+                    addr: "127.0.0.1:2".into(),
+                },
+                Duration::from_secs(1),
+            )
+            .unwrap(),
+        );
+        let trees = Trees::new(
+            TreeOptions {
+                node_id: "n0".into(),
+                peer_stall: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(5),
+                registry_timeout: Duration::from_secs(5),
+                idle_leave: Duration::from_secs(60),
+                join_wait: Duration::from_secs(30),
+            },
+            BlockStore::new(dir.path()).unwrap(),
+            member,
+            tokio::runtime::Handle::current(),
+        );
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let started = std::time::Instant::now();
+        let (got, route) = trees
+            .read_unblocked("f", &digest, 6, 5, Arc::new(Blob(b"hello world!")))
+            .await
+            .unwrap();
+        assert_eq!((&got[..], route.as_str()), (&b"world"[..], "registry"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?} for a manager that cannot answer",
+            started.elapsed()
+        );
     }
 }
