@@ -697,6 +697,43 @@ impl Remote {
         Ok((Arc::new(toc.index), toc.compressed))
     }
 
+    /// Deletes the kept TOCs of layers in none of `keep` (layer digests' hex) that are older
+    /// than `min_age` (a Prepare writes its TOC before its record exists), and returns how
+    /// many it deleted. Without it `<root>/tocs/` would keep a TOC for every lazy layer the
+    /// node ever prepared.
+    pub fn prune_tocs(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        min_age: std::time::Duration,
+    ) -> usize {
+        let Ok(rd) = std::fs::read_dir(&self.toc_dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".toc")) else {
+                continue;
+            };
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= min_age);
+            if keep.contains(hex) || !old {
+                continue;
+            }
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => n += 1,
+                Err(err) => {
+                    warn!(file = %e.path().display(), error = %err, "deleting a TOC no snapshot uses failed")
+                }
+            }
+        }
+        n
+    }
+
     /// The compressed TOC kept on disk and where it sits in the blob, for a layer whose TOC
     /// digest is known (what its children in a function tree may read from this node; they
     /// check it against that digest). Blocking; `None` when unreadable.

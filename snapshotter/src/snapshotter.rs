@@ -715,7 +715,8 @@ impl Snapshotter {
         Ok(all.into_iter().filter(|(k, r)| f.matches(k, r)).collect())
     }
 
-    /// Removes snapshot directories no record refers to (left by crashes or failed removals).
+    /// Removes snapshot directories no record refers to (left by crashes or failed removals),
+    /// and kept TOCs of layers no snapshot uses (older than [`TOC_MIN_AGE`]).
     pub async fn cleanup(&self) -> Result<usize> {
         let (meta, root, remote) = (
             Arc::clone(&self.meta),
@@ -727,8 +728,19 @@ impl Snapshotter {
             // Held until the scan is done: an id leaves the set only after its record is
             // written, so every directory is either in flight or recorded when looked at.
             let in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let ids: std::collections::HashSet<u64> =
-                meta.list()?.into_iter().map(|(_, r)| r.id).collect();
+            let records = meta.list()?;
+            let ids: std::collections::HashSet<u64> = records.iter().map(|(_, r)| r.id).collect();
+            // TOCs of layers no snapshot refers to any more.
+            let layers: std::collections::HashSet<String> = records
+                .iter()
+                .filter_map(|(_, r)| r.remote.as_ref())
+                .filter_map(|l| arbor_format::Digest::parse(&l.digest).ok())
+                .map(|d| d.hex())
+                .collect();
+            let tocs = remote.prune_tocs(&layers, TOC_MIN_AGE);
+            if tocs > 0 {
+                info!(tocs, "deleted the kept TOCs of layers no snapshot uses");
+            }
             let snaps = root.join("snapshots");
             let mut n = 0;
             let rd = std::fs::read_dir(&snaps)
@@ -830,6 +842,10 @@ impl Snapshotter {
 }
 
 /// Removes a snapshot directory, first detaching anything still mounted below it.
+/// Kept TOCs younger than this are never pruned by Cleanup: a Prepare writes its layer's TOC
+/// before the snapshot's record exists.
+pub const TOC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
     let fs = dir.join("fs");
     if arbor_lazyfs::overlay::is_mounted(&fs) {
@@ -937,6 +953,58 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Cleanup deletes kept TOCs no snapshot uses once they are old enough; a TOC a record
+    /// refers to, or one just written (a Prepare in flight), stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cleanup_prunes_old_tocs_no_snapshot_uses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let tocs = tmp.path().join("tocs");
+        let old = std::time::SystemTime::now() - TOC_MIN_AGE - std::time::Duration::from_secs(60);
+        let write = |hex: &str, modified: Option<std::time::SystemTime>| {
+            let f = std::fs::File::create(tocs.join(format!("{hex}.toc"))).unwrap();
+            if let Some(t) = modified {
+                f.set_modified(t).unwrap();
+            }
+        };
+        let (used, unused, fresh) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        write(&used, Some(old));
+        write(&unused, Some(old));
+        write(&fresh, None);
+        std::fs::write(tocs.join("notes.txt"), b"not a TOC").unwrap();
+        let rec = Record {
+            id: 7,
+            kind: Kind::Committed,
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            created: 0,
+            updated: 0,
+            usage: None,
+            remote: Some(RemoteLayer {
+                image_ref: "127.0.0.1:5000/a/b:c".into(),
+                digest: format!("sha256:{used}"),
+                blob_size: 100,
+                toc_position: "1:2:3:4".into(),
+                toc_digest: None,
+                manifest: None,
+                function: None,
+            }),
+        };
+        s.meta.create("used", &rec).unwrap();
+        s.cleanup().await.unwrap();
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(&tocs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let want: std::collections::BTreeSet<String> = [
+            format!("{used}.toc"),
+            format!("{fresh}.toc"),
+            "notes.txt".to_string(),
+        ]
+        .into();
+        assert_eq!(left, want);
     }
 
     /// A lazy Prepare whose TOC read stalls falls back to an ordinary snapshot within the
