@@ -149,15 +149,15 @@ pub struct LayerHandle {
     /// Locality group of each entry (its directory; see [`LayerHandle::group_windows`]).
     entry_group: Vec<u32>,
     /// Windows holding each group's chunks, in blob order, and whether a miss in the group
-    /// has already fetched them.
-    groups: Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>,
+    /// has already fetched them: `[0]` a miss outside the planned prefetch (all of them),
+    /// `[1]` a miss inside it (those the prefetch brings).
+    groups: Vec<(Vec<u32>, [std::sync::atomic::AtomicBool; 2])>,
     /// First reads of this mount, when it is being learned from.
     recorder: std::sync::OnceLock<Arc<crate::learn::Recorder>>,
     /// Windows fetched (and verified) since the layer was opened.
     fetched: WindowBits,
     /// Windows the background prefetch brings as urgent work (the learned start-up set and
-    /// the prefetch section): a miss on one of them says nothing about where the program
-    /// goes next, so it starts no group or sequential read-ahead
+    /// the prefetch section): a miss on one of them reads ahead only within them
     /// ([`LayerHandle::plan_prefetch`]).
     planned: WindowBits,
     /// A sequential reader's progress (see [`FetcherOptions::sequential_read_ahead`]).
@@ -286,12 +286,13 @@ impl LayerHandle {
     }
 
     /// Notes that the background prefetch is about to fetch windows `ws` as urgent work (a
-    /// learned start-up set, the prefetch section). A read that misses one of them waits for
-    /// that window alone: it does not fetch its directory's other files or the windows after
-    /// it, which the start-up set did not predict. Under load (a burst of starts on a busy
-    /// node) reads often overtake the prefetch, and each such miss would otherwise pull up to
-    /// [`FetcherOptions::group_read_ahead`] of files outside the set, from the registry or
-    /// through the function tree.
+    /// learned start-up set, the prefetch section). A read that misses one of them moves the
+    /// set's own windows of its file and directory ahead of the prefetch's order (group
+    /// read-ahead within the set), but fetches none of the directory's files outside the set
+    /// and starts no sequential read-ahead: the start-up set says what the program reads.
+    /// Under load (a burst of starts on a busy node) reads often overtake the prefetch, and
+    /// each such miss would otherwise pull up to [`FetcherOptions::group_read_ahead`] of
+    /// files outside the set, from the registry or through the function tree.
     pub fn plan_prefetch(&self, ws: impl IntoIterator<Item = usize>) {
         for w in ws {
             self.planned.set(w);
@@ -407,7 +408,10 @@ impl LayerHandle {
 fn locality_groups(
     index: &LayerIndex,
     chunk_window: &[Vec<u32>],
-) -> (Vec<u32>, Vec<(Vec<u32>, std::sync::atomic::AtomicBool)>) {
+) -> (
+    Vec<u32>,
+    Vec<(Vec<u32>, [std::sync::atomic::AtomicBool; 2])>,
+) {
     let mut by_dir: HashMap<&str, u32> = HashMap::new();
     let mut groups: Vec<Vec<u32>> = Vec::new();
     let mut entry_group = Vec::with_capacity(index.entries.len());
@@ -434,7 +438,7 @@ fn locality_groups(
         .map(|mut w| {
             w.sort_unstable();
             w.dedup();
-            (w, std::sync::atomic::AtomicBool::new(false))
+            (w, Default::default())
         })
         .collect();
     (entry_group, groups)
@@ -827,8 +831,8 @@ impl Fetcher {
             .window_of(r)
             .ok_or_else(|| FetchError::Internal(format!("chunk {r:?} has no window")))?;
         self.read_ahead(layer, w);
+        self.read_group(layer, r, w);
         if !layer.prefetch_planned(w) {
-            self.read_group(layer, r, w);
             self.read_sequential(layer, w);
         }
         let waited = Instant::now();
@@ -1028,19 +1032,27 @@ impl Fetcher {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        let first_miss = !started.swap(true, Ordering::AcqRel);
+        let within_set = layer.prefetch_planned(w);
+        let first_miss = !started[usize::from(within_set)].swap(true, Ordering::AcqRel);
         let split = group.partition_point(|x| (*x as usize) <= w);
         let rest: Box<dyn Iterator<Item = u32>> = if first_miss {
             Box::new(group[split..].iter().chain(&group[..split]).copied())
         } else {
             Box::new(std::iter::empty())
         };
+        // A miss on a window the prefetch brings only moves the set's own windows ahead (the
+        // rest of the file, then the directory's files in the set): the set says what the
+        // program reads, and the directory's other files are what it left out.
         let mut picked = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut bytes = 0u64;
         for x in file.into_iter().chain(rest) {
             let x = x as usize;
-            if x == w || x == u32::MAX as usize || !seen.insert(x) {
+            if x == w
+                || x == u32::MAX as usize
+                || (within_set && !layer.prefetch_planned(x))
+                || !seen.insert(x)
+            {
                 continue;
             }
             let Some(win) = layer.windows.get(x) else {
@@ -1788,10 +1800,10 @@ mod tests {
         }
     }
 
-    /// A miss on a window the prefetch brings anyway (its start-up set) fetches that window
-    /// alone; a miss outside the set still fetches the rest of the file's directory.
+    /// A miss on a window the prefetch brings anyway (its start-up set) reads ahead only
+    /// within the set; a miss outside the set still fetches the rest of its directory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_miss_in_the_planned_prefetch_reads_no_group_ahead() {
+    async fn a_miss_in_the_planned_prefetch_reads_ahead_only_within_it() {
         // 40 files of 3000 bytes in one directory, each its own window.
         let (l, src) = encoded_layer(40, 3000, 1);
         let dir = tempfile::tempdir().unwrap();
@@ -1807,22 +1819,30 @@ mod tests {
             let got = f.read_file(&l, e, 0, 3000).await.unwrap().concat();
             assert_eq!(&got[..], &noise(e as u64, 3000)[..]);
         }
+        // The set's windows come along; nothing outside it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(0..10).all(|w| l.was_fetched(w)) {
+            assert!(
+                Instant::now() < deadline,
+                "the set's windows were not read ahead"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(metrics.group_read_ahead_bytes.load(Ordering::Relaxed), 0);
+        assert!(
+            (10..40).all(|w| !l.was_fetched(w)),
+            "read ahead outside the set"
+        );
         assert_eq!(
             metrics.sequential_read_ahead_bytes.load(Ordering::Relaxed),
             0
         );
-        assert_eq!(
-            src.reads.load(Ordering::SeqCst),
-            3,
-            "only the missed windows"
-        );
+        assert_eq!(src.reads.load(Ordering::SeqCst), 10, "each window once");
         // Outside the set: the directory's other files come along.
         let got = f.read_file(&l, 20, 0, 3000).await.unwrap().concat();
         assert_eq!(&got[..], &noise(20, 3000)[..]);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while metrics.group_read_ahead_bytes.load(Ordering::Relaxed) == 0 {
+        while !(10..40).any(|w| w != 20 && l.was_fetched(w)) {
             assert!(
                 Instant::now() < deadline,
                 "no group read-ahead outside the set"
