@@ -72,15 +72,7 @@ pub async fn fetch_layer_toc_with(
         }
     };
     let pos = locator.position;
-    pos.check_within(l.size)?;
-    if pos.length > limits.max_toc_compressed {
-        return Err(arbor_format::Error::TocTooLarge {
-            what: "compressed TOC",
-            size: pos.length,
-            limit: limits.max_toc_compressed,
-        }
-        .into());
-    }
+    check_position(&pos, l.size, limits)?;
     let compressed = store.blob_range(&l.digest, pos.offset, pos.length).await?;
     let digest = locator.digest;
     let index = index_from_stored_with(compressed.clone(), pos, digest.clone(), limits).await?;
@@ -90,6 +82,21 @@ pub async fn fetch_layer_toc_with(
         compressed,
         digest,
     })
+}
+
+/// Whether a TOC at `pos` may be read from a blob of `blob_size` bytes: inside the blob and
+/// within `limits` (checked before any byte is asked for, from any source).
+pub fn check_position(pos: &TocPosition, blob_size: u64, limits: &Limits) -> Result<(), TocError> {
+    pos.check_within(blob_size)?;
+    if pos.length > limits.max_toc_compressed {
+        return Err(arbor_format::Error::TocTooLarge {
+            what: "compressed TOC",
+            size: pos.length,
+            limit: limits.max_toc_compressed,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Decodes and validates compressed TOC bytes kept from an earlier [`fetch_layer_toc`]

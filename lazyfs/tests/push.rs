@@ -109,6 +109,14 @@ fn a_directory_read_in_order_is_served_from_pushed_pages() {
         .status()
         .unwrap();
     assert!(st.success(), "mounting an overlay");
+    // Unmounted however the checks below end (a panic too).
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let unmount = Unmount(ovl.path());
     let (r0, p0) = (reads(), pushed());
     assert_eq!(
         std::fs::read_dir(ovl.path().join("data")).unwrap().count(),
@@ -116,9 +124,7 @@ fn a_directory_read_in_order_is_served_from_pushed_pages() {
     );
     read_all(ovl.path(), 0..FILES);
     let (r1, p1) = (reads() - r0, pushed() - p0);
-    let _ = std::process::Command::new("umount")
-        .arg(ovl.path())
-        .status();
+    drop(unmount);
     assert!(
         p1 as usize >= FILES / 2 && (r1 as usize) < FILES / 2,
         "through an overlay: {r1} READs, {p1} files pushed for {FILES} files"

@@ -817,16 +817,11 @@ pub fn simulate(cfg: &SimConfig, strategy: Strategy) -> Result<SimResult, SimErr
 /// the blocks, which this model ignores); its prefetch streams the set in block order
 /// meanwhile.
 pub fn ready_time(arrival: &[f64], start_s: f64) -> f64 {
-    let slice = if arrival.is_empty() {
-        0.0
-    } else {
-        start_s / arrival.len() as f64
-    };
-    arrival
-        .iter()
-        .fold(if arrival.is_empty() { start_s } else { 0.0 }, |t, &a| {
-            t.max(a) + slice
-        })
+    if arrival.is_empty() {
+        return start_s;
+    }
+    let slice = start_s / arrival.len() as f64;
+    arrival.iter().fold(0.0, |t, &a| t.max(a) + slice)
 }
 
 /// The function id the simulation's tree uses.

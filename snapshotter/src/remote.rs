@@ -12,7 +12,7 @@ use arbor_fetch::blocks::BlockTable;
 use arbor_fetch::learn::{Recorder, learned_windows};
 use arbor_fetch::prefetch::{PrefetchOptions, prefetch_layer_learned};
 use arbor_fetch::source::{Limits, StoreSource};
-use arbor_fetch::toc::{fetch_layer_toc, index_from_stored};
+use arbor_fetch::toc::{check_position, fetch_layer_toc, index_from_stored};
 use arbor_fetch::{BlobSource, Fetcher, LayerHandle};
 use arbor_format::Digest;
 use arbor_format::footer::TocPosition;
@@ -623,16 +623,8 @@ impl Remote {
         let trees = self.trees.get()?;
         let function = layer.function.as_ref().or(layer.manifest.as_ref())?;
         let digest = Digest::parse(layer.toc_digest.as_ref()?).ok()?;
-        let pos = TocPosition::parse_annotation(
-            arbor_format::ANN_ARBOR_TOC_POSITION,
-            &layer.toc_position,
-        )
-        .ok()?;
-        if pos.check_within(layer.blob_size).is_err()
-            || pos.length > arbor_format::index::Limits::default().max_toc_compressed
-        {
-            return None;
-        }
+        let pos = toc_position(layer).ok()?;
+        check_position(&pos, layer.blob_size, &Default::default()).ok()?;
         let (_, registry) = self.store(&layer.image_ref).ok()?;
         let (bytes, route) = match trees
             .read_unblocked(function, &layer.digest, pos.offset, pos.length, registry)
@@ -739,11 +731,7 @@ impl Remote {
     /// check it against that digest). Blocking; `None` when unreadable.
     fn kept_toc(&self, layer: &RemoteLayer) -> Option<(u64, Bytes)> {
         layer.toc_digest.as_ref()?;
-        let pos = TocPosition::parse_annotation(
-            arbor_format::ANN_ARBOR_TOC_POSITION,
-            &layer.toc_position,
-        )
-        .ok()?;
+        let pos = toc_position(layer).ok()?;
         let bytes = std::fs::read(self.toc_path(layer).ok()?).ok()?;
         (bytes.len() as u64 == pos.length).then(|| (pos.offset, Bytes::from(bytes)))
     }
@@ -757,11 +745,8 @@ impl Remote {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(Error::io(format!("reading {}", path.display())))?;
-        let pos = TocPosition::parse_annotation(
-            arbor_format::ANN_ARBOR_TOC_POSITION,
-            &layer.toc_position,
-        )
-        .map_err(|e| Error::Internal(format!("stored TOC position: {e}")))?;
+        let pos = toc_position(layer)
+            .map_err(|e| Error::Internal(format!("stored TOC position: {e}")))?;
         let digest = match &layer.toc_digest {
             Some(d) => Some(
                 Digest::parse(d)
@@ -1001,6 +986,11 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, data).map_err(Error::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming to {}", path.display())))
+}
+
+/// Where the layer's TOC sits in its blob, from the position the labels recorded.
+fn toc_position(layer: &RemoteLayer) -> std::result::Result<TocPosition, arbor_format::Error> {
+    TocPosition::parse_annotation(arbor_format::ANN_ARBOR_TOC_POSITION, &layer.toc_position)
 }
 
 #[cfg(test)]
