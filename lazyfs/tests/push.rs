@@ -89,9 +89,16 @@ fn a_directory_read_in_order_is_served_from_pushed_pages() {
         p1 as usize >= FILES / 2 && (r1 as usize) < FILES / 2,
         "in order: {r1} READs, {p1} files pushed for {FILES} files"
     );
-    // Again on the same mount: all from the page cache, nothing asked.
+    // Again on the same mount: from the page cache. Not strictly nothing asked: this VM's
+    // kernel runs a DAMON `pageout` scheme over physical memory, which can reclaim fresh
+    // page-cache pages of a region it saw cold (a CI run re-read 6 of 120 files); a page
+    // cache that dropped pushed or read pages would ask for all of them.
     read_all(dir.path(), 0..FILES);
-    assert_eq!(reads() - r0, r1, "a re-read asked the daemon");
+    let again = reads() - r0 - r1;
+    assert!(
+        again <= FILES as u64 / 10,
+        "a re-read asked the daemon {again} times for {FILES} files"
+    );
     drop(m);
     drop(dir);
 
