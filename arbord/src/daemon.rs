@@ -533,7 +533,8 @@ mod tests {
         std::fs::write(cache.join("chunks/ab"), b"not a directory").unwrap();
         std::fs::write(cache.join("tmp"), b"not a directory").unwrap();
         open_cache(&cache, 1 << 20).expect("a damaged cache must not stop arbord");
-        assert!(cache.join("chunks/ab").is_dir());
+        assert!(!cache.join("chunks/ab").exists());
+        assert!(cache.join("tmp").is_dir());
         // The cache directory itself unusable (a file in its place): moved aside.
         std::fs::remove_dir_all(&cache).unwrap();
         std::fs::write(&cache, b"not a directory").unwrap();

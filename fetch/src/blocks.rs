@@ -95,6 +95,76 @@ impl BlockTable {
 /// blob under one directory.
 pub struct BlockStore {
     dir: PathBuf,
+    recent: Arc<Recent>,
+    next_layer: AtomicU64,
+}
+
+/// Bytes of verified blocks a [`BlockStore`] keeps in memory for all its layers.
+pub const RECENT_BLOCK_BYTES: u64 = 16 << 20;
+
+/// The blocks a store's layers proved last, kept in memory (first in, first out, within
+/// [`RECENT_BLOCK_BYTES`]). In a tree a block lands and is asked for at once by the node's own
+/// reads and by its two children: they take it from here instead of reading it back from
+/// disk and hashing it again (which took a third of a node's hashing in a burst). What is
+/// here was proved against the block table when it was fetched or read.
+#[derive(Default)]
+struct Recent {
+    state: Mutex<RecentState>,
+}
+
+#[derive(Default)]
+struct RecentState {
+    /// (layer id, block) -> bytes
+    blocks: HashMap<(u64, u64), Bytes>,
+    order: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Recent {
+    fn get(&self, key: (u64, u64)) -> Option<Bytes> {
+        lock(&self.state).blocks.get(&key).cloned()
+    }
+
+    fn put(&self, key: (u64, u64), data: &Bytes) {
+        let len = data.len() as u64;
+        if len > RECENT_BLOCK_BYTES / 4 {
+            return;
+        }
+        let mut st = lock(&self.state);
+        if st.blocks.insert(key, data.clone()).is_some() {
+            return;
+        }
+        st.order.push_back(key);
+        st.bytes += len;
+        while st.bytes > RECENT_BLOCK_BYTES {
+            let Some(old) = st.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = st.blocks.remove(&old) {
+                st.bytes -= d.len() as u64;
+            }
+        }
+    }
+
+    /// Forgets a layer's blocks (its source is gone).
+    fn forget(&self, layer: u64) {
+        let mut st = lock(&self.state);
+        let before = st.order.len();
+        st.order.retain(|k| k.0 != layer);
+        if st.order.len() != before {
+            let gone: Vec<(u64, u64)> =
+                st.blocks.keys().filter(|k| k.0 == layer).copied().collect();
+            for k in gone {
+                if let Some(d) = st.blocks.remove(&k) {
+                    st.bytes -= d.len() as u64;
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl BlockStore {
@@ -102,7 +172,11 @@ impl BlockStore {
     pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Arc<BlockStore>> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Arc::new(BlockStore { dir }))
+        Ok(Arc::new(BlockStore {
+            dir,
+            recent: Default::default(),
+            next_layer: AtomicU64::new(0),
+        }))
     }
 
     /// The directory the store lives in.
@@ -147,6 +221,8 @@ impl BlockStore {
         let initial = if existed { UNKNOWN } else { ABSENT };
         let state = (0..table.len()).map(|_| AtomicU8::new(initial)).collect();
         Ok(Arc::new(BlockSource {
+            id: self.next_layer.fetch_add(1, Ordering::Relaxed),
+            recent: Arc::clone(&self.recent),
             digest: digest.to_string(),
             table,
             file: Arc::new(file),
@@ -180,6 +256,8 @@ const ABSENT: u8 = 2;
 pub struct BlockStats {
     /// Blocks read from the store (and proved).
     pub local: u64,
+    /// Blocks taken from the store's memory of recently proved blocks.
+    pub memory: u64,
     /// Blocks fetched from the router and proved.
     pub fetched: u64,
     /// Bytes of those.
@@ -193,6 +271,7 @@ pub struct BlockStats {
 #[derive(Default)]
 struct Counters {
     local: AtomicU64,
+    memory: AtomicU64,
     fetched: AtomicU64,
     fetched_bytes: AtomicU64,
     corrupt: AtomicU64,
@@ -201,6 +280,9 @@ struct Counters {
 
 /// One layer's blocks: see the module docs.
 pub struct BlockSource {
+    /// This source's key in the store's [`Recent`] blocks.
+    id: u64,
+    recent: Arc<Recent>,
     digest: String,
     table: BlockTable,
     file: Arc<File>,
@@ -232,6 +314,12 @@ impl Drop for Claim<'_> {
                 s.close();
             }
         }
+    }
+}
+
+impl Drop for BlockSource {
+    fn drop(&mut self) {
+        self.recent.forget(self.id);
     }
 }
 
@@ -311,6 +399,7 @@ impl BlockSource {
         let c = &self.stats;
         BlockStats {
             local: c.local.load(Ordering::Relaxed),
+            memory: c.memory.load(Ordering::Relaxed),
             fetched: c.fetched.load(Ordering::Relaxed),
             fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
             corrupt: c.corrupt.load(Ordering::Relaxed),
@@ -336,7 +425,9 @@ impl BlockSource {
         let bs = self.table.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let mut got: BTreeMap<u64, Bytes> = BTreeMap::new();
-        let known: Vec<u64> = (first..=last)
+        let known: Vec<u64> = self
+            .take_recent(first..=last, &mut got)
+            .into_iter()
             .filter(|&b| self.state(b) != ABSENT)
             .collect();
         self.read_local(&known, &mut got).await;
@@ -365,6 +456,7 @@ impl BlockSource {
                 let _ = sem.acquire().await;
                 theirs.push(b);
             }
+            let theirs = self.take_recent(theirs, &mut got);
             self.read_local(&theirs, &mut got).await;
         }
         let mut out = BytesMut::with_capacity(len as usize);
@@ -375,6 +467,26 @@ impl BlockSource {
             out.extend_from_slice(&data[from as usize..to]);
         }
         Ok(out.freeze())
+    }
+
+    /// Moves the blocks among `blocks` that are in memory ([`Recent`]) into `got`; returns
+    /// the others.
+    fn take_recent(
+        &self,
+        blocks: impl IntoIterator<Item = u64>,
+        got: &mut BTreeMap<u64, Bytes>,
+    ) -> Vec<u64> {
+        let mut rest = Vec::new();
+        for b in blocks {
+            match self.recent.get((self.id, b)) {
+                Some(d) => {
+                    self.stats.memory.fetch_add(1, Ordering::Relaxed);
+                    got.insert(b, d);
+                }
+                None => rest.push(b),
+            }
+        }
+        rest
     }
 
     fn state(&self, b: u64) -> u8 {
@@ -437,6 +549,7 @@ impl BlockSource {
                 Some(d) => {
                     self.set_state(b, PRESENT);
                     self.stats.local.fetch_add(1, Ordering::Relaxed);
+                    self.recent.put((self.id, b), &d);
                     got.insert(b, d);
                 }
                 None => {
@@ -492,6 +605,7 @@ impl BlockSource {
                     self.stats
                         .fetched_bytes
                         .fetch_add(block.len() as u64, Ordering::Relaxed);
+                    self.recent.put((self.id, b), &block);
                     out.push((b, block));
                 }
                 debug!(layer = %self.digest, first, last, route = %route, "blocks fetched");
@@ -530,6 +644,9 @@ fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
 impl BlobSource for BlockSource {
     fn kind(&self) -> &'static str {
         "blocks"
+    }
+    fn keeps_blob(&self) -> bool {
+        true
     }
 
     fn read_range<'a>(&'a self, digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
@@ -694,6 +811,46 @@ mod tests {
             before + 3,
             "passed through"
         );
+    }
+
+    #[tokio::test]
+    async fn recently_proved_blocks_are_served_from_memory_not_hashed_again() {
+        let data = blob(6 * BS as usize);
+        let dl = data.len() as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(dir.path()).unwrap();
+        let reg = Mem::new(&data);
+        let src = store
+            .layer(
+                DIGEST,
+                table(&data, dl),
+                router(&[("registry", Arc::clone(&reg))]),
+            )
+            .unwrap();
+        src.read(0, dl).await.unwrap();
+        // Asked again (a child, the node's own reads): from memory, not from disk.
+        let got = src.read(BS / 2, 4 * BS).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &data[(BS / 2) as usize..(BS / 2 + 4 * BS) as usize]
+        );
+        let st = src.stats();
+        assert_eq!((st.fetched, st.local, st.memory), (6, 0, 5));
+        // The memory is per layer: another source of the same store does not see them.
+        let other = store
+            .layer(
+                "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+                table(&data, dl),
+                router(&[("registry", Arc::clone(&reg))]),
+            )
+            .unwrap();
+        other.read(0, BS).await.unwrap();
+        assert_eq!(other.stats().memory, 0);
+        // A source that goes away takes its blocks out of memory.
+        drop(src);
+        let st = lock(&store.recent.state);
+        assert!(st.blocks.keys().all(|k| k.0 == other.id));
+        assert_eq!(st.bytes, BS);
     }
 
     #[tokio::test]

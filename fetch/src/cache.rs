@@ -125,11 +125,25 @@ impl ChunkCache {
         }
         repair_dir(&tmp)?;
         let mut found: Vec<(std::time::SystemTime, [u8; 32], u64)> = Vec::new();
-        for i in 0..=255u8 {
-            let sub = chunks.join(hex::encode([i]));
-            if let Err(e) = repair_dir(&sub) {
-                // Chunks of this prefix are then not cached (puts fail and are logged).
-                tracing::warn!(dir = %sub.display(), error = %e, "unusable chunk cache directory");
+        // Prefix directories are made when their first chunk is stored: a fresh cache costs
+        // no 256 directories at daemon start. Whatever is at the top of `chunks/` that is not
+        // a prefix directory is not ours.
+        let prefixes = fs::read_dir(&chunks)
+            .map_err(|e| io::Error::new(e.kind(), format!("listing {}: {e}", chunks.display())))?;
+        for p in prefixes.flatten() {
+            let sub = p.path();
+            let name = p.file_name();
+            let Some(prefix) = name
+                .to_str()
+                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|n| hex::decode(n).ok())
+            else {
+                remove_any(&sub);
+                continue;
+            };
+            if !fs::symlink_metadata(&sub).is_ok_and(|m| m.is_dir()) {
+                tracing::warn!(path = %sub.display(), "not a directory in the chunk cache, removing it");
+                remove_any(&sub);
                 continue;
             }
             let entries = match fs::read_dir(&sub) {
@@ -139,13 +153,14 @@ impl ChunkCache {
                     continue;
                 }
             };
+            let lower = hex::encode(&prefix);
             for f in entries {
                 let Ok(f) = f else { continue };
                 let name = f.file_name();
                 let mut d = [0u8; 32];
                 let valid = name.to_str().is_some_and(|n| {
                     n.len() == 64
-                        && n.starts_with(&hex::encode([i]))
+                        && n.starts_with(&lower)
                         && hex::decode_to_slice(n, &mut d).is_ok()
                 });
                 let meta = fs::symlink_metadata(f.path());
@@ -157,18 +172,6 @@ impl ChunkCache {
                         tracing::warn!(path = %f.path().display(), "removing a foreign entry from the chunk cache");
                         remove_any(&f.path());
                     }
-                }
-            }
-        }
-        // Anything else at the top of `chunks/` is not ours.
-        if let Ok(entries) = fs::read_dir(&chunks) {
-            for f in entries.flatten() {
-                let n = f.file_name();
-                let ours = n
-                    .to_str()
-                    .is_some_and(|n| n.len() == 2 && hex::decode(n).is_ok());
-                if !ours {
-                    remove_any(&f.path());
                 }
             }
         }
@@ -291,10 +294,27 @@ impl ChunkCache {
         // and refetched). This saves a rename per chunk, which dominated the cost of caching.
         let path = self.path(&d);
         let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)?;
+            let open = || {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            };
+            let mut f = match open() {
+                // The prefix directory's first chunk (or something else in its place).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    if let Some(sub) = path.parent() {
+                        repair_dir(sub)?;
+                    }
+                    open()?
+                }
+                r => r?,
+            };
             f.write_all(data)
         };
         match write() {

@@ -140,6 +140,9 @@ pub struct LayerHandle {
     pub size: u64,
     pub index: Arc<LayerIndex>,
     sources: Vec<Arc<dyn BlobSource>>,
+    /// Every source keeps the blob on the node's disk ([`BlobSource::keeps_blob`]): chunks
+    /// of this layer are not written to the chunk cache.
+    blob_kept: bool,
     /// Fetch windows: blob range and the chunks they hold, in blob order.
     windows: Vec<Window>,
     /// Window of each chunk: `chunk_window[entry][chunk]` (u32::MAX for zero chunks).
@@ -254,11 +257,13 @@ impl LayerHandle {
         }
         let (entry_group, groups) = locality_groups(&index, &chunk_window);
         let windows_len = windows.len();
+        let blob_kept = !sources.is_empty() && sources.iter().all(|s| s.keeps_blob());
         LayerHandle {
             digest: digest.to_string(),
             size,
             index,
             sources,
+            blob_kept,
             windows,
             chunk_window,
             poisoned: Default::default(),
@@ -868,7 +873,7 @@ impl Fetcher {
             Ok(data) => {
                 let b = Bytes::from(data);
                 if let Some(d) = &c.digest {
-                    self.remember(*d.as_bytes(), b.clone(), Dirty::Urgent);
+                    self.remember_fetched(layer, *d.as_bytes(), b.clone(), Dirty::Urgent);
                 }
                 self.metrics.chunk_fetched.fetch_add(1, Ordering::Relaxed);
                 Ok(b)
@@ -1165,7 +1170,7 @@ impl Fetcher {
             .await?;
             for (d, b) in decoded {
                 if let Some(d) = d {
-                    self.remember(*d.as_bytes(), b, Dirty::Urgent);
+                    self.remember_fetched(layer, *d.as_bytes(), b, Dirty::Urgent);
                 }
             }
         }
@@ -1273,7 +1278,7 @@ impl Fetcher {
         // all in memory; they reach the disk cache when evicted or flushed (write-back).
         for (_, d, b) in &decoded {
             if let Some(d) = d {
-                self.remember(*d.as_bytes(), b.clone(), dirty);
+                self.remember_fetched(layer, *d.as_bytes(), b.clone(), dirty);
             }
         }
         Ok(decoded.into_iter().map(|(r, _, b)| (r, b)).collect())
@@ -1288,6 +1293,10 @@ impl Fetcher {
 
     /// Whether every chunk of window `w` is already in memory or in the disk cache.
     pub fn window_cached(&self, layer: &LayerHandle, w: usize) -> bool {
+        // A kept blob's fetched windows are on this node's disk (in the block store).
+        if layer.blob_kept && layer.was_fetched(w) {
+            return true;
+        }
         layer.windows.get(w).is_some_and(|win| {
             win.chunks.iter().all(|&r| {
                 layer
@@ -1344,9 +1353,27 @@ impl Fetcher {
         })
     }
 
-    /// Keeps a verified chunk in memory (`dirty`: not on disk yet) and writes whatever dirty
-    /// chunks that evicts.
+    /// Keeps a chunk just fetched and verified for `layer` in memory, to be written to the
+    /// disk cache as `dirty` says, unless the layer's blob stays on the node's disk anyway
+    /// ([`BlobSource::keeps_blob`]): then it is clean, and dropped when evicted.
+    fn remember_fetched(&self, layer: &LayerHandle, key: [u8; 32], data: Bytes, dirty: Dirty) {
+        if layer.blob_kept {
+            self.remember_in(key, data, Dirty::Clean, false);
+        } else {
+            self.remember_in(key, data, dirty, false);
+        }
+    }
+
+    /// Keeps a verified chunk in memory (`dirty`: not on disk yet; [`Dirty::Clean`]: read
+    /// back from the disk cache, on a blocking-pool thread) and writes whatever dirty chunks
+    /// that evicts.
     fn remember(&self, key: [u8; 32], data: Bytes, dirty: Dirty) {
+        self.remember_in(key, data, dirty, dirty == Dirty::Clean);
+    }
+
+    /// [`Fetcher::remember`]; `blocking_thread`: the caller may write evicted chunks itself
+    /// when the write-back queue has no room.
+    fn remember_in(&self, key: [u8; 32], data: Bytes, dirty: Dirty, blocking_thread: bool) {
         // While the writers are behind (the queue over half full), chunks not yet written stay
         // in memory, up to `writeback_bytes` over the budget, and clean ones make the room: a
         // dirty chunk evicted now would likely find the queue full and be dropped.
@@ -1361,7 +1388,7 @@ impl Fetcher {
             return;
         }
         if let Some(dropped) = self.store(evicted) {
-            if dirty == Dirty::Clean {
+            if blocking_thread {
                 // A chunk read back from disk, so this is a blocking-pool thread (see
                 // `held_chunk`): write what it pushed out here rather than drop it, so a
                 // re-read pays the disk write the writers are behind on, not a refetch.
@@ -1848,6 +1875,48 @@ mod tests {
                 "no group read-ahead outside the set"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A layer whose source keeps its blob on disk (a function tree's block store): its chunks
+    /// never reach the chunk cache, one evicted from memory is decoded again from the source,
+    /// and the background prefetch does not fetch windows already fetched. Without the
+    /// source's say, the same reads fill the cache.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_of_a_kept_blob_are_not_written_to_the_chunk_cache() {
+        for kept in [true, false] {
+            let (_dir, cache, _metrics, f) = writeback_fetcher(64 << 10, 8 << 20);
+            let (l, src) = crate::testutil::encoded_layer_kept(8, 16 << 10, 16 << 10, kept);
+            for i in 0..8 {
+                let got = f.read_file(&l, i, 0, 16 << 10).await.unwrap().concat();
+                assert_eq!(&got[..], &noise(i as u64, 16 << 10)[..]);
+            }
+            f.flush_all().await;
+            let reads = src.reads.load(Ordering::SeqCst);
+            if !kept {
+                assert_eq!(cache.usage().0, 8, "a registry layer's chunks are cached");
+                continue;
+            }
+            assert_eq!(cache.usage(), (0, 0), "nothing written for a kept blob");
+            assert!((0..8).all(|w| f.window_cached(&l, w)));
+            // Memory holds 64 KiB: the first files were evicted, and are read again from
+            // the source (the block store), verified as before.
+            let got = f.read_file(&l, 0, 0, 16 << 10).await.unwrap().concat();
+            assert_eq!(&got[..], &noise(0, 16 << 10)[..]);
+            assert!(src.reads.load(Ordering::SeqCst) > reads, "decoded again");
+            // The prefetch of the rest finds everything fetched: no read.
+            let before = src.reads.load(Ordering::SeqCst);
+            crate::prefetch::prefetch_layer(
+                Arc::clone(&f),
+                Arc::clone(&l),
+                crate::prefetch::PrefetchOptions {
+                    rest_eager: true,
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert_eq!(src.reads.load(Ordering::SeqCst), before);
+            assert_eq!(cache.usage(), (0, 0));
         }
     }
 

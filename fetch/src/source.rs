@@ -113,6 +113,14 @@ pub trait BlobSource: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Exactly `len` bytes of blob `digest` from `offset`, or an error.
     fn read_range<'a>(&'a self, digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a>;
+    /// Whether every byte this source returns stays on the node's disk, read again (and
+    /// verified again) on request without the network: a function tree's
+    /// [`crate::blocks::BlockSource`]. The chunks of a layer read through such a source are
+    /// not copied into the chunk cache: a chunk evicted from memory is decoded again from
+    /// the kept blob, so the node keeps one (compressed) copy and writes it once.
+    fn keeps_blob(&self) -> bool {
+        false
+    }
 }
 
 /// Per-registry concurrency limits, shared by every source of a process.

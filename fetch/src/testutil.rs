@@ -32,11 +32,16 @@ pub fn noise(seed: u64, size: u64) -> Vec<u8> {
 pub struct MemBlob {
     pub blob: Vec<u8>,
     pub reads: AtomicUsize,
+    /// What [`BlobSource::keeps_blob`] answers (a stand-in for a function tree's block store).
+    pub kept: bool,
 }
 
 impl BlobSource for MemBlob {
     fn kind(&self) -> &'static str {
         "mem"
+    }
+    fn keeps_blob(&self) -> bool {
+        self.kept
     }
     fn read_range<'a>(&'a self, _digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
         Box::pin(async move {
@@ -51,6 +56,16 @@ impl BlobSource for MemBlob {
 /// A layer of `n` one-chunk files `d/f000`... (file `i` holds `noise(i, size)`) whose frames
 /// are real zstd frames, served from memory.
 pub fn encoded_layer(n: usize, size: u64, unit: u64) -> (Arc<LayerHandle>, Arc<MemBlob>) {
+    encoded_layer_kept(n, size, unit, false)
+}
+
+/// [`encoded_layer`] whose source says whether it keeps the blob on disk.
+pub fn encoded_layer_kept(
+    n: usize,
+    size: u64,
+    unit: u64,
+    kept: bool,
+) -> (Arc<LayerHandle>, Arc<MemBlob>) {
     let mut blob = Vec::new();
     let entries = (0..n)
         .map(|i| {
@@ -79,6 +94,7 @@ pub fn encoded_layer(n: usize, size: u64, unit: u64) -> (Arc<LayerHandle>, Arc<M
     let src = Arc::new(MemBlob {
         blob,
         reads: AtomicUsize::new(0),
+        kept,
     });
     let l = LayerHandle::new(
         "sha256:01",

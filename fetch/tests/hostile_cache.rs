@@ -115,18 +115,22 @@ fn corrupt_cache_dir_does_not_stop_start() {
     let chunks = root.join("chunks");
     // Every kind of damage at once: a file in place of a prefix directory, a directory and a
     // symlink in place of chunk files, foreign names, a file in place of tmp/, junk at the top.
-    std::fs::remove_dir_all(chunks.join("00")).unwrap();
+    let _ = std::fs::remove_dir_all(chunks.join("00"));
     std::fs::write(chunks.join("00"), b"not a dir").unwrap();
     let (dd, _) = chunk(5, 10);
     std::fs::create_dir_all(chunk_path(root, &dd).join("inner")).unwrap();
     let (ds, _) = chunk(6, 10);
+    std::fs::create_dir_all(chunk_path(root, &ds).parent().unwrap()).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", chunk_path(root, &ds)).unwrap();
+    std::fs::create_dir_all(chunks.join("ff")).unwrap();
     std::fs::write(chunks.join("ff").join("not-a-chunk"), b"x").unwrap();
     std::fs::write(chunks.join("zz"), b"x").unwrap();
     std::fs::remove_dir_all(root.join("tmp")).unwrap();
     std::fs::write(root.join("tmp"), b"x").unwrap();
     let c = ChunkCache::open(root, 1 << 20).expect("a damaged cache must open");
-    assert!(chunks.join("00").is_dir());
+    // The file in place of a prefix directory is gone (the directory is made when its first
+    // chunk is stored).
+    assert!(std::fs::symlink_metadata(chunks.join("00")).is_err());
     assert!(root.join("tmp").is_dir());
     assert!(!chunks.join("zz").exists());
     assert!(!chunks.join("ff").join("not-a-chunk").exists());
@@ -140,6 +144,19 @@ fn corrupt_cache_dir_does_not_stop_start() {
         c.put(&d, &data).unwrap();
         assert!(matches!(c.get(&d, 10), Lookup::Hit(ref v) if *v == data));
     }
+    // Damage after open: a file where a chunk's prefix directory is to be made, and a
+    // prefix directory removed under the running cache. Both chunks are stored all the same.
+    let (d7, data7) = chunk(7, 10);
+    let p7 = chunk_path(root, &d7);
+    let _ = std::fs::remove_dir_all(p7.parent().unwrap());
+    std::fs::write(p7.parent().unwrap(), b"x").unwrap();
+    c.put(&d7, &data7).unwrap();
+    assert!(matches!(c.get(&d7, 10), Lookup::Hit(ref v) if *v == data7));
+    let (d8, data8) = chunk(8, 10);
+    let p8 = chunk_path(root, &d8);
+    let _ = std::fs::remove_dir_all(p8.parent().unwrap());
+    c.put(&d8, &data8).unwrap();
+    assert!(matches!(c.get(&d8, 10), Lookup::Hit(ref v) if *v == data8));
     // `chunks` itself a file.
     drop(c);
     std::fs::remove_dir_all(&chunks).unwrap();
