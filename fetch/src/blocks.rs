@@ -744,20 +744,35 @@ mod tests {
         ))
     }
 
+    /// A fresh store and layer `DIGEST` of `data` (block table up to `dl`) read from a
+    /// registry in memory; the directory lives as long as the returned guard.
+    fn registry_layer(
+        data: &[u8],
+        dl: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<BlockStore>,
+        Arc<Mem>,
+        Arc<BlockSource>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(dir.path()).unwrap();
+        let reg = Mem::new(data);
+        let src = store
+            .layer(
+                DIGEST,
+                table(data, dl),
+                router(&[("registry", Arc::clone(&reg))]),
+            )
+            .unwrap();
+        (dir, store, reg, src)
+    }
+
     #[tokio::test]
     async fn ranges_come_back_exact_and_blocks_are_fetched_once() {
         let data = blob(10 * BS as usize + 100);
         let dl = 9 * BS + 50;
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlockStore::new(dir.path()).unwrap();
-        let reg = Mem::new(&data);
-        let src = store
-            .layer(
-                DIGEST,
-                table(&data, dl),
-                router(&[("registry", Arc::clone(&reg))]),
-            )
-            .unwrap();
+        let (_dir, _store, reg, src) = registry_layer(&data, dl);
         for (o, l) in [
             (0, 1),
             (5, BS),
@@ -817,16 +832,7 @@ mod tests {
     async fn recently_proved_blocks_are_served_from_memory_not_hashed_again() {
         let data = blob(6 * BS as usize);
         let dl = data.len() as u64;
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlockStore::new(dir.path()).unwrap();
-        let reg = Mem::new(&data);
-        let src = store
-            .layer(
-                DIGEST,
-                table(&data, dl),
-                router(&[("registry", Arc::clone(&reg))]),
-            )
-            .unwrap();
+        let (_dir, store, reg, src) = registry_layer(&data, dl);
         src.read(0, dl).await.unwrap();
         // Asked again (a child, the node's own reads): from memory, not from disk.
         let got = src.read(BS / 2, 4 * BS).await.unwrap();
