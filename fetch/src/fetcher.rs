@@ -1561,7 +1561,7 @@ impl WriteBack {
     /// that producers push under, so no chunk is left without a writer).
     fn drain(&self, cache: &ChunkCache, metrics: &Metrics) {
         // Caching is background work: let reads that someone waits for go first.
-        let _nice = Niceness::lower();
+        let _nice = crate::nice::Niced::lower(10);
         let publish = || {
             let (n, bytes_held) = cache.usage();
             metrics.cache_chunks.store(n as u64, Ordering::Relaxed);
@@ -1607,32 +1607,6 @@ fn write_chunk(cache: &ChunkCache, k: [u8; 32], b: &[u8], dirty: Dirty) {
     };
     if let Err(e) = r {
         warn!(chunk = %d, error = %e, "cannot write chunk to the cache");
-    }
-}
-
-/// Lowers the calling thread's scheduling priority until dropped (Linux: nice is per thread).
-struct Niceness(i32);
-
-impl Niceness {
-    fn lower() -> Niceness {
-        // SAFETY: getpriority/setpriority on the calling thread (who = 0 means this thread for
-        // PRIO_PROCESS on Linux, whose nice values are per thread).
-        unsafe {
-            *libc::__errno_location() = 0;
-            let old = libc::getpriority(libc::PRIO_PROCESS, 0);
-            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-            Niceness(old)
-        }
-    }
-}
-
-impl Drop for Niceness {
-    fn drop(&mut self) {
-        // SAFETY: as above. Restoring a lower nice value needs CAP_SYS_NICE (the daemon runs
-        // as root); without it the thread stays at the lower priority, which is harmless.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, 0, self.0);
-        }
     }
 }
 

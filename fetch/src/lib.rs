@@ -15,6 +15,7 @@
 //! [`router`] tries blob sources in order, each within a deadline (parent, grandparent, then
 //! registry); [`blocks`] keeps a function tree's layers as raw blob blocks proved against the
 //! TOC's block table, which is what a node reads from its parent and serves its children.
+//! [`nice`] runs background work (cache writers, a layer's proof) at a lower CPU priority.
 
 pub mod blocks;
 pub mod cache;
@@ -22,6 +23,7 @@ pub mod fetcher;
 pub mod learn;
 pub mod memcache;
 pub mod metrics;
+pub mod nice;
 pub mod prefetch;
 pub mod router;
 pub mod source;

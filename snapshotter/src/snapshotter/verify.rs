@@ -124,38 +124,6 @@ impl Proof {
     }
 }
 
-/// Lowers the calling thread's CPU priority to the least (nice 19) until dropped.
-struct Niced(Option<i32>);
-
-impl Niced {
-    fn new() -> Niced {
-        // SAFETY: gettid has no preconditions; getpriority/setpriority on this thread's id
-        // only change this thread's scheduling priority.
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            *libc::__errno_location() = 0;
-            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
-            if *libc::__errno_location() != 0 {
-                return Niced(None);
-            }
-            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-            Niced(Some(old))
-        }
-    }
-}
-
-impl Drop for Niced {
-    fn drop(&mut self) {
-        if let Some(old) = self.0 {
-            // SAFETY: as in `new`; restores this (pooled) thread's priority.
-            unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::setpriority(libc::PRIO_PROCESS, tid, old);
-            }
-        }
-    }
-}
-
 /// A blob reader that waits, before each read, until the node's fetcher is quiet (no reads a
 /// workload waits for, see [`arbor_fetch::Fetcher::is_quiet`]): the proof reads whole layers
 /// and must never compete with a cold start for the link or the CPU. The registry's stream is
@@ -331,7 +299,7 @@ impl Snapshotter {
             state: Arc::clone(state),
         };
         tokio::task::spawn_blocking(move || {
-            let _niced = Niced::new();
+            let _niced = arbor_fetch::nice::Niced::lower(19);
             verify_layer(paced, &index)
         })
         .await
