@@ -1039,8 +1039,7 @@ fn replay(dirs: &[PathBuf], files: &[StartFile], readers: usize) -> Result<Vec<(
                             return Ok(());
                         };
                         let p = dirs[f.layer].join(&f.rel);
-                        let digest = hash_file(&p, &mut buf)
-                            .with_context(|| format!("reading {}", p.display()))?;
+                        let digest = pyimage::sha256_file_with(&p, &mut buf)?;
                         out.lock().unwrap().push((k, digest));
                     }
                 })
@@ -1052,20 +1051,6 @@ fn replay(dirs: &[PathBuf], files: &[StartFile], readers: usize) -> Result<Vec<(
         Ok(())
     })?;
     Ok(out.into_inner().unwrap())
-}
-
-/// The sha256 (hex) of a whole file, read through `buf`.
-fn hash_file(p: &Path, buf: &mut [u8]) -> std::io::Result<String> {
-    let mut f = fs::File::open(p)?;
-    let mut h = Sha256::new();
-    loop {
-        match f.read(buf) {
-            Ok(0) => return Ok(hex(&h.finalize())),
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// A stock node's pull without containerd: every original layer blob downloaded at once

@@ -1082,11 +1082,20 @@ pub fn tree_stats(dir: &Path) -> Result<(u64, u64)> {
 }
 
 pub fn sha256_file(p: &Path) -> Result<String> {
+    sha256_file_with(p, &mut vec![0u8; 1 << 20])
+}
+
+/// [`sha256_file`] reading through `buf`: a caller hashing many files reuses one buffer
+/// (a fresh 1 MiB buffer per file is a fresh mapping whose pages the kernel zeroes).
+pub fn sha256_file_with(p: &Path, buf: &mut [u8]) -> Result<String> {
     let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = match f.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
         if n == 0 {
             break;
         }

@@ -135,7 +135,9 @@ impl ChunkCache {
             let name = p.file_name();
             let Some(prefix) = name
                 .to_str()
-                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .filter(|n| {
+                    n.len() == 2 && n.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                })
                 .and_then(|n| hex::decode(n).ok())
             else {
                 remove_any(&sub);

@@ -125,6 +125,10 @@ fn corrupt_cache_dir_does_not_stop_start() {
     std::fs::create_dir_all(chunks.join("ff")).unwrap();
     std::fs::write(chunks.join("ff").join("not-a-chunk"), b"x").unwrap();
     std::fs::write(chunks.join("zz"), b"x").unwrap();
+    // An upper-case prefix is not one the cache makes (its chunks would be listed but
+    // looked up elsewhere): removed with what it holds.
+    std::fs::create_dir_all(chunks.join("AB")).unwrap();
+    std::fs::write(chunks.join("AB").join("ab".repeat(32)), b"x").unwrap();
     std::fs::remove_dir_all(root.join("tmp")).unwrap();
     std::fs::write(root.join("tmp"), b"x").unwrap();
     let c = ChunkCache::open(root, 1 << 20).expect("a damaged cache must open");
@@ -133,6 +137,7 @@ fn corrupt_cache_dir_does_not_stop_start() {
     assert!(std::fs::symlink_metadata(chunks.join("00")).is_err());
     assert!(root.join("tmp").is_dir());
     assert!(!chunks.join("zz").exists());
+    assert!(!chunks.join("AB").exists());
     assert!(!chunks.join("ff").join("not-a-chunk").exists());
     assert!(std::fs::symlink_metadata(chunk_path(root, &ds)).is_err());
     assert!(!c.contains(&dd) && !c.contains(&ds));

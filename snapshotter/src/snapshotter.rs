@@ -841,11 +841,11 @@ impl Snapshotter {
     }
 }
 
-/// Removes a snapshot directory, first detaching anything still mounted below it.
 /// Kept TOCs younger than this are never pruned by Cleanup: a Prepare writes its layer's TOC
 /// before the snapshot's record exists.
 pub const TOC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Removes a snapshot directory, first detaching anything still mounted below it.
 fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
     let fs = dir.join("fs");
     if arbor_lazyfs::overlay::is_mounted(&fs) {
