@@ -459,6 +459,12 @@ impl BlockSource {
             let theirs = self.take_recent(theirs, &mut got);
             self.read_local(&theirs, &mut got).await;
         }
+        if let (1, Some((&b, data))) = (got.len(), got.first_key_value()) {
+            // Within one block (most chunk frames): a slice of it, no copy.
+            let s = self.table.range(b).0;
+            let to = ((end - s) as usize).min(data.len());
+            return Ok(data.slice(((offset.max(s) - s) as usize).min(to)..to));
+        }
         let mut out = BytesMut::with_capacity(len as usize);
         for (b, data) in got {
             let (s, _) = self.table.range(b);
@@ -776,6 +782,8 @@ mod tests {
         for (o, l) in [
             (0, 1),
             (5, BS),
+            (BS, BS),
+            (2 * BS - 5, 5),
             (BS - 1, 2),
             (3 * BS + 7, 2 * BS),
             (0, dl),

@@ -362,7 +362,7 @@ async fn with_keepalive<F: Future>(tx: &PieceSender, fut: F) -> Option<F::Output
             out = &mut fut => return Some(out),
             _ = tx.closed() => return None,
             _ = tick.tick() => {
-                let waiting = RangePiece { data: Vec::new(), waiting: true };
+                let waiting = RangePiece { data: Bytes::new(), waiting: true };
                 match tx.try_send(Ok(waiting)) {
                     // Full: data is already queued for the client, which is not stalled.
                     Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
@@ -529,7 +529,7 @@ impl<P: Provider + ?Sized> Streamer<P> {
                 return false;
             }
             let msg = RangePiece {
-                data: piece.to_vec(),
+                data: piece,
                 waiting: false,
             };
             if self.tx.send(Ok(msg)).await.is_err() {

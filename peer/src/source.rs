@@ -33,10 +33,6 @@ pub const DEFAULT_STALL: Duration = Duration::from_secs(1);
 /// How long establishing the TCP connection to the parent may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The most a read preallocates, whatever length is asked for (the Peer service serves at
-/// most 64 MiB per request).
-const MAX_PREALLOC: u64 = 64 << 20;
-
 /// Reads blob ranges from one parent's Peer service; see the module docs.
 ///
 /// Cheap to share: reads run concurrently over one lazily connected HTTP/2 channel, which is
@@ -156,8 +152,9 @@ impl PeerSource {
             Ok(Ok(r)) => r,
         };
         let mut stream = response.into_inner();
-        // Bounded: `len` comes from the caller and may be anything.
-        let mut buf = BytesMut::with_capacity(len.min(MAX_PREALLOC) as usize);
+        // The pieces as they came (slices of tonic's buffers, no copy); `have` bytes in all.
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut have = 0u64;
         let mut pieces = 0u64;
         let mut keepalives = 0u64;
         loop {
@@ -167,12 +164,11 @@ impl PeerSource {
                         SourceErrorKind::Timeout,
                         format!(
                             "stalled: nothing for {:?} after {} of {len} bytes",
-                            self.stall,
-                            buf.len()
+                            self.stall, have
                         ),
                     ));
                 }
-                Ok(Err(status)) => return Err(self.status_error(&status, buf.len() as u64, len)),
+                Ok(Err(status)) => return Err(self.status_error(&status, have, len)),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(p))) => p,
             };
@@ -181,7 +177,6 @@ impl PeerSource {
                 continue;
             }
             pieces += 1;
-            let have = buf.len() as u64;
             if (piece.data.len() as u64) > len.saturating_sub(have) {
                 // Dropping the stream cancels the request.
                 return Err(self.error(
@@ -192,12 +187,13 @@ impl PeerSource {
                     ),
                 ));
             }
-            buf.extend_from_slice(&piece.data);
+            have += piece.data.len() as u64;
+            parts.push(piece.data);
         }
-        if buf.len() as u64 != len {
+        if have != len {
             return Err(self.error(
                 SourceErrorKind::Short,
-                format!("asked for {len} bytes at {offset}, got {}", buf.len()),
+                format!("asked for {len} bytes at {offset}, got {have}"),
             ));
         }
         debug!(
@@ -206,7 +202,17 @@ impl PeerSource {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "read from peer"
         );
-        Ok(buf.freeze())
+        Ok(match parts.len() {
+            1 => parts.swap_remove(0),
+            _ => {
+                // `have` is `len`, which no piece was allowed to exceed.
+                let mut buf = BytesMut::with_capacity(have as usize);
+                for p in &parts {
+                    buf.extend_from_slice(p);
+                }
+                buf.freeze()
+            }
+        })
     }
 
     fn status_error(&self, status: &tonic::Status, got: u64, len: u64) -> SourceError {

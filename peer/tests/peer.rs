@@ -348,7 +348,7 @@ impl Peer for SilentPeer {
             if first {
                 let _ = tx
                     .send(Ok(RangePiece {
-                        data: vec![0; (len / 2) as usize],
+                        data: vec![0; (len / 2) as usize].into(),
                         waiting: false,
                     }))
                     .await;
@@ -570,7 +570,7 @@ impl Peer for LyingPeer {
             for _ in 0..keepalives {
                 let _ = tx
                     .send(Ok(RangePiece {
-                        data: Vec::new(),
+                        data: Default::default(),
                         waiting: true,
                     }))
                     .await;
@@ -581,7 +581,7 @@ impl Peer for LyingPeer {
                 left -= n;
                 if tx
                     .send(Ok(RangePiece {
-                        data: vec![7; n],
+                        data: vec![7; n].into(),
                         waiting: false,
                     }))
                     .await
