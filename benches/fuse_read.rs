@@ -360,6 +360,7 @@ fn main() -> Result<()> {
         samples: Vec::new(),
         cold_runs: Vec::new(),
         mounts: 0,
+        caches: 0,
     };
     for rep in 1..=args.reps {
         println!("repetition {rep}/{}", args.reps);
@@ -1699,6 +1700,8 @@ struct Bench {
     samples: Vec<Sample>,
     cold_runs: Vec<Value>,
     mounts: u32,
+    /// Caches made so far (their names' suffix).
+    caches: u32,
 }
 
 impl Bench {
@@ -1723,11 +1726,14 @@ impl Bench {
         self.mount(cache, prefetch)
     }
 
+    /// A new, empty cache directory for one daemon. Used caches are not deleted until the
+    /// scratch directory is, at the end of the run: deleting one (thousands of chunk files)
+    /// right before the next cold pass would make that pass pay for it, as ext4 without a
+    /// journal (this VM's root) skips and re-checks every inode freed within the last 30 s
+    /// when it allocates one, and the next pass creates thousands.
     fn fresh_cache(&mut self, name: &str) -> Result<PathBuf> {
-        let p = self.scratch.join(name);
-        if p.exists() {
-            fs::remove_dir_all(&p)?;
-        }
+        self.caches += 1;
+        let p = self.scratch.join(format!("{name}-{}", self.caches));
         fs::create_dir_all(&p)?;
         Ok(p)
     }
@@ -1968,7 +1974,6 @@ impl Bench {
         let after = m.metrics()?;
         Self::check_no_fetch(&before, &after, "stat_arbor_fresh/arbor_diskcache");
         m.stop()?;
-        fs::remove_dir_all(&cache_a)?;
 
         // Cold with prefetch on.
         self.cold_prefetch(rep, "arbor_cold_prefetch", 1)?;
@@ -1990,7 +1995,6 @@ impl Bench {
             let at_end = m.metrics()?;
             self.record_cold("arbor_cold_eager", rep, "eager", &m, &at_end, None);
             m.stop()?;
-            fs::remove_dir_all(&cache)?;
         }
         if n > 1 {
             self.cold_prefetch(rep, &xn("arbor_cold_prefetch"), n)?;
@@ -2014,7 +2018,6 @@ impl Bench {
                 None,
             );
             m.stop()?;
-            fs::remove_dir_all(&cache)?;
         }
         self.nydus_repetition(rep)
     }
@@ -2047,7 +2050,6 @@ impl Bench {
                 Start::DropCaches,
             )?;
             m.stop()?;
-            fs::remove_dir_all(&cache)?;
             let cache = self.fresh_cache("nydus-cache-b")?;
             drop_caches()?;
             let m = self.nydus_mount(&nydus, &cache, true)?;
@@ -2060,7 +2062,6 @@ impl Bench {
                 Start::FreshMount,
             )?;
             m.stop()?;
-            fs::remove_dir_all(&cache)?;
             anyhow::Ok(())
         })();
         self.nydus = Some(nydus);
@@ -2102,7 +2103,6 @@ impl Bench {
         };
         self.record_cold(key, rep, &variant, &m, &at_end, Some((&after, secs)));
         m.stop()?;
-        fs::remove_dir_all(&cache)?;
         Ok(())
     }
 
