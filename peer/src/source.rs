@@ -33,6 +33,10 @@ pub const DEFAULT_STALL: Duration = Duration::from_secs(1);
 /// How long establishing the TCP connection to the parent may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The most a read preallocates, whatever length is asked for (the Peer service serves at
+/// most 64 MiB per request).
+const MAX_PREALLOC: u64 = 64 << 20;
+
 /// Reads blob ranges from one parent's Peer service; see the module docs.
 ///
 /// Cheap to share: reads run concurrently over one lazily connected HTTP/2 channel, which is
@@ -152,8 +156,12 @@ impl PeerSource {
             Ok(Ok(r)) => r,
         };
         let mut stream = response.into_inner();
-        // The pieces as they came (slices of tonic's buffers, no copy); `have` bytes in all.
-        let mut parts: Vec<Bytes> = Vec::new();
+        // The first piece is kept as it came (a slice of tonic's buffer): an answer in one
+        // piece is used without a copy. From the second on, the pieces are copied into `buf`
+        // (bounded by `len`), so that a peer sending many small pieces cannot make this hold
+        // each piece's whole receive buffer.
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
         let mut have = 0u64;
         let mut pieces = 0u64;
         let mut keepalives = 0u64;
@@ -188,7 +196,17 @@ impl PeerSource {
                 ));
             }
             have += piece.data.len() as u64;
-            parts.push(piece.data);
+            match first.take() {
+                None if buf.is_empty() => first = Some(piece.data),
+                earlier => {
+                    if let Some(f) = earlier {
+                        // Bounded: `len` comes from the caller and may be anything.
+                        buf.reserve(len.min(MAX_PREALLOC) as usize);
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&piece.data);
+                }
+            }
         }
         if have != len {
             return Err(self.error(
@@ -202,16 +220,9 @@ impl PeerSource {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "read from peer"
         );
-        Ok(match parts.len() {
-            1 => parts.swap_remove(0),
-            _ => {
-                // `have` is `len`, which no piece was allowed to exceed.
-                let mut buf = BytesMut::with_capacity(have as usize);
-                for p in &parts {
-                    buf.extend_from_slice(p);
-                }
-                buf.freeze()
-            }
+        Ok(match first {
+            Some(only) => only,
+            None => buf.freeze(),
         })
     }
 
