@@ -16,6 +16,7 @@ cd "$ROOT"
 PACKAGES=(
   containerd runc skopeo umoci docker-registry fuse3 busybox-static
   iproute2 jq zstd apache2-utils ca-certificates containernetworking-plugins etcd-server
+  python3
 )
 
 if [[ "$(id -u)" -eq 0 ]]; then
