@@ -91,8 +91,9 @@ def frames(files, work):
 
 
 def node(args):
-    """One node's floor work; returns its wall seconds."""
-    sent, sizes, out_path = args
+    """One node's floor work; returns its wall seconds. Fails unless the bytes it read back
+    are the start-up set's (`expect`: their sha256), so a floor that skipped work is an error."""
+    sent, sizes, out_path, expect = args
     start = time.monotonic()
     # Received over TCP (loopback: no bridge, no shaping), as from a parent.
     listener = socket.create_server(("127.0.0.1", 0))
@@ -127,7 +128,8 @@ def node(args):
             hashlib.sha256(piece).digest()
             out.write(piece)
     feeder.join()
-    z.wait()
+    if z.wait() != 0:
+        raise RuntimeError(f"zstd -d failed with status {z.returncode}")
     with open(out_path, "rb") as f:
         h = hashlib.sha256()
         while True:
@@ -135,6 +137,8 @@ def node(args):
             if not piece:
                 break
             h.update(piece)
+    if h.hexdigest() != expect:
+        raise RuntimeError("the bytes read back are not the start-up set's")
     return time.monotonic() - start
 
 
@@ -155,6 +159,7 @@ def main():
         blob = b"".join(fr)
         sizes = [len(f) for f in fr]
         raw = sum(len(f) for f in files)
+        expect = hashlib.sha256(b"".join(files)).hexdigest()
         print(
             f"start-up set: {len(files)} files ({missing} not found), {raw / 1e6:.1f} MB in "
             f"{len(fr)} chunks, {len(blob) / 1e6:.1f} MB as zstd frames; {os.cpu_count()} CPUs"
@@ -163,7 +168,7 @@ def main():
         print(f"{'N':>4} {'wall s':>8} {'slowest node s':>15}")
         for n in [int(x) for x in a.nodes.split(",")]:
             subprocess.run(["sync"], check=True)
-            jobs = [(blob, sizes, os.path.join(work, f"out-{i}")) for i in range(n)]
+            jobs = [(blob, sizes, os.path.join(work, f"out-{i}"), expect) for i in range(n)]
             t0 = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(max_workers=n) as ex:
                 times = list(ex.map(node, jobs))
