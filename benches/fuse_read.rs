@@ -1731,8 +1731,8 @@ impl Bench {
     /// right before the next cold pass would make that pass pay for it, as ext4 without a
     /// journal (this VM's root) skips and re-checks every inode freed within the last 30 s
     /// when it allocates one, and the next pass creates thousands. The price is disk: the
-    /// scratch directory grows by up to one tree's size per cold measurement (about 2.5 GB a
-    /// repetition of `--pypi` with nydusd), all freed at the end.
+    /// scratch directory grows by up to one tree's size per cold measurement (five to seven
+    /// a repetition), all freed at the end.
     fn fresh_cache(&mut self, name: &str) -> Result<PathBuf> {
         self.caches += 1;
         let p = self.scratch.join(format!("{name}-{}", self.caches));
