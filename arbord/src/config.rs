@@ -247,6 +247,9 @@ pub struct Fetch {
     /// Windows fetched ahead, at most, of a reader moving forward through a layer (three
     /// misses in a row, each right after fetched windows): 4 at first, doubling; 0 disables it.
     pub sequential_read_ahead: usize,
+    /// Bytes of a blob one read-ahead or prefetch request covers at most: consecutive windows
+    /// go in one range request up to this size (a registry spends CPU per request).
+    pub max_request: Size,
     /// Longest a lazy Prepare may spend reading a TOC before it falls back.
     pub toc_timeout_secs: u64,
     /// Read every lazily mounted layer through in the background to prove its digest, diff ID
@@ -383,6 +386,7 @@ impl Default for Fetch {
             group_read_ahead: Size(arbor_fetch::fetcher::DEFAULT_GROUP_READ_AHEAD),
             group_concurrency: arbor_fetch::fetcher::DEFAULT_GROUP_CONCURRENCY,
             sequential_read_ahead: arbor_fetch::fetcher::DEFAULT_SEQUENTIAL_READ_AHEAD,
+            max_request: Size(arbor_fetch::fetcher::DEFAULT_MAX_REQUEST),
             toc_timeout_secs: 30,
             verify_layers: true,
             proof_wait_secs: 300,
@@ -465,6 +469,10 @@ impl Config {
             "fuse.push_ahead needs fuse.handover = false: a push waits, uninterruptibly, for \
              the pages being read that it fills, and an arbord killed during one could not exit \
              for its successor to answer those reads"
+        );
+        anyhow::ensure!(
+            self.fetch.max_request.0 <= 64 << 20,
+            "fetch.max_request must be at most 64MiB"
         );
         anyhow::ensure!(
             self.fetch.sequential_read_ahead <= 1024,

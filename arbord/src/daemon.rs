@@ -122,6 +122,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             group_read_ahead: cfg.fetch.group_read_ahead.0,
             group_concurrency: cfg.fetch.group_concurrency,
             sequential_read_ahead: cfg.fetch.sequential_read_ahead,
+            max_request: cfg.fetch.max_request.0,
             ..FetcherOptions::default()
         },
     );

@@ -194,6 +194,12 @@ enum Command {
         #[arg(long, default_value_t = arbor_fetch::fetcher::DEFAULT_SEQUENTIAL_READ_AHEAD as u16,
               value_parser = clap::value_parser!(u16).range(0..=1024))]
         sequential_read_ahead: u16,
+        /// Bytes of the blob one read-ahead request covers at most: consecutive fetch units
+        /// that the read-ahead wants go in one range request up to this size (a registry
+        /// charges CPU per request, and on a small node that CPU is the reader's); demand
+        /// misses still fetch one unit.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        max_request: u64,
         /// Do not fetch ahead of demand at all.
         #[arg(long)]
         no_prefetch: bool,
@@ -621,6 +627,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cache_size,
             fetch_unit,
             sequential_read_ahead,
+            max_request,
             no_prefetch,
             no_prefetch_rest,
             prefetch_rate,
@@ -643,6 +650,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 cache_size,
                 fetch_unit,
                 sequential_read_ahead: usize::from(sequential_read_ahead),
+                max_request,
                 prefetch: !no_prefetch,
                 prefetch_rest: !no_prefetch_rest,
                 prefetch_rate,

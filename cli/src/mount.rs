@@ -22,6 +22,7 @@ pub struct MountArgs {
     pub cache_size: u64,
     pub fetch_unit: u64,
     pub sequential_read_ahead: usize,
+    pub max_request: u64,
     pub prefetch: bool,
     pub prefetch_rest: bool,
     pub prefetch_rate: u64,
@@ -75,6 +76,7 @@ pub async fn run(
         FetcherOptions {
             fetch_unit: a.fetch_unit,
             sequential_read_ahead: a.sequential_read_ahead,
+            max_request: a.max_request,
             background_while_active: a.prefetch_rest_while_active,
             ..Default::default()
         },

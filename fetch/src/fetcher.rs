@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arbor_format::index::{Chunk, LayerIndex, decode_chunk};
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
@@ -85,6 +86,13 @@ pub struct FetcherOptions {
     /// few round trips; a starting program, whose misses jump between directories, does not
     /// trigger it.
     pub sequential_read_ahead: usize,
+    /// Bytes of the blob one read-ahead request covers at most: consecutive windows that the
+    /// sequential or group read-ahead wants are fetched with one range request up to this
+    /// size, then decoded window by window (a window smaller than this is never merged with
+    /// itself, so this never splits one). Registries charge per request: docker-registry
+    /// spends about 4 ms of CPU on each, as much as on 4 MB of content, and on a small node
+    /// that CPU is taken from the reader. Demand misses still fetch one window.
+    pub max_request: u64,
 }
 
 impl Default for FetcherOptions {
@@ -99,9 +107,13 @@ impl Default for FetcherOptions {
             group_concurrency: DEFAULT_GROUP_CONCURRENCY,
             writeback_bytes: DEFAULT_WRITEBACK_BYTES,
             sequential_read_ahead: DEFAULT_SEQUENTIAL_READ_AHEAD,
+            max_request: DEFAULT_MAX_REQUEST,
         }
     }
 }
+
+/// Default of [`FetcherOptions::max_request`].
+pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
 
 /// Default of [`FetcherOptions::sequential_read_ahead`] (with 1 MiB windows, 32 MiB ahead).
 pub const DEFAULT_SEQUENTIAL_READ_AHEAD: usize = 32;
@@ -502,6 +514,33 @@ pub const DEFAULT_WRITEBACK_BYTES: u64 = 64 << 20;
 /// Longest [`Fetcher::flush`] waits for writes in flight (a hung disk must not hang a
 /// shutdown or the write-back loop forever).
 pub const FLUSH_WAIT: Duration = Duration::from_secs(30);
+
+/// `ws` cut into runs of consecutive windows (in `ws`'s order), each covering at most
+/// `max_bytes` of the blob unless it is a single window.
+fn runs(layer: &LayerHandle, ws: &[usize], max_bytes: u64) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0u64;
+    for &w in ws {
+        let Some(win) = layer.windows.get(w) else {
+            continue;
+        };
+        let len = win.end - win.start;
+        match out.last_mut() {
+            Some(run)
+                if run.last().is_some_and(|&p| p + 1 == w)
+                    && bytes.saturating_add(len) <= max_bytes =>
+            {
+                run.push(w);
+                bytes += len;
+            }
+            _ => {
+                out.push(vec![w]);
+                bytes = len;
+            }
+        }
+    }
+    out
+}
 
 /// Counts an urgent fetch in flight for as long as it lives.
 struct UrgentGuard<'a>(&'a Fetcher);
@@ -990,16 +1029,31 @@ impl Fetcher {
         let to = w
             .saturating_add(ahead)
             .min(layer.windows.len().saturating_sub(1));
-        for next in from..=to {
-            if !self.wanted(layer, next) {
-                continue;
+        let marker = w + 1;
+        // While at least half the lead is still ahead of the reader, the stretch grows only
+        // by whole requests ([`FetcherOptions::max_request`]), not a window at a time.
+        let span: u64 = layer
+            .windows
+            .get(from..=to)
+            .map_or(0, |ws| ws.iter().map(|x| x.end - x.start).sum());
+        if from <= to
+            && layer.stretch_end().is_some()
+            && span < self.opts.max_request
+            && from.saturating_sub(marker) >= ahead / 2
+        {
+            layer.seq_ahead.store(ahead, Ordering::Relaxed);
+            if marker < layer.windows.len() {
+                layer.seq_marker.store(marker, Ordering::Relaxed);
             }
-            bytes += layer.windows[next].end - layer.windows[next].start;
-            self.spawn_speculative(layer, next, true);
+            return;
         }
+        let wanted: Vec<usize> = (from..=to).filter(|&x| self.wanted(layer, x)).collect();
+        for &x in &wanted {
+            bytes += layer.windows[x].end - layer.windows[x].start;
+        }
+        self.spawn_speculative(layer, &wanted, true);
         layer.seq_ahead.store(ahead, Ordering::Relaxed);
         layer.note_stretch(to);
-        let marker = w + 1;
         if marker < layer.windows.len() {
             layer.seq_marker.store(marker, Ordering::Relaxed);
         }
@@ -1078,36 +1132,42 @@ impl Fetcher {
         self.metrics
             .group_read_ahead_bytes
             .fetch_add(bytes, Ordering::Relaxed);
-        // In the order picked, at most `group_concurrency` windows in flight over all groups
+        // In the order picked, at most `group_concurrency` requests in flight over all groups
         // and layers; a window a read fetched meanwhile is not fetched again.
-        for x in picked {
-            self.spawn_speculative(layer, x, false);
-        }
+        self.spawn_speculative(layer, &picked, false);
     }
 
-    /// Fetches window `w` in the background as urgent work once one of the read-ahead slots
+    /// Fetches windows `ws` in the background as urgent work once one of the read-ahead slots
     /// ([`FetcherOptions::group_concurrency`], shared by group and sequential read-ahead)
-    /// frees, unless a read fetched it meanwhile. With `pace`, it first waits for room in
-    /// the write-back queue ([`Fetcher::writeback_room`]): read-ahead that can run through a
+    /// frees, but not those a read fetched meanwhile: runs of consecutive windows with one
+    /// request each, [`FetcherOptions::max_request`] bytes at most ([`Fetcher::fetch_run`]),
+    /// one slot per request. With `pace`, each request first waits for room in the
+    /// write-back queue ([`Fetcher::writeback_room`]): read-ahead that can run through a
     /// whole layer must go at the disk cache's pace, or what it evicts from memory would be
     /// dropped and fetched again. Spawned on the fetcher's runtime, so FUSE workers may call it.
-    fn spawn_speculative(self: &Arc<Self>, layer: &Arc<LayerHandle>, w: usize, pace: bool) {
+    fn spawn_speculative(self: &Arc<Self>, layer: &Arc<LayerHandle>, ws: &[usize], pace: bool) {
         let Some(rt) = &self.rt else {
             return;
         };
-        let (f, l) = (Arc::clone(self), Arc::clone(layer));
-        let slots = Arc::clone(&self.group_slots);
-        rt.spawn(async move {
-            if pace {
-                f.writeback_room().await;
-            }
-            let Ok(_permit) = slots.acquire_owned().await else {
-                return;
-            };
-            if !f.window_cached(&l, w) {
-                let _ = f.window(&l, w).await;
-            }
-        });
+        for run in runs(layer, ws, self.opts.max_request) {
+            let (f, l) = (Arc::clone(self), Arc::clone(layer));
+            let slots = Arc::clone(&self.group_slots);
+            rt.spawn(async move {
+                if pace {
+                    f.writeback_room().await;
+                }
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let wanted: Vec<usize> = run.into_iter().filter(|&w| f.wanted(&l, w)).collect();
+                if wanted.is_empty() {
+                    return;
+                }
+                for part in runs(&l, &wanted, u64::MAX) {
+                    f.fetch_windows(&l, &part).await;
+                }
+            });
+        }
     }
 
     /// Fetches just the chunks `refs` of a layer (those not in memory or the disk cache), as
@@ -1195,6 +1255,18 @@ impl Fetcher {
     /// workload is waiting for never queue behind it for the link or the registry; and not
     /// while the workload reads at all (see [`ACTIVE_WITHIN`]).
     pub async fn background_window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
+        let mut r = self.background_windows(layer, &[w]).await;
+        r.pop()
+            .unwrap_or_else(|| Arc::new(Err(FetchError::Internal(format!("no window {w}")))))
+    }
+
+    /// [`Fetcher::background_window`] for a run of consecutive windows (one of
+    /// [`Fetcher::request_runs`]), fetched with one request; each window's result, in order.
+    pub async fn background_windows(
+        &self,
+        layer: &Arc<LayerHandle>,
+        ws: &[usize],
+    ) -> Vec<WindowResult> {
         loop {
             let quiet_ms = self
                 .now_ms()
@@ -1206,12 +1278,12 @@ impl Fetcher {
                     .now_ms()
                     .saturating_sub(self.last_read_ms.load(Ordering::Relaxed));
                 if read_ago >= ACTIVE_WITHIN.as_millis() as u64 {
-                    return self.window_once(layer, w, Dirty::Background).await;
+                    return self.fetch_run(layer, ws, Dirty::Background).await;
                 }
                 if self.opts.background_while_active
                     && let Ok(_slot) = self.background_slot.try_acquire()
                 {
-                    let r = self.window_once(layer, w, Dirty::Background).await;
+                    let r = self.fetch_run(layer, ws, Dirty::Background).await;
                     tokio::time::sleep(BACKGROUND_PACE_WHILE_ACTIVE).await;
                     return r;
                 }
@@ -1223,13 +1295,25 @@ impl Fetcher {
     /// `dirty`: how its chunks are to be written back ([`Dirty::Background`]: only into free
     /// space of the disk cache).
     async fn window_once(&self, layer: &Arc<LayerHandle>, w: usize, dirty: Dirty) -> WindowResult {
+        self.window_once_with(layer, w, self.fetch_window(layer, w, dirty))
+            .await
+    }
+
+    /// Window `w`'s result: from the fetch of it already in flight if there is one (its
+    /// cell in `inflight`), else from `fetch`, which concurrent readers of `w` then wait for.
+    async fn window_once_with(
+        &self,
+        layer: &Arc<LayerHandle>,
+        w: usize,
+        fetch: impl Future<Output = Result<Vec<(ChunkRef, Bytes)>, FetchError>>,
+    ) -> WindowResult {
         let key = (layer.digest.clone(), w);
         let cell = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(m.entry(key.clone()).or_default())
         };
         let result = cell
-            .get_or_init(|| async { Arc::new(self.fetch_window(layer, w, dirty).await) })
+            .get_or_init(|| async { Arc::new(fetch.await) })
             .await
             .clone();
         let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -1249,8 +1333,80 @@ impl Fetcher {
             .windows
             .get(w)
             .ok_or_else(|| FetchError::Internal(format!("no window {w}")))?;
+        let data = self.read_sources(layer, window.start, window.end).await?;
+        self.decode_window(layer, w, data, dirty).await
+    }
+
+    /// Fetches the consecutive windows `ws` with one range request, then decodes and keeps
+    /// each as [`Fetcher::fetch_window`] would (each window's decoding on its own blocking
+    /// thread). Reads of any of them meanwhile wait for this fetch, as for a window's; a
+    /// window some other fetch already has in flight is taken from that one.
+    async fn fetch_run(
+        &self,
+        layer: &Arc<LayerHandle>,
+        ws: &[usize],
+        dirty: Dirty,
+    ) -> Vec<WindowResult> {
+        let consecutive = ws.windows(2).all(|p| p[1] == p[0] + 1);
+        let bounds = ws
+            .first()
+            .zip(ws.last())
+            .and_then(|(&a, &b)| Some((layer.windows.get(a)?.start, layer.windows.get(b)?.end)));
+        let Some((start, end)) = bounds.filter(|_| consecutive && ws.len() > 1) else {
+            let each = ws.iter().map(|&w| self.window_once(layer, w, dirty));
+            return futures_util::future::join_all(each).await;
+        };
+        let body = self.read_sources(layer, start, end).shared();
+        let each = ws.iter().map(|&w| {
+            let body = body.clone();
+            self.window_once_with(layer, w, async move {
+                let data = body.await?;
+                let win = layer
+                    .windows
+                    .get(w)
+                    .ok_or_else(|| FetchError::Internal(format!("no window {w}")))?;
+                let (s, e) = ((win.start - start) as usize, (win.end - start) as usize);
+                if e > data.len() || s > e {
+                    return Err(FetchError::Internal(format!(
+                        "window {w} outside the {} bytes fetched",
+                        data.len()
+                    )));
+                }
+                self.decode_window(layer, w, data.slice(s..e), dirty).await
+            })
+        });
+        futures_util::future::join_all(each).await
+    }
+
+    /// `ws` cut into the runs that [`Fetcher::fetch_windows`] fetches with one request each:
+    /// consecutive windows, [`FetcherOptions::max_request`] bytes at most.
+    pub fn request_runs(&self, layer: &LayerHandle, ws: &[usize]) -> Vec<Vec<usize>> {
+        runs(layer, ws, self.opts.max_request)
+    }
+
+    /// Fetches the consecutive windows `ws` (a run of [`Fetcher::request_runs`]) with one
+    /// range request as urgent work, as [`Fetcher::window`] does one; each window's result,
+    /// in order.
+    pub async fn fetch_windows(&self, layer: &Arc<LayerHandle>, ws: &[usize]) -> Vec<WindowResult> {
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        let _guard = UrgentGuard(self);
+        self.fetch_run(layer, ws, Dirty::Urgent).await
+    }
+
+    /// Decodes and verifies the chunks of window `w` from its bytes `data` (on a blocking
+    /// thread), keeps them and marks the window fetched.
+    async fn decode_window(
+        &self,
+        layer: &Arc<LayerHandle>,
+        w: usize,
+        data: Bytes,
+        dirty: Dirty,
+    ) -> Result<Vec<(ChunkRef, Bytes)>, FetchError> {
+        let window = layer
+            .windows
+            .get(w)
+            .ok_or_else(|| FetchError::Internal(format!("no window {w}")))?;
         let start = window.start;
-        let data = self.read_sources(layer, start, window.end).await?;
         let refs: Vec<(ChunkRef, String, Chunk)> = window
             .chunks
             .iter()
@@ -1323,6 +1479,17 @@ impl Fetcher {
             )
             .await;
             match r {
+                // Every source checks the length it was asked for; a wrong one here would
+                // make the frames' offsets wrong, so it is an error all the same.
+                Ok(Ok(b)) if b.len() as u64 != end - start => {
+                    self.metrics.source(s.kind(), 0, false, t.elapsed());
+                    errors.push(format!(
+                        "{}: {} bytes for a range of {}",
+                        s.kind(),
+                        b.len(),
+                        end - start
+                    ));
+                }
                 Ok(Ok(b)) => {
                     self.metrics
                         .source(s.kind(), b.len() as u64, true, t.elapsed());
@@ -1796,9 +1963,118 @@ mod tests {
                 assert!(read_ahead > 0, "nothing read ahead");
                 assert!(waits < 30, "{waits} of 200 reads waited for a fetch");
             }
-            // Nothing is fetched twice.
-            assert_eq!(src.reads.load(Ordering::SeqCst), 200);
+            // Nothing is fetched twice, and the read-ahead's windows go in shared requests.
+            assert_eq!(src.bytes.load(Ordering::SeqCst), src.blob.len() as u64);
+            let requests = src.reads.load(Ordering::SeqCst);
+            if ahead == 0 {
+                assert_eq!(requests, 200);
+            } else {
+                assert!(requests < 100, "{requests} requests for 200 windows");
+            }
         }
+    }
+
+    /// Consecutive windows are cut into runs of at most `max_bytes` (a larger window alone),
+    /// and a gap starts a new run.
+    #[test]
+    fn runs_are_consecutive_and_bounded() {
+        let (l, _) = encoded_layer(10, 3000, 1);
+        let w = l.windows()[0].end - l.windows()[0].start;
+        assert!(l.windows().iter().all(|x| x.end - x.start == w));
+        assert_eq!(
+            runs(&l, &[0, 1, 2, 3, 5, 6, 9], 3 * w),
+            vec![vec![0, 1, 2], vec![3], vec![5, 6], vec![9]]
+        );
+        assert_eq!(runs(&l, &[4, 5], 1), vec![vec![4], vec![5]]);
+        assert_eq!(
+            runs(&l, &[7, 99], u64::MAX),
+            vec![vec![7]],
+            "no such window"
+        );
+    }
+
+    /// A run of windows is one request; each window comes back decoded and verified, and a
+    /// read of one of them while the run is in flight waits for it instead of fetching.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_of_windows_is_one_request() {
+        let (l, src) = encoded_layer(16, 3000, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            Arc::new(Metrics::default()),
+            FetcherOptions {
+                // Only the run and the read: no read-ahead of their own.
+                group_read_ahead: 0,
+                sequential_read_ahead: 0,
+                ..FetcherOptions::default()
+            },
+        );
+        let ws: Vec<usize> = (2..10).collect();
+        let (f2, l2) = (Arc::clone(&f), Arc::clone(&l));
+        let run =
+            tokio::spawn(async move { f2.fetch_windows(&l2, &(2..10).collect::<Vec<_>>()).await });
+        let got = f.read_file(&l, 5, 0, 3000).await.unwrap().concat();
+        assert_eq!(&got[..], &noise(5, 3000)[..]);
+        let results = run.await.unwrap();
+        assert_eq!(results.len(), ws.len());
+        for (w, r) in ws.iter().zip(&results) {
+            let chunks = r.as_ref().as_ref().expect("window fetched");
+            assert_eq!(chunks.len(), 1);
+            assert_eq!(&chunks[0].1[..], &noise(*w as u64, 3000)[..], "window {w}");
+            assert!(l.was_fetched(*w));
+        }
+        // The read of window 5 either waited for the run or (if it came first) fetched
+        // window 5 alone; never both: at most two requests, no window's bytes twice over.
+        let requests = src.reads.load(Ordering::SeqCst);
+        assert!(requests <= 2, "{requests} requests");
+        let run_bytes = l.windows()[9].end - l.windows()[2].start;
+        assert!(
+            src.bytes.load(Ordering::SeqCst)
+                <= run_bytes + (l.windows()[5].end - l.windows()[5].start)
+        );
+        for w in 2..10 {
+            let got = f.read_file(&l, w, 0, 3000).await.unwrap().concat();
+            assert_eq!(&got[..], &noise(w as u64, 3000)[..]);
+        }
+        assert_eq!(
+            src.reads.load(Ordering::SeqCst),
+            requests,
+            "all held in memory"
+        );
+    }
+
+    /// A source that answers a run with fewer bytes than asked fails the run's windows with
+    /// an error (no panic, nothing kept), and a later read of them fetches them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_answer_to_a_run_fails_its_windows() {
+        let (l, src) = encoded_layer(8, 3000, 1);
+        let short = Arc::new(crate::testutil::MemBlob {
+            blob: src.blob[..l.windows()[4].start as usize + 10].to_vec(),
+            reads: Default::default(),
+            bytes: Default::default(),
+            kept: false,
+        });
+        let shorted = Arc::new(LayerHandle::new(
+            "sha256:01",
+            l.index.data_end,
+            Arc::clone(&l.index),
+            vec![short as Arc<dyn BlobSource>],
+            1,
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            Arc::new(Metrics::default()),
+            FetcherOptions::default(),
+        );
+        let results = f.fetch_windows(&shorted, &[2, 3, 4, 5]).await;
+        assert_eq!(results.len(), 4);
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!((2..6).all(|w| !shorted.was_fetched(w)));
+        // Alone, the windows inside what the source has are served.
+        let got = f.read_file(&shorted, 2, 0, 3000).await.unwrap().concat();
+        assert_eq!(&got[..], &noise(2, 3000)[..]);
+        assert!(f.read_file(&shorted, 5, 0, 3000).await.is_err());
     }
 
     /// A miss on a window the prefetch brings anyway (its start-up set) reads ahead only
@@ -1838,7 +2114,12 @@ mod tests {
             metrics.sequential_read_ahead_bytes.load(Ordering::Relaxed),
             0
         );
-        assert_eq!(src.reads.load(Ordering::SeqCst), 10, "each window once");
+        let set_bytes = l.windows()[9].end - l.windows()[0].start;
+        assert_eq!(
+            src.bytes.load(Ordering::SeqCst),
+            set_bytes,
+            "each window once"
+        );
         // Outside the set: the directory's other files come along.
         let got = f.read_file(&l, 20, 0, 3000).await.unwrap().concat();
         assert_eq!(&got[..], &noise(20, 3000)[..]);

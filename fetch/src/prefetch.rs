@@ -98,16 +98,25 @@ pub async fn prefetch_layer_learned(
         }
         let phase_start = Instant::now();
         let mut phase_bytes = 0u64;
-        for batch in list.chunks(opts.concurrency.max(1)) {
+        // Consecutive windows go in one request each (up to the fetcher's `max_request`), as
+        // many at a time as make `concurrency` fetch units: the bytes a batch brings into
+        // memory stay what the write-back pacing below was made for.
+        let budget = opts.concurrency.max(1) as u64 * fetcher.options().fetch_unit.max(1);
+        for batch in batches(&layer, fetcher.request_runs(&layer, &list), budget) {
             if phase == "rest" {
                 // The rest outgrows the memory cache: fetch it at the pace the disk cache
                 // takes it, or evicted chunks would be dropped and fetched again.
                 fetcher.writeback_room().await;
             }
             let mut set = tokio::task::JoinSet::new();
-            for &w in batch {
-                // A demand read may have fetched this window since the list was made.
-                if fetcher.window_cached(&layer, w) {
+            for run in &batch {
+                // A demand read may have fetched some of these since the list was made.
+                let run: Vec<usize> = run
+                    .iter()
+                    .copied()
+                    .filter(|&w| !fetcher.window_cached(&layer, w))
+                    .collect();
+                if run.is_empty() {
                     continue;
                 }
                 let (f, l) = (Arc::clone(&fetcher), Arc::clone(&layer));
@@ -115,13 +124,20 @@ pub async fn prefetch_layer_learned(
                 set.spawn(async move {
                     // The prefetch section is what the workload reads first: as urgent as
                     // its own reads. The rest yields to both.
-                    let r = if background {
-                        f.background_window(&l, w).await
-                    } else {
-                        f.window(&l, w).await
-                    };
-                    let n = l.windows()[w].end - l.windows()[w].start;
-                    (n, r.is_ok())
+                    let mut n = 0;
+                    for part in f.request_runs(&l, &run) {
+                        let results = if background {
+                            f.background_windows(&l, &part).await
+                        } else {
+                            f.fetch_windows(&l, &part).await
+                        };
+                        for (&w, r) in part.iter().zip(&results) {
+                            if r.is_ok() {
+                                n += l.windows()[w].end - l.windows()[w].start;
+                            }
+                        }
+                    }
+                    (n, n > 0)
                 });
             }
             while let Some(Ok((n, ok))) = set.join_next().await {
@@ -145,6 +161,31 @@ pub async fn prefetch_layer_learned(
         fetched += phase_bytes;
     }
     info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
+}
+
+/// `runs` (of consecutive windows) grouped in order into batches of at most `budget` bytes of
+/// the blob each (a larger run is a batch of its own).
+fn batches(layer: &LayerHandle, runs: Vec<Vec<usize>>, budget: u64) -> Vec<Vec<Vec<usize>>> {
+    let mut out: Vec<Vec<Vec<usize>>> = Vec::new();
+    let mut bytes = 0u64;
+    for run in runs {
+        let n: u64 = run
+            .iter()
+            .filter_map(|&w| layer.windows().get(w))
+            .map(|w| w.end - w.start)
+            .sum();
+        match out.last_mut() {
+            Some(batch) if bytes.saturating_add(n) <= budget => {
+                batch.push(run);
+                bytes += n;
+            }
+            _ => {
+                out.push(vec![run]);
+                bytes = n;
+            }
+        }
+    }
+    out
 }
 
 /// Fetches the chunks of a learned set (by window, in first-read order) as urgent work,

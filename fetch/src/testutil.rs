@@ -1,7 +1,7 @@
 //! Test helpers: incompressible content and in-memory layers with real zstd frames.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arbor_format::index::{Chunk, IndexEntry, LayerIndex};
 use arbor_format::tarstream::EntryKind;
@@ -32,6 +32,8 @@ pub fn noise(seed: u64, size: u64) -> Vec<u8> {
 pub struct MemBlob {
     pub blob: Vec<u8>,
     pub reads: AtomicUsize,
+    /// Bytes served.
+    pub bytes: AtomicU64,
     /// What [`BlobSource::keeps_blob`] answers (a stand-in for a function tree's block store).
     pub kept: bool,
 }
@@ -46,9 +48,11 @@ impl BlobSource for MemBlob {
     fn read_range<'a>(&'a self, _digest: &'a str, offset: u64, len: u64) -> ReadFuture<'a> {
         Box::pin(async move {
             self.reads.fetch_add(1, Ordering::SeqCst);
-            Ok(Bytes::copy_from_slice(
-                &self.blob[offset as usize..(offset + len) as usize],
-            ))
+            self.bytes.fetch_add(len, Ordering::SeqCst);
+            // A range past the blob's end is answered short, as a lying source would.
+            let end = ((offset + len) as usize).min(self.blob.len());
+            let start = (offset as usize).min(end);
+            Ok(Bytes::copy_from_slice(&self.blob[start..end]))
         })
     }
 }
@@ -94,6 +98,7 @@ pub fn encoded_layer_kept(
     let src = Arc::new(MemBlob {
         blob,
         reads: AtomicUsize::new(0),
+        bytes: AtomicU64::new(0),
         kept,
     });
     let l = LayerHandle::new(
