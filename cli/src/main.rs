@@ -194,10 +194,11 @@ enum Command {
         #[arg(long, default_value_t = arbor_fetch::fetcher::DEFAULT_SEQUENTIAL_READ_AHEAD as u16,
               value_parser = clap::value_parser!(u16).range(0..=1024))]
         sequential_read_ahead: u16,
-        /// Bytes of the blob one read-ahead request covers at most: consecutive fetch units
-        /// that the read-ahead wants go in one range request up to this size (a registry
-        /// charges CPU per request, and on a small node that CPU is the reader's); demand
-        /// misses still fetch one unit.
+        /// Bytes of the blob one request covers at most for a reader of whole layers: the
+        /// sequential read-ahead and --prefetch-rest-eager send consecutive fetch units in one
+        /// range request up to this size (a registry charges CPU per request, and on a small
+        /// node that CPU is the reader's); demand misses and a starting program's read-ahead
+        /// still fetch one unit per request.
         #[arg(long, default_value = "4MiB", value_parser = parse_size)]
         max_request: u64,
         /// Do not fetch ahead of demand at all.
