@@ -518,26 +518,45 @@ pub const FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// `ws` cut into runs of consecutive windows (in `ws`'s order), each covering at most
 /// `max_bytes` of the blob unless it is a single window, and at most `max_windows` windows.
-fn runs(layer: &LayerHandle, ws: &[usize], max_bytes: u64, max_windows: usize) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
+/// Windows the layer does not have are left out.
+pub(crate) fn runs(
+    layer: &LayerHandle,
+    ws: &[usize],
+    max_bytes: u64,
+    max_windows: usize,
+) -> Vec<Vec<usize>> {
+    let sized = ws
+        .iter()
+        .filter_map(|&w| layer.windows.get(w).map(|win| (w, win.end - win.start)));
+    pack(sized, max_bytes, max_windows, |run, w| {
+        run.last().is_some_and(|&p| p + 1 == *w)
+    })
+}
+
+/// `items` (each with its size) grouped greedily in order: an item joins the last group while
+/// `follows(group, item)`, the group has fewer than `max_items` and stays within `budget`
+/// bytes; otherwise it starts a group (alone, whatever its size).
+pub(crate) fn pack<T>(
+    items: impl IntoIterator<Item = (T, u64)>,
+    budget: u64,
+    max_items: usize,
+    follows: impl Fn(&[T], &T) -> bool,
+) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
     let mut bytes = 0u64;
-    for &w in ws {
-        let Some(win) = layer.windows.get(w) else {
-            continue;
-        };
-        let len = win.end - win.start;
+    for (item, n) in items {
         match out.last_mut() {
-            Some(run)
-                if run.last().is_some_and(|&p| p + 1 == w)
-                    && run.len() < max_windows
-                    && bytes.saturating_add(len) <= max_bytes =>
+            Some(group)
+                if group.len() < max_items
+                    && bytes.saturating_add(n) <= budget
+                    && follows(group, &item) =>
             {
-                run.push(w);
-                bytes += len;
+                group.push(item);
+                bytes += n;
             }
             _ => {
-                out.push(vec![w]);
-                bytes = len;
+                out.push(vec![item]);
+                bytes = n;
             }
         }
     }

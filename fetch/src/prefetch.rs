@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::fetcher::{ChunkRef, Fetcher, LayerHandle};
+use crate::fetcher::{ChunkRef, Fetcher, LayerHandle, pack, runs};
 
 /// What to prefetch and how fast.
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ pub async fn prefetch_layer_learned(
                     // The prefetch section is what the workload reads first: as urgent as
                     // its own reads. The rest yields to both.
                     let mut n = 0;
-                    for part in split_runs(&run) {
+                    for part in runs(&l, &run, u64::MAX, usize::MAX) {
                         let results = if background {
                             f.background_windows(&l, &part).await
                         } else {
@@ -171,41 +171,18 @@ pub async fn prefetch_layer_learned(
     info!(layer = %layer.digest, bytes = fetched, seconds = started.elapsed().as_secs_f64(), "prefetch done");
 }
 
-/// `ws` (in order) cut where one window does not follow the previous.
-fn split_runs(ws: &[usize]) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    for &w in ws {
-        match out.last_mut() {
-            Some(run) if run.last().is_some_and(|&p| p + 1 == w) => run.push(w),
-            _ => out.push(vec![w]),
-        }
-    }
-    out
-}
-
 /// `runs` (of consecutive windows) grouped in order into batches of at most `budget` bytes of
 /// the blob each (a larger run is a batch of its own).
 fn batches(layer: &LayerHandle, runs: Vec<Vec<usize>>, budget: u64) -> Vec<Vec<Vec<usize>>> {
-    let mut out: Vec<Vec<Vec<usize>>> = Vec::new();
-    let mut bytes = 0u64;
-    for run in runs {
+    let sized = runs.into_iter().map(|run| {
         let n: u64 = run
             .iter()
             .filter_map(|&w| layer.windows().get(w))
             .map(|w| w.end - w.start)
             .sum();
-        match out.last_mut() {
-            Some(batch) if bytes.saturating_add(n) <= budget => {
-                batch.push(run);
-                bytes += n;
-            }
-            _ => {
-                out.push(vec![run]);
-                bytes = n;
-            }
-        }
-    }
-    out
+        (run, n)
+    });
+    pack(sized, budget, usize::MAX, |_, _| true)
 }
 
 /// Fetches the chunks of a learned set (by window, in first-read order) as urgent work,
