@@ -1163,23 +1163,24 @@ impl Fetcher {
 
     /// Fetches windows `ws` in the background as urgent work once one of the read-ahead slots
     /// ([`FetcherOptions::group_concurrency`], shared by group and sequential read-ahead)
-    /// frees, but not those a read fetched meanwhile. With `pace` (the sequential read-ahead),
-    /// runs of consecutive windows go in one request each, [`FetcherOptions::max_request`]
-    /// bytes at most ([`Fetcher::fetch_run`]), taking a slot per window until their bytes have
-    /// come; without, each window is a request of its own. With `pace`, each request first
-    /// waits for room in the
+    /// frees, but not those a read fetched meanwhile. With `pace` (a reader of whole layers:
+    /// the sequential read-ahead, or the group read-ahead of a reader with a sequential
+    /// stretch), runs of consecutive windows go in one request each,
+    /// [`FetcherOptions::max_request`] bytes at most ([`Fetcher::fetch_run`]), taking a slot
+    /// per window until their bytes have come, and each request first waits for room in the
     /// write-back queue ([`Fetcher::writeback_room`]): read-ahead that can run through a
     /// whole layer must go at the disk cache's pace, or what it evicts from memory would be
-    /// dropped and fetched again. Spawned on the fetcher's runtime, so FUSE workers may call it.
+    /// dropped and fetched again. Without, each window is a request of its own, holding its
+    /// slot until decoded. Spawned on the fetcher's runtime, so FUSE workers may call it.
     fn spawn_speculative(self: &Arc<Self>, layer: &Arc<LayerHandle>, ws: &[usize], pace: bool) {
         let Some(rt) = &self.rt else {
             return;
         };
         // A slot per window, as when each window was a request of its own: the speculative
         // bytes on the link ahead of the next demand miss stay what `group_concurrency` says.
-        // The group read-ahead (a starting program's, unpaced) keeps one request per window,
-        // each holding its slot until decoded: merged, its windows came later for the misses
-        // that wait for them, and a start on demand took 2-4% longer (bench-cold-start, pypi,
+        // A starting program's group read-ahead (unpaced) keeps one request per window, each
+        // holding its slot until decoded: merged, its windows came later for the misses that
+        // wait for them, and a start on demand took 2-4% longer (bench-cold-start, pypi,
         // 1 Gbit/s link). Runs are for readers of whole layers.
         let slots_max = self.opts.group_concurrency.max(1);
         let max_bytes = if pace { self.opts.max_request } else { 0 };
@@ -1280,7 +1281,7 @@ impl Fetcher {
     /// True when background work may use the link now: no urgent fetch in flight or within
     /// [`QUIET_BEFORE_BACKGROUND`], and no workload read within [`ACTIVE_WITHIN`]. Other
     /// background readers of whole layers (the snapshotter's read-through proof) pace
-    /// themselves on it, as [`Fetcher::background_window`] does.
+    /// themselves on it, as [`Fetcher::background_windows`] does.
     pub fn is_quiet(&self) -> bool {
         let now = self.now_ms();
         self.urgent.load(Ordering::Acquire) == 0
@@ -1290,18 +1291,11 @@ impl Fetcher {
                 >= ACTIVE_WITHIN.as_millis() as u64
     }
 
-    /// [`Fetcher::window`] for background work (prefetching the rest of a layer): starts only
-    /// when no urgent fetch has been in flight for [`QUIET_BEFORE_BACKGROUND`], so reads a
-    /// workload is waiting for never queue behind it for the link or the registry; and not
-    /// while the workload reads at all (see [`ACTIVE_WITHIN`]).
-    pub async fn background_window(&self, layer: &Arc<LayerHandle>, w: usize) -> WindowResult {
-        let mut r = self.background_windows(layer, &[w]).await;
-        r.pop()
-            .unwrap_or_else(|| Arc::new(Err(FetchError::Internal(format!("no window {w}")))))
-    }
-
-    /// [`Fetcher::background_window`] for a run of consecutive windows (one of
-    /// [`Fetcher::request_runs`]), fetched with one request; each window's result, in order.
+    /// [`Fetcher::fetch_windows`] for background work (prefetching the rest of a layer):
+    /// starts only when no urgent fetch has been in flight for [`QUIET_BEFORE_BACKGROUND`], so
+    /// reads a workload is waiting for never queue behind it for the link or the registry;
+    /// and not while the workload reads at all (see [`ACTIVE_WITHIN`]). Each window's result,
+    /// in order.
     pub async fn background_windows(
         &self,
         layer: &Arc<LayerHandle>,
@@ -2101,6 +2095,49 @@ mod tests {
             requests,
             "all held in memory"
         );
+    }
+
+    /// An eager prefetch of the rest (a reader of the whole layer) fetches every window once,
+    /// in requests of several windows, and serves the right bytes; the background rest keeps a
+    /// request per window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_eager_rest_goes_in_runs_and_a_background_rest_by_window() {
+        for eager in [true, false] {
+            let (l, src) = encoded_layer(32, 3000, 1);
+            let dir = tempfile::tempdir().unwrap();
+            let w = l.windows()[0].end - l.windows()[0].start;
+            let f = Fetcher::new(
+                Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+                Arc::new(Metrics::default()),
+                FetcherOptions {
+                    max_request: 8 * w,
+                    ..FetcherOptions::default()
+                },
+            );
+            crate::prefetch::prefetch_layer(
+                Arc::clone(&f),
+                Arc::clone(&l),
+                crate::prefetch::PrefetchOptions {
+                    rest_eager: eager,
+                    rest_delay: Duration::ZERO,
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!((0..32).all(|x| l.was_fetched(x)), "eager {eager}");
+            assert_eq!(src.bytes.load(Ordering::SeqCst), src.blob.len() as u64);
+            let requests = src.reads.load(Ordering::SeqCst);
+            if eager {
+                assert!(requests <= 8, "{requests} requests for 32 windows");
+            } else {
+                assert_eq!(requests, 32);
+            }
+            for e in 0..32 {
+                let got = f.read_file(&l, e, 0, 3000).await.unwrap().concat();
+                assert_eq!(&got[..], &noise(e as u64, 3000)[..]);
+            }
+            assert_eq!(src.reads.load(Ordering::SeqCst), requests, "all held");
+        }
     }
 
     /// A source that answers a run with fewer bytes than asked fails the run's windows with
